@@ -1,0 +1,730 @@
+"""
+irepa.py -- REPA and iREPA in one file: SiT, flow matching, representation alignment, and DDP training.
+
+iREPA ("What matters for Representation Alignment: Global Information or Spatial Structure?",
+arXiv 2512.10794) improves REPA (arXiv 2410.06940) with two changes, both switched on by `--irepa`:
+  1. a 3x3 conv projector on the token grid instead of REPA's per-token MLP,
+  2. spatial normalisation of the encoder's patch tokens: (z - gamma * mean_T z) / std_T z.
+
+Time convention, used everywhere in this repo (sample.py too): t = 0 is data, t = 1 is noise,
+    x_t = (1 - t) * x + t * eps,   target velocity v = eps - x.
+
+Run it:
+    python irepa.py --demo                                  # CPU, offline, ~5 minutes: train + sample a grid
+    python irepa.py --model SiT-S/2 --image-size 32 --encoder hog --irepa --data-path cifar10_jpg/train
+    torchrun --nproc_per_node=8 irepa.py --model SiT-XL/16 --pred x --encoder dinov2_vitb14 --irepa \
+        --data-path /path/to/imagenet/train                 # paper scale, pixel space, 256 px
+    multi-node: torchrun --nnodes=N --node_rank=R --master_addr=... --nproc_per_node=8 irepa.py ...
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+# -----------------------------------------------------------------------------
+# 1. SiT: the diffusion transformer (DiT architecture, SiT interpolant; SPEC section 2)
+#    Parameter names follow the official SiT/REPA code so their checkpoints load by name.
+
+def modulate(x, shift, scale):
+    # adaLN: x (B, T, D), shift/scale (B, D)
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+def sincos_1d(dim, pos):
+    """MAE-style 1-D embedding: pos (M,) -> (M, dim) = [sin(pos * w), cos(pos * w)], w = 1/10000^(i/(dim/2))."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.outer(pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+def sincos_2d(dim, grid_size):
+    """(grid_size**2, dim): first dim/2 channels from the column index, second dim/2 from the row index."""
+    rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing='ij')  # raster order
+    return np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, T, D) tokens in row-major raster order, T = (H/p) * (W/p)."""
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] (no x1000 scaling) -> 256 frequencies -> MLP -> (B, D)."""
+    def __init__(self, hidden_size, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]                                 # (B, 128)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)             # (B, 256)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+class LabelEmbedder(nn.Module):
+    """Class label -> (B, D). Row `num_classes` is the null class of classifier-free guidance.
+    Labels are dropped to the null class by the training loss (flow_matching_loss), not in here,
+    so that model(x, t, y) is a deterministic function."""
+    def __init__(self, num_classes, hidden_size):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y):
+        return self.embedding_table(y)
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                    # each (B, nh, T, hs)
+        x = F.scaled_dot_product_attention(q, k, v)                             # (B, nh, T, hs)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate='tanh')
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+class SiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero: the condition c gives shift, scale and gate of both branches."""
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)   # width D, also for SiT-S
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+# -----------------------------------------------------------------------------
+# 2. Projectors: REPA's MLP and iREPA's conv (SPEC section 4, paper section 4)
+
+def tokens_to_grid(x):
+    """(B, T, D) raster-order tokens -> (B, D, H, W) with H = W = sqrt(T)."""
+    B, T, D = x.shape
+    H = math.isqrt(T)
+    assert H * H == T, f"{T} tokens do not form a square grid"
+    return x.transpose(1, 2).reshape(B, D, H, H)
+
+def grid_to_tokens(x):
+    """(B, D, H, W) -> (B, H*W, D) in raster order (row by row)."""
+    return x.flatten(2).transpose(1, 2)
+
+def mlp_projector(hidden_size, z_dim, proj_dim=2048):
+    """REPA: the same 3-layer MLP applied to every token independently; it cannot see neighbours."""
+    return nn.Sequential(nn.Linear(hidden_size, proj_dim), nn.SiLU(),
+                         nn.Linear(proj_dim, proj_dim), nn.SiLU(),
+                         nn.Linear(proj_dim, z_dim))
+
+class ConvProjector(nn.Conv2d):
+    """iREPA: one 3x3 conv on the token grid, so each projected token mixes its 8 neighbours.
+    (The official LDM script's flag defaults to k=1, a per-token linear map; the paper uses 3.)
+    Subclasses Conv2d so its parameters are named projectors.0.{weight,bias}."""
+    def __init__(self, hidden_size, z_dim, kernel_size=3):
+        super().__init__(hidden_size, z_dim, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x):                                                       # x (B, T, D)
+        return grid_to_tokens(super().forward(tokens_to_grid(x)))              # (B, T, z_dim)
+
+# -----------------------------------------------------------------------------
+# 3. SiT itself, and the size table
+
+class SiT(nn.Module):
+    """Scalable interpolant transformer. model(x, t, y) -> (out, zs):
+    out has x's shape (the velocity for pred='v', the clean image for pred='x');
+    zs (B, T, z_dim) is the projected hidden state after block `encoder_depth`, or None if z_dim is None."""
+    def __init__(self, input_size=32, patch_size=2, in_channels=3, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, encoder_depth=8, z_dim=None,
+                 projector='mlp', pred='v'):
+        super().__init__()
+        assert input_size % patch_size == 0, f"image size {input_size} is not divisible by patch size {patch_size}"
+        assert 1 <= encoder_depth <= depth, f"encoder_depth must be in [1, {depth}], got {encoder_depth}"
+        assert projector in ('mlp', 'conv') and pred in ('v', 'x')
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.grid_size = input_size // patch_size
+        self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob
+        self.encoder_depth, self.pred = encoder_depth, pred
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        pos = torch.tensor(sincos_2d(hidden_size, self.grid_size), dtype=torch.float32).unsqueeze(0)
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)                 # fixed; a Parameter for the official names
+        self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.projectors = None
+        if z_dim is not None:
+            proj = mlp_projector(hidden_size, z_dim) if projector == 'mlp' else ConvProjector(hidden_size, z_dim)
+            self.projectors = nn.ModuleList([proj])
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
+                                                                      self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)                                        # adaLN-Zero: each block starts as identity
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x):
+        B, T, _ = x.shape                                                       # (B, T, p*p*C)
+        p, C, h = self.patch_size, self.in_channels, self.grid_size
+        x = x.view(B, h, h, p, p, C)
+        return torch.einsum('bhwpqc->bchpwq', x).reshape(B, C, h * p, h * p)     # (B, C, H, W)
+
+    def embed(self, x, t, y):
+        return self.x_embedder(x) + self.pos_embed, self.t_embedder(t) + self.y_embedder(y)
+
+    def project(self, h):
+        return None if self.projectors is None else self.projectors[0](h)
+
+    def forward(self, x, t, y):
+        h, c = self.embed(x, t, y)                                              # (B, T, D), (B, D)
+        zs = None
+        for i, block in enumerate(self.blocks):
+            h = block(h, c)
+            if i + 1 == self.encoder_depth:
+                zs = self.project(h)                                            # residual stream, before any norm
+        return self.unpatchify(self.final_layer(h, c)), zs
+
+    @torch.no_grad()
+    def align_features(self, x, t, y):
+        """(h, zs): the raw hidden state after block encoder_depth (B, T, D) and its projection (or None)."""
+        h, c = self.embed(x, t, y)
+        for block in self.blocks[:self.encoder_depth]:
+            h = block(h, c)
+        return h, self.project(h)
+
+# name -> constructor; encoder_depth is REPA's choice per size (4 for 12-block models, 8 for L/XL, REPA issue #5)
+SiT_sizes = {'T': dict(depth=6, hidden_size=192, num_heads=3, encoder_depth=2),   # tiny, for CPU demos and tests
+             'S': dict(depth=12, hidden_size=384, num_heads=6, encoder_depth=4),
+             'B': dict(depth=12, hidden_size=768, num_heads=12, encoder_depth=4),
+             'L': dict(depth=24, hidden_size=1024, num_heads=16, encoder_depth=8),
+             'XL': dict(depth=28, hidden_size=1152, num_heads=16, encoder_depth=8)}
+SiT_models = {f'SiT-{s}/{p}': partial(SiT, patch_size=p, **cfg)
+              for s, cfg in SiT_sizes.items() for p in ((2, 4) if s == 'T' else (2, 4, 8, 16))}
+
+def build_model(args):
+    """Rebuild a SiT from a checkpoint's 'args' dict (what sample.py and metrics.py use)."""
+    return SiT_models[args['model']](input_size=args['image_size'], num_classes=args['num_classes'],
+                                     encoder_depth=args['encoder_depth'], z_dim=args.get('z_dim'),
+                                     projector=args.get('projector', 'mlp'), pred=args.get('pred', 'v'))
+
+# -----------------------------------------------------------------------------
+# 4. Frozen encoders: patch tokens (B, T, D) on SiT's token grid (SPEC section 7)
+#    Input: images (B, 3, H, W) as floats in 0..255 -- the same images SiT sees, before the [-1, 1] scaling.
+
+DINOV2 = [f'dinov2_vit{s}14{r}' for s in 'sblg' for r in ('', '_reg')]
+ENCODERS = ('hog',) + tuple(DINOV2)
+
+class HOG(nn.Module):
+    """Weight-free Histogram of Oriented Gradients target (Dalal & Triggs 2005), one cell per SiT token.
+    The paper (section 3) shows such classical descriptors work as REPA targets: they are pure spatial
+    structure. Per cell: 9 unsigned-orientation bins, magnitude-weighted with linear bin interpolation;
+    each cell histogram is normalised by the 4 overlapping 2x2-cell blocks that contain it (L2-Hys),
+    giving 4 * 9 = 36 dims per token."""
+    def __init__(self, grid_size, cell=8, bins=9):
+        super().__init__()
+        self.grid_size, self.cell, self.bins, self.embed_dim, self.name = grid_size, cell, bins, 4 * bins, 'hog'
+
+    def forward(self, img):                                                     # (B, 3, H, W) in 0..255
+        G, c, nb = self.grid_size, self.cell, self.bins
+        x = F.interpolate(img.float() / 255, size=(G * c, G * c), mode='bilinear', antialias=True, align_corners=False)
+        xp = F.pad(x, (1, 1, 1, 1), mode='replicate')
+        gx = xp[:, :, 1:-1, 2:] - xp[:, :, 1:-1, :-2]                          # [-1, 0, 1] filters
+        gy = xp[:, :, 2:, 1:-1] - xp[:, :, :-2, 1:-1]
+        mag = torch.sqrt(gx ** 2 + gy ** 2)                                     # (B, 3, S, S)
+        best = mag.argmax(dim=1, keepdim=True)                                  # strongest colour channel per pixel
+        mag, gx, gy = (a.gather(1, best) for a in (mag, gx, gy))                # (B, 1, S, S)
+        ang = torch.atan2(gy, gx) % math.pi                                     # unsigned orientation in [0, pi)
+        pos = ang / math.pi * nb - 0.5                                          # bin centres at (i + 0.5) * pi / nb
+        lo = torch.floor(pos)
+        w_hi = pos - lo
+        bins = torch.arange(nb, device=x.device).view(1, nb, 1, 1)
+        hist = (mag * (1 - w_hi) * (bins == lo.long() % nb) + mag * w_hi * (bins == (lo.long() + 1) % nb))
+        hist = F.avg_pool2d(hist, c) * c * c                                   # (B, nb, G, G) sums per cell
+        energy = F.pad(hist.pow(2).sum(1, keepdim=True), (1, 1, 1, 1), mode='replicate')
+        block = F.avg_pool2d(energy, 2, stride=1) * 4                           # (B, 1, G+1, G+1) 2x2-block energies
+        feats = []
+        for dy in (0, 1):
+            for dx in (0, 1):                                                   # the 4 blocks containing each cell
+                h = hist / torch.sqrt(block[:, :, dy:dy + G, dx:dx + G] + 1e-6)
+                h = h.clamp(max=0.2)                                            # L2-Hys clipping
+                feats.append(h / torch.sqrt(h.pow(2).sum(1, keepdim=True) + 1e-6))
+        return grid_to_tokens(torch.cat(feats, dim=1))                          # (B, G*G, 36)
+
+class DINOv2(nn.Module):
+    """DINOv2 from torch.hub, with REPA's preprocessing: /255, ImageNet mean/std, bicubic resize to
+    14 * grid so its patch grid equals SiT's; the position embedding is resampled once to that grid."""
+    def __init__(self, name, grid_size, hub_repo=None):
+        super().__init__()
+        self.name, self.grid_size = name, grid_size
+        self.model = hub_load(name, hub_repo)
+        self.embed_dim, p = self.model.embed_dim, self.model.patch_size
+        self.resolution = p * grid_size
+        pe = getattr(self.model, 'pos_embed', None)
+        if pe is not None and pe.shape[1] - 1 != grid_size ** 2:               # (1, 1 + N, D): CLS + patch positions
+            n = math.isqrt(pe.shape[1] - 1)
+            grid = pe[:, 1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid.float(), size=(grid_size, grid_size), mode='bicubic', antialias=True)
+            self.model.pos_embed = nn.Parameter(torch.cat([pe[:, :1], grid_to_tokens(grid).to(pe.dtype)], dim=1))
+        self.register_buffer('mean', torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255)  # ImageNet stats
+        self.register_buffer('std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255)
+
+    def forward(self, img):                                                     # (B, 3, H, W) in 0..255
+        x = (img.float() - self.mean) / self.std
+        if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode='bicubic', align_corners=False)
+        return self.model.forward_features(x)['x_norm_patchtokens']             # (B, T, D), no CLS/registers
+
+def hub_load(name, hub_repo=None):
+    """torch.hub, offline when possible: an explicit local hub directory, else the hub cache
+    ($TORCH_HOME/hub/facebookresearch_dinov2_main), else GitHub. Weights: $TORCH_HOME/hub/checkpoints/."""
+    cached = os.path.join(torch.hub.get_dir(), 'facebookresearch_dinov2_main')
+    if hub_repo is None and os.path.isfile(os.path.join(cached, 'hubconf.py')):
+        hub_repo = cached
+    try:
+        if hub_repo is not None:
+            return torch.hub.load(hub_repo, name, source='local')
+        return torch.hub.load('facebookresearch/dinov2:main', name)
+    except Exception as e:
+        raise RuntimeError(f"could not load encoder '{name}' through torch.hub from "
+                           f"{hub_repo or 'github facebookresearch/dinov2'} ({type(e).__name__}: {e}). Offline? Put the "
+                           f"dinov2 repo in {cached} and its weights in {os.path.join(torch.hub.get_dir(), 'checkpoints')}, "
+                           f"or pass --hub-dir DIR (a folder with hubconf.py).") from e
+
+def load_encoder(name, grid_size, hub_repo=None, device='cpu'):
+    """A frozen encoder: eval mode, no gradients, .embed_dim; call it under torch.no_grad()."""
+    if name == 'hog':
+        enc = HOG(grid_size)
+    elif name in DINOV2:
+        enc = DINOv2(name, grid_size, hub_repo)
+    else:
+        raise ValueError(f"unknown encoder '{name}'; choose one of: {', '.join(ENCODERS)}")
+    return enc.to(device).eval().requires_grad_(False)
+
+# -----------------------------------------------------------------------------
+# 5. iREPA's spatial normalisation of the encoder targets (SPEC section 5, paper eq. in section 4)
+
+def spatial_norm(z, gamma=0.6, eps=1e-6):
+    """z (B, T, D) -> (z - gamma * mean_T z) / (std_T z + eps), statistics over the token axis.
+    Subtracting the mean token removes the global component shared by all patches, so what is left to
+    align with is the contrast between patches: the spatial structure."""
+    mean = z.mean(dim=1, keepdim=True)                                          # (B, 1, D)
+    std = z.std(dim=1, keepdim=True)                                            # unbiased; shift invariant
+    return (z - gamma * mean) / (std + eps)
+
+# -----------------------------------------------------------------------------
+# 6. Flow matching and alignment losses (SPEC sections 1 and 6)
+
+def interpolant(x, noise, t):
+    """Linear path: t = 0 data, t = 1 noise. Returns x_t and the target velocity d x_t / dt."""
+    t = t.view(-1, 1, 1, 1)
+    return (1 - t) * x + t * noise, noise - x
+
+def to_velocity(out, x_t, t, pred):
+    """The network predicts v directly, or (JiT, pixel space at large patches) the clean image x_hat,
+    whose implied velocity is (x_t - x_hat) / t, with t clamped at 0.05 to stay finite near the data."""
+    if pred == 'v':
+        return out
+    return (x_t - out) / t.clamp(min=0.05).view(-1, 1, 1, 1)
+
+def alignment_loss(zs, z_target):
+    """Mean over tokens and batch of -cos(h_proj, z_target), in float32 (fp16 gave NaNs, REPA #46)."""
+    zs, z_target = F.normalize(zs.float(), dim=-1), F.normalize(z_target.float(), dim=-1)
+    return -(zs * z_target).sum(dim=-1).mean()
+
+def flow_matching_loss(model, x, y, noise, t, z_target=None, pred='v'):
+    """The training objective of one batch. x (B, C, H, W) in [-1, 1], noise like x, t (B,) ~ U[0, 1),
+    z_target (B, T, D) or None. Returns (denoising loss, alignment loss or None)."""
+    x_t, v = interpolant(x, noise, t)
+    out, zs = model(x_t, t, y)
+    v_hat = to_velocity(out.float(), x_t, t, pred)
+    denoise = ((v_hat - v) ** 2).mean(dim=(1, 2, 3)).mean()                    # per-sample mean, then batch mean
+    align = alignment_loss(zs, z_target) if z_target is not None else None
+    return denoise, align
+
+# -----------------------------------------------------------------------------
+# 7. Data: class-per-folder images with the ADM center crop, or procedural shapes (SPEC section 9)
+
+def center_crop_arr(pil_image, image_size):
+    """ADM: halve with BOX while the short side is >= 2S, BICUBIC so the short side is S, crop the centre."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top:top + image_size, left:left + image_size]
+
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.ppm')
+
+class ImageFolder(torch.utils.data.Dataset):
+    """root/<class>/<image>; labels follow the sorted class names. Items: (uint8 (3, S, S), label).
+    A corrupt or unreadable image is skipped with a warning naming the file (its slot returns the next
+    readable image), so one bad JPEG cannot kill a week-long run; `self.bad` lists the skipped files."""
+    def __init__(self, root, image_size):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"--data-path {root} is not a folder")
+        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        self.samples = [(os.path.join(dp, f), label) for label, c in enumerate(self.classes)
+                        for dp, _, files in sorted(os.walk(os.path.join(root, c)), key=lambda w: w[0])
+                        for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+        if not self.samples:
+            raise FileNotFoundError(f"no images in {root}: expected root/<class name>/<image>{IMG_EXTENSIONS}")
+        self.image_size, self.bad = image_size, set()
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, idx):
+        for i in range(len(self.samples)):
+            path, label = self.samples[(idx + i) % len(self.samples)]
+            try:
+                with Image.open(path) as im:
+                    arr = center_crop_arr(im.convert('RGB'), self.image_size)
+                return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), label
+            except Exception as e:
+                if path not in self.bad:
+                    self.bad.add(path)
+                    warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e}); "
+                                  f"{len(self.bad)} skipped so far in this process")
+        raise RuntimeError(f"no readable image in {os.path.dirname(os.path.dirname(path))}")
+
+class Shapes(torch.utils.data.Dataset):
+    """Procedural data, one class per shape: a bright shape of random colour, size and position on a
+    dark background. Offline stand-in for ImageNet in the demo and the tests; deterministic per index."""
+    classes = ['circle', 'square', 'triangle', 'cross']
+
+    def __init__(self, num_samples=10000, image_size=32, seed=0):
+        self.num_samples, self.image_size, self.seed = num_samples, image_size, seed
+
+    def __len__(self):
+        return self.num_samples
+
+    def __getitem__(self, idx):
+        rng = np.random.default_rng([self.seed, idx])
+        label = idx % len(self.classes)
+        S = 4 * self.image_size                                                 # draw at 4x, downsample: antialiasing
+        bg = tuple(int(v) for v in rng.integers(0, 70, 3))
+        fg = tuple(int(v) for v in rng.integers(140, 256, 3))
+        im = Image.new('RGB', (S, S), bg)
+        d = ImageDraw.Draw(im)
+        r = S * rng.uniform(0.22, 0.34)
+        cx, cy = S / 2 + S * rng.uniform(-0.12, 0.12, 2)
+        if label == 0:
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+        elif label == 1:
+            d.rectangle([cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85], fill=fg)
+        elif label == 2:
+            d.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fg)
+        else:
+            w = r * 0.35
+            d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fg)
+            d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fg)
+        im = im.resize((self.image_size, self.image_size), resample=Image.BOX)
+        return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous(), label
+
+def global_batches(num_samples, global_batch, seed, epoch):
+    """The epoch's global batches: a seeded permutation cut into batches of `global_batch` (the last,
+    incomplete one dropped). Rank r of W trains on slice r of each, so any world size sees the same batches."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    perm = torch.randperm(num_samples, generator=g).tolist()
+    return [perm[i:i + global_batch] for i in range(0, num_samples - global_batch + 1, global_batch)]
+
+# -----------------------------------------------------------------------------
+# 8. Training (SPEC section 8): DDP, AdamW, EMA, bf16 autocast, atomic checkpoints, exact resume
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', default='SiT-XL/16', choices=list(SiT_models),
+                   help="pixel space: /16 at 256 px gives the paper's 16x16 token grid")
+    p.add_argument('--image-size', type=int, default=256)
+    p.add_argument('--pred', default='v', choices=['v', 'x'], help="x: JiT-style x-prediction, for large patches")
+    p.add_argument('--encoder', default='dinov2_vitb14', choices=list(ENCODERS) + ['none'],
+                   help="alignment target; 'hog' needs no download; 'none' trains vanilla SiT")
+    p.add_argument('--hub-dir', default=None, help="local torch.hub folder (with hubconf.py) for offline DINOv2")
+    p.add_argument('--irepa', action='store_true', help="iREPA: conv projector + spatial norm (else REPA's MLP)")
+    p.add_argument('--proj-coeff', type=float, default=0.5, help="lambda of the alignment loss (REPA: 0.5)")
+    p.add_argument('--encoder-depth', type=int, default=None, help="align after this block (default: per size)")
+    p.add_argument('--spnorm-gamma', type=float, default=0.6, help="iREPA gamma (paper range 0.6-0.8)")
+    p.add_argument('--data-path', default=None, help="root/<class>/<image>; none: the procedural Shapes set")
+    p.add_argument('--global-batch-size', type=int, default=256)
+    p.add_argument('--grad-accum', type=int, default=1, help="micro-batches per optimizer step and GPU")
+    p.add_argument('--lr', type=float, default=1e-4)
+    p.add_argument('--ema-decay', type=float, default=0.9999)
+    p.add_argument('--max-steps', type=int, default=400_000)
+    p.add_argument('--ckpt-every', type=int, default=50_000)
+    p.add_argument('--log-every', type=int, default=100)
+    p.add_argument('--results-dir', default='results')
+    p.add_argument('--resume', default=None, help="a run folder: continue from its latest checkpoint")
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--num-workers', type=int, default=4)
+    p.add_argument('--compile', action='store_true', help="torch.compile the model")
+    p.add_argument('--demo', action='store_true', help="CPU demo (~5 min): tiny SiT, shapes, HOG, iREPA; then a sample grid")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if '--demo' in argv:
+        p.set_defaults(**DEMO)                                                  # explicit flags still win
+    return p.parse_args(argv)
+
+# The CPU demo's settings: tiny SiT on 32 px procedural shapes, HOG target, iREPA. Not the defaults.
+DEMO = dict(model='SiT-T/4', image_size=32, encoder='hog', irepa=True, global_batch_size=32, lr=1e-3, ema_decay=0.995,
+            max_steps=600, ckpt_every=600, log_every=50, num_workers=0, results_dir='results/demo')
+
+def setup_distributed():
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; otherwise one process on cuda, mps or cpu."""
+    if 'RANK' in os.environ:
+        rank, local_rank, world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
+        if torch.cuda.is_available():
+            device = torch.device('cuda', local_rank)
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device('cpu')
+        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+        return rank, world, device
+    if torch.cuda.is_available():
+        return 0, 1, torch.device('cuda')
+    return 0, 1, torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
+
+class Logger:
+    """print + append to <run>/log.txt, on rank 0 only."""
+    def __init__(self, path, active):
+        self.path, self.active = path, active
+
+    def __call__(self, msg):
+        if self.active:
+            print(msg, flush=True)
+            with open(self.path, 'a') as f:
+                f.write(msg + '\n')
+
+def save_checkpoint(path, ckpt):
+    """Atomic: write a temp file, then rename, so a kill mid-write never corrupts the last good one."""
+    tmp = path + '.tmp'
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+def latest_checkpoint(run_dir):
+    ckpts = sorted(glob.glob(os.path.join(run_dir, 'checkpoints', '*.pt')))
+    return ckpts[-1] if ckpts else None
+
+def fail(msg):
+    """A one-line error for bad input, instead of a traceback from deep inside."""
+    sys.exit(f"irepa.py: error: {msg}")
+
+def main(argv=None):
+    args = get_args(argv)
+    # -- check the invariants before anything heavy starts
+    if args.image_size % SiT_models[args.model].keywords['patch_size']:
+        fail(f"--image-size {args.image_size} is not divisible by the patch size of {args.model}")
+    if args.resume and latest_checkpoint(args.resume) is None:
+        fail(f"--resume {args.resume}: no checkpoint in {os.path.join(args.resume, 'checkpoints')}")
+    rank, world, device = setup_distributed()
+    if args.global_batch_size % (world * args.grad_accum):
+        fail(f"--global-batch-size {args.global_batch_size} is not divisible by world size {world} "
+             f"x --grad-accum {args.grad_accum}")
+    local_batch = args.global_batch_size // world
+    micro_batch = local_batch // args.grad_accum
+    master = rank == 0
+    torch.manual_seed(args.seed * world + rank)                                 # SPEC 8; model init is broadcast anyway
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    # -- data
+    try:
+        dataset = (ImageFolder(args.data_path, args.image_size) if args.data_path
+                   else Shapes(50_000, args.image_size, seed=args.seed))
+    except FileNotFoundError as e:
+        fail(str(e))
+    if len(dataset) < args.global_batch_size:
+        fail(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
+    steps_per_epoch = len(dataset) // args.global_batch_size
+
+    # -- frozen encoder and its grid check
+    size_cfg = SiT_models[args.model].keywords
+    grid = args.image_size // size_cfg['patch_size']
+    encoder = None
+    if args.encoder != 'none':
+        try:
+            encoder = load_encoder(args.encoder, grid, args.hub_dir, device)
+        except RuntimeError as e:
+            fail(str(e))
+        with torch.no_grad():
+            T = encoder(torch.zeros(1, 3, args.image_size, args.image_size, device=device)).shape[1]
+        if T != grid * grid:
+            fail(f"encoder {args.encoder} gives {T} tokens but {args.model} at {args.image_size} px has a "
+                 f"{grid}x{grid} grid; change --image-size or --model so the grids match")
+
+    # -- model, EMA, optimizer
+    run_args = dict(vars(args), num_classes=len(dataset.classes), class_names=list(dataset.classes),
+                    encoder_depth=args.encoder_depth or size_cfg['encoder_depth'],
+                    z_dim=encoder.embed_dim if encoder is not None else None,
+                    projector='conv' if args.irepa else 'mlp', world_size=world)
+    model = build_model(run_args).to(device)
+    ema = build_model(run_args).to(device).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())                                     # EMA starts as an exact copy
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.999),
+                            weight_decay=0, eps=1e-8, fused=device.type == 'cuda')
+    step = 0
+    if args.resume:
+        run_dir = args.resume
+        ckpt = torch.load(latest_checkpoint(run_dir), map_location=device, weights_only=False)
+        model.load_state_dict(ckpt['model'])
+        ema.load_state_dict(ckpt['ema'])
+        opt.load_state_dict(ckpt['opt'])
+        step = ckpt['step']
+    else:
+        run_name = f"{args.model.replace('/', '-')}-{args.encoder}-{'irepa' if args.irepa else 'repa'}"
+        run_dir = os.path.join(args.results_dir, run_name)
+        if master and os.path.exists(run_dir):
+            i = 1
+            while os.path.exists(f"{run_dir}-{i}"):
+                i += 1
+            run_dir = f"{run_dir}-{i}"
+        if world > 1:
+            obj = [run_dir]
+            dist.broadcast_object_list(obj, src=0)
+            run_dir = obj[0]
+    if master:
+        os.makedirs(os.path.join(run_dir, 'checkpoints'), exist_ok=True)
+    log = Logger(os.path.join(run_dir, 'log.txt'), master)
+    log(f"provenance: torch {torch.__version__} | cuda {torch.version.cuda} | python {platform.python_version()} | "
+        f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type} x {world} | "
+        f"encoder {args.encoder} | {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M params")
+    log(f"args: {json.dumps(run_args)}")
+    log(f"run dir {run_dir} | {len(dataset)} images, {len(dataset.classes)} classes | "
+        f"{'resuming at' if step else 'starting at'} step {step}")
+
+    raw_model = model                                                           # saved without DDP/compile prefixes
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
+
+    # -- the loop
+    gen = torch.Generator(device=device)
+    loss_sums = torch.zeros(4, device=device)                                   # total, denoise, align, grad norm
+    t0, last_step = time.time(), step
+    model.train()
+    while step < args.max_steps:
+        epoch, start = divmod(step, steps_per_epoch)                            # data position follows from step
+        batches = [b[rank * local_batch:(rank + 1) * local_batch]
+                   for b in global_batches(len(dataset), args.global_batch_size, args.seed, epoch)[start:]]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
+                                             pin_memory=device.type == 'cuda')
+        for img, y in loader:
+            img, y = img.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            # All randomness of a step is drawn for the whole global batch from a generator seeded by the step,
+            # and each rank takes its slice: any world size or --grad-accum trains the same, and resume is exact.
+            # (Costs one global batch of noise per rank per step: ~0.1 ms on a GPU.)
+            gen.manual_seed(args.seed * 2 ** 32 + step)
+            mine = slice(rank * local_batch, (rank + 1) * local_batch)
+            t, drop, flip = torch.rand(3, args.global_batch_size, device=device, generator=gen)[:, mine]
+            noise = torch.randn((args.global_batch_size, *img.shape[1:]), device=device, generator=gen)[mine]
+            img = torch.where((flip < 0.5).view(-1, 1, 1, 1), img.flip(-1), img)    # random horizontal flip
+            y = torch.where(drop < raw_model.class_dropout_prob, raw_model.num_classes, y)  # CFG: null class, p = 0.1
+            x = img.float() / 127.5 - 1                                         # SiT sees [-1, 1]
+            z = None
+            if encoder is not None:
+                with torch.no_grad(), autocast:
+                    z = encoder(img.float()).float()                            # the encoder sees 0..255
+                if args.irepa:
+                    z = spatial_norm(z, args.spnorm_gamma)
+            for i in range(args.grad_accum):
+                mb = slice(i * micro_batch, (i + 1) * micro_batch)
+                last = i == args.grad_accum - 1
+                with (model.no_sync() if world > 1 and not last else nullcontext()), autocast:
+                    denoise, align = flow_matching_loss(model, x[mb], y[mb], noise[mb], t[mb],
+                                                        None if z is None else z[mb], args.pred)
+                    loss = denoise + args.proj_coeff * align if align is not None else denoise
+                (loss / args.grad_accum).backward()
+                loss_sums[:3] += torch.stack([loss.detach(), denoise.detach(), align.detach() if align is not None
+                                              else torch.zeros((), device=device)]) / args.grad_accum
+            loss_sums[3] += torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - args.ema_decay)
+            step += 1
+
+            if step % args.log_every == 0 or step == args.max_steps:
+                if world > 1:
+                    dist.all_reduce(loss_sums, op=dist.ReduceOp.AVG)
+                n = step - last_step
+                tot, fm, al, gn = (loss_sums / n).tolist()
+                if not math.isfinite(tot):
+                    fail(f"loss is {tot} at step {step}; stopping. The last good checkpoint is in {run_dir}/checkpoints "
+                         f"(try a lower --lr, or bf16 if you used fp16)")
+                dt = (time.time() - t0) / (step - last_step)
+                log(f"step {step}/{args.max_steps} | loss {tot:.4f} (fm {fm:.4f}, align {al:.4f}) | grad {gn:.3f} | "
+                    f"{dt * 1000:.0f} ms | {args.global_batch_size / dt:.0f} img/s")
+                loss_sums.zero_()
+                t0, last_step = time.time(), step
+            if step % args.ckpt_every == 0 or step == args.max_steps:
+                if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+                    fail(f"non-finite weights at step {step}; not saving. The last good checkpoint is in {run_dir}/checkpoints")
+                if master:
+                    path = os.path.join(run_dir, 'checkpoints', f"{step:07d}.pt")
+                    save_checkpoint(path, dict(model=raw_model.state_dict(), ema=ema.state_dict(),
+                                               opt=opt.state_dict(), args=run_args, step=step))
+                    log(f"saved {path}")
+                if world > 1:
+                    dist.barrier()
+            if step >= args.max_steps:
+                break
+    if world > 1:
+        dist.destroy_process_group()
+    return run_dir
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,238 @@
+"""Tests for irepa.py, sample.py and metrics.py. Small, CPU-only, no network: python -m pytest -q"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import irepa
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+def tiny(**kw):
+    cfg = dict(input_size=16, patch_size=4, hidden_size=32, depth=3, num_heads=2, num_classes=5, encoder_depth=2)
+    cfg.update(kw)
+    return irepa.SiT(**cfg)
+
+# -----------------------------------------------------------------------------
+# SiT
+
+@pytest.mark.parametrize('name', list(irepa.SiT_models))
+def test_every_model_size_shapes(name):
+    # Built on the meta device: real shapes and parameter counts, no memory or compute.
+    with torch.device('meta'):
+        model = irepa.SiT_models[name](input_size=32, num_classes=10, z_dim=24, projector='conv')
+        x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 10])
+        out, zs = model(x, t, y)
+    assert out.shape == x.shape
+    assert zs.shape == (2, (32 // model.patch_size) ** 2, 24)
+
+def test_sit_xl2_parameter_count_matches_dit():
+    # DiT-XL/2 on 32x32x4 latents with 1000 classes has 675,129,632 parameters (pos_embed included); it also
+    # learns sigma (final linear to 2C channels: 1152 * 16 + 16 = 18,448 more). SiT predicts C channels.
+    with torch.device('meta'):
+        model = irepa.SiT_models['SiT-XL/2'](input_size=32, in_channels=4, num_classes=1000)
+    assert sum(p.numel() for p in model.parameters()) == 675_129_632 - 18_448
+
+def test_sit_forward_real_small_and_zero_init_output():
+    model = tiny(z_dim=8)
+    x = torch.randn(3, 3, 16, 16)
+    out, zs = model(x, torch.rand(3), torch.tensor([0, 4, 5]))    # 5 = the null class
+    assert out.shape == x.shape and zs.shape == (3, 16, 8)
+    assert torch.all(out == 0)                                     # adaLN-Zero: final linear starts at zero
+    model = tiny(z_dim=None)
+    assert model(x, torch.rand(3), torch.tensor([0, 1, 2]))[1] is None
+    assert model.projectors is None
+
+def test_sit_s_final_layer_has_its_own_width():
+    # The official REPA/iREPA code builds SiT-S with a 768-wide final layer and crashes.
+    model = irepa.SiT_models['SiT-S/4'](input_size=16, num_classes=3, z_dim=8)
+    assert model.final_layer.linear.in_features == 384
+    assert model.final_layer.adaLN_modulation[1].weight.shape == (2 * 384, 384)
+    out, _ = model(torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 1]))
+    assert out.shape == (2, 3, 16, 16)
+
+def official_keys(depth, projector):
+    keys = {'pos_embed', 'x_embedder.proj.weight', 'x_embedder.proj.bias', 'y_embedder.embedding_table.weight',
+            'final_layer.adaLN_modulation.1.weight', 'final_layer.adaLN_modulation.1.bias',
+            'final_layer.linear.weight', 'final_layer.linear.bias'}
+    keys |= {f't_embedder.mlp.{i}.{w}' for i in (0, 2) for w in ('weight', 'bias')}
+    for n in range(depth):
+        keys |= {f'blocks.{n}.{m}.{w}' for m in ('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2', 'adaLN_modulation.1')
+                 for w in ('weight', 'bias')}
+    if projector == 'mlp':
+        keys |= {f'projectors.0.{i}.{w}' for i in (0, 2, 4) for w in ('weight', 'bias')}
+    else:
+        keys |= {'projectors.0.weight', 'projectors.0.bias'}
+    return keys
+
+@pytest.mark.parametrize('projector', ['mlp', 'conv'])
+def test_official_state_dict_round_trip_by_name(projector):
+    model = tiny(z_dim=8, projector=projector)
+    sd = model.state_dict()
+    assert set(sd) == official_keys(3, projector)
+    assert sd['y_embedder.embedding_table.weight'].shape == (6, 32)   # num_classes + 1 null row
+    if projector == 'mlp':
+        assert sd['projectors.0.0.weight'].shape == (2048, 32) and sd['projectors.0.4.weight'].shape == (8, 2048)
+    # an "official" dict with random values, as a plain name -> tensor mapping, loads strictly by name
+    official = {k: torch.randn_like(v) for k, v in sd.items()}
+    fresh = tiny(z_dim=8, projector=projector)
+    fresh.load_state_dict(official, strict=True)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([1, 2])
+    model.load_state_dict(official)
+    for a, b in zip(model(x, t, y), fresh(x, t, y)):
+        torch.testing.assert_close(a, b)
+
+def test_official_initialisation():
+    model = tiny(z_dim=8)
+    for blk in model.blocks:
+        assert torch.all(blk.adaLN_modulation[1].weight == 0) and torch.all(blk.adaLN_modulation[1].bias == 0)
+        assert blk.attn.qkv.bias is not None and torch.all(blk.attn.qkv.bias == 0)
+    assert torch.all(model.final_layer.linear.weight == 0)
+    assert abs(model.y_embedder.embedding_table.weight.std().item() - 0.02) < 0.01
+    assert abs(model.t_embedder.mlp[0].weight.std().item() - 0.02) < 0.005
+    w = model.blocks[0].mlp.fc1.weight                                 # xavier uniform bound sqrt(6 / (in + out))
+    assert w.abs().max() <= (6 / sum(w.shape)) ** 0.5 and w.abs().max() > 0.9 * (6 / sum(w.shape)) ** 0.5
+    assert not model.pos_embed.requires_grad
+
+def test_sincos_position_embedding_layout():
+    D, G = 16, 4
+    pe = irepa.sincos_2d(D, G)                                         # (G*G, D), raster order
+    assert pe.shape == (G * G, D)
+    r, c = 2, 3
+    tok = pe[r * G + c]
+    omega = 1.0 / 10000 ** (np.arange(D // 4) / (D / 4))
+    np.testing.assert_allclose(tok[:D // 4], np.sin(c * omega))         # first half: column index
+    np.testing.assert_allclose(tok[D // 4:D // 2], np.cos(c * omega))
+    np.testing.assert_allclose(tok[D // 2:3 * D // 4], np.sin(r * omega))  # second half: row index
+    np.testing.assert_allclose(tok[3 * D // 4:], np.cos(r * omega))
+
+def test_timestep_embedding_frequencies():
+    emb = irepa.TimestepEmbedder(8)
+    t = torch.tensor([0.3])
+    f = torch.exp(-np.log(10000) * torch.arange(128) / 128)
+    expected = torch.cat([torch.cos(0.3 * f), torch.sin(0.3 * f)])
+    captured = {}
+    emb.mlp[0].register_forward_hook(lambda m, inp, out: captured.update(x=inp[0]))
+    emb(t)
+    torch.testing.assert_close(captured['x'][0], expected)
+
+def test_attention_matches_explicit_softmax():
+    attn = irepa.Attention(16, 2)
+    x = torch.randn(2, 5, 16)
+    q, k, v = attn.qkv(x).view(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    a = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1) @ v
+    torch.testing.assert_close(attn(x), attn.proj(a.transpose(1, 2).reshape(2, 5, 16)))
+
+# -----------------------------------------------------------------------------
+# Projectors and spatial normalisation
+
+def test_conv_projector_equals_manual_unfold_and_raster_order():
+    torch.manual_seed(0)
+    B, H, D, Z = 2, 4, 6, 5
+    proj = irepa.ConvProjector(D, Z)
+    x = torch.randn(B, H * H, D)
+    out = proj(x)
+    assert out.shape == (B, H * H, Z)
+    # manual: token (r, c) = raster index r * H + c; zero padding; sum over the 3x3 neighbourhood
+    grid = torch.zeros(B, H + 2, H + 2, D)
+    for r in range(H):
+        for c in range(H):
+            grid[:, r + 1, c + 1] = x[:, r * H + c]
+    for r in range(H):
+        for c in range(H):
+            patch = grid[:, r:r + 3, c:c + 3]                         # (B, 3, 3, D)
+            ref = torch.einsum('bijd,zdij->bz', patch, proj.weight) + proj.bias
+            torch.testing.assert_close(out[:, r * H + c], ref, atol=1e-5, rtol=1e-5)
+    # a single token at (1, 2) only reaches its 3x3 neighbourhood, in raster order
+    proj.bias.data.zero_()
+    x = torch.zeros(1, H * H, D)
+    x[0, 1 * H + 2] = 1
+    touched = {i for i in range(H * H) if proj(x)[0, i].abs().sum() > 0}
+    assert touched == {r * H + c for r in (0, 1, 2) for c in (1, 2, 3)}
+
+def test_1x1_conv_is_the_per_token_linear_map():
+    proj = irepa.ConvProjector(6, 4, kernel_size=1)
+    x = torch.randn(2, 9, 6)
+    torch.testing.assert_close(proj(x), F.linear(x, proj.weight[:, :, 0, 0], proj.bias))
+
+def test_mlp_projector_is_per_token():
+    proj = irepa.mlp_projector(8, 3)
+    x = torch.randn(2, 4, 8)
+    torch.testing.assert_close(proj(x)[:, 2], proj(x[:, 2:3])[:, 0])
+
+@pytest.mark.parametrize('gamma', [0.0, 0.6, 0.8, 1.0])
+def test_spatial_norm_statistics(gamma):
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 7) * 2 + torch.randn(1, 1, 7) * 5           # strong shared (global) component
+    eps = 1e-6
+    y = irepa.spatial_norm(x, gamma=gamma, eps=eps)
+    mu, sd = x.mean(1), x.std(1)
+    torch.testing.assert_close(y.mean(1), (1 - gamma) * mu / (sd + eps), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y.std(1), sd / (sd + eps), atol=1e-5, rtol=1e-5)
+    assert irepa.spatial_norm.__defaults__ == (0.6, 1e-6)
+
+def test_alignment_loss():
+    z = torch.randn(2, 9, 7)
+    torch.testing.assert_close(irepa.alignment_loss(z, 3 * z), torch.tensor(-1.0))     # scale invariant
+    torch.testing.assert_close(irepa.alignment_loss(z, -z), torch.tensor(1.0))
+    zs = z.to(torch.bfloat16)
+    assert irepa.alignment_loss(zs, z).dtype == torch.float32
+    a, b = torch.randn(2, 9, 7), torch.randn(2, 9, 7)
+    torch.testing.assert_close(irepa.alignment_loss(a, b), -F.cosine_similarity(a, b, dim=-1).mean())
+
+# -----------------------------------------------------------------------------
+# Flow matching
+
+def test_interpolant_endpoints_and_velocity():
+    x, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    xt, v = irepa.interpolant(x, eps, torch.zeros(2))
+    torch.testing.assert_close(xt, x)                                  # t = 0: data
+    xt, v = irepa.interpolant(x, eps, torch.ones(2))
+    torch.testing.assert_close(xt, eps)                                # t = 1: noise
+    torch.testing.assert_close(v, eps - x)
+    t = torch.tensor([0.3, 0.7])                                       # d x_t / dt by finite differences
+    h = 1e-3
+    fd = (irepa.interpolant(x, eps, t + h)[0] - irepa.interpolant(x, eps, t - h)[0]) / (2 * h)
+    torch.testing.assert_close(fd, v, atol=1e-3, rtol=1e-3)
+
+def test_x_prediction_velocity():
+    x, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t = torch.tensor([0.5, 0.01])
+    xt, v = irepa.interpolant(x, eps, t)
+    v_hat = irepa.to_velocity(x, xt, t, 'x')                           # a perfect x-prediction
+    torch.testing.assert_close(v_hat[0], v[0])                         # exact where t >= 0.05
+    torch.testing.assert_close(v_hat[1], v[1] * 0.01 / 0.05)           # clamped near the data
+    assert irepa.to_velocity(xt, xt, t, 'v') is xt
+
+def test_denoising_loss_definition():
+    model = tiny()
+    x, eps, t, y = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.rand(4), torch.arange(4)
+    d, a = irepa.flow_matching_loss(model, x, y, eps, t)
+    assert a is None
+    torch.testing.assert_close(d, ((eps - x) ** 2).mean())             # zero-init net predicts v = 0
+
+def test_overfit_one_batch():
+    torch.manual_seed(0)
+    model = tiny(z_dim=36, projector='conv', depth=2, encoder_depth=1)
+    enc = irepa.load_encoder('hog', 4)
+    img = torch.stack([irepa.Shapes(8, 16)[i][0] for i in range(8)]).float()
+    x, y = img / 127.5 - 1, torch.arange(8) % 4
+    z = irepa.spatial_norm(enc(img))
+    eps, t = torch.randn_like(x), torch.rand(8)                        # one fixed batch
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        d, a = irepa.flow_matching_loss(model, x, y, eps, t, z)
+        loss = d + 0.5 * a
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append((loss.item(), d.item(), a.item()))
+    assert losses[-1][1] < 0.5 * losses[0][1], losses[::10]            # denoising loss halves
+    assert losses[-1][2] < losses[0][2] - 0.3, losses[::10]            # alignment improves
