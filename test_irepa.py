@@ -236,3 +236,157 @@ def test_overfit_one_batch():
         losses.append((loss.item(), d.item(), a.item()))
     assert losses[-1][1] < 0.5 * losses[0][1], losses[::10]            # denoising loss halves
     assert losses[-1][2] < losses[0][2] - 0.3, losses[::10]            # alignment improves
+
+# -----------------------------------------------------------------------------
+# Encoders
+
+def test_hog_grid_and_orientation_response():
+    enc = irepa.load_encoder('hog', grid_size=4)
+    assert enc.embed_dim == 36 and not any(p.requires_grad for p in enc.parameters())
+    xs = torch.arange(32).float()
+    vertical_edges = ((xs // 4) % 2 * 255).view(1, 1, 1, 32).expand(1, 3, 32, 32)   # stripes along x
+    horizontal_edges = vertical_edges.transpose(-1, -2)
+    zv, zh = enc(vertical_edges), enc(horizontal_edges)
+    assert zv.shape == (1, 16, 36)
+    hist_v, hist_h = zv[0].view(16, 4, 9).mean((0, 1)), zh[0].view(16, 4, 9).mean((0, 1))
+    # gradient along x (angle 0) -> bins 0 / 8 around 0 and pi; gradient along y (pi/2) -> bin 4
+    assert hist_v.argmax().item() in (0, 8) and hist_h.argmax().item() == 4
+    assert enc(torch.full((1, 3, 32, 32), 128.0)).abs().max() < 1e-3        # flat image: no gradients
+    z = enc(torch.rand(2, 3, 40, 40) * 255)                                # any input size, grid fixed by grid_size
+    assert z.shape == (2, 16, 36) and torch.isfinite(z).all()
+
+def test_hog_tokens_follow_raster_order():
+    enc = irepa.load_encoder('hog', grid_size=4)
+    img = torch.zeros(1, 3, 32, 32)
+    img[..., 8:16, 24:32] = 255                                            # a bright block in cell (row 1, col 3)
+    energy = enc(img)[0].norm(dim=-1).view(4, 4)
+    assert energy[1, 3] > 0 and energy[3, 0] == 0
+
+HUBCONF = textwrap.dedent('''
+    import torch, torch.nn as nn, torch.nn.functional as F
+    dependencies = ['torch']
+
+    class TinyViT(nn.Module):
+        def __init__(self, embed_dim, fixed_tokens=None):
+            super().__init__()
+            self.patch_size, self.embed_dim, self.fixed_tokens = 14, embed_dim, fixed_tokens
+            self.patch_embed = nn.Conv2d(3, embed_dim, 14, 14)
+            self.pos_embed = nn.Parameter(torch.randn(1, 1 + 5 * 5, embed_dim))   # trained at 70 px, like 518 px
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+
+        def forward_features(self, x):
+            t = self.patch_embed(x).flatten(2).transpose(1, 2)
+            if t.shape[1] != self.pos_embed.shape[1] - 1:
+                raise RuntimeError('pos_embed was not resampled to the grid')
+            t = torch.cat([self.cls_token.expand(len(t), -1, -1), t], 1) + self.pos_embed
+            t = F.layer_norm(t, t.shape[-1:])
+            if self.fixed_tokens:
+                t = t[:, :1 + self.fixed_tokens]
+            return {'x_norm_clstoken': t[:, 0], 'x_norm_patchtokens': t[:, 1:]}
+
+    def dinov2_vits14(pretrained=True, **kw):
+        return TinyViT(24)
+
+    def dinov2_vitb14(pretrained=True, **kw):
+        return TinyViT(32, fixed_tokens=4)        # a broken encoder whose grid cannot match
+''')
+
+@pytest.fixture
+def hub_dir(tmp_path):
+    d = tmp_path / 'hub'
+    d.mkdir()
+    (d / 'hubconf.py').write_text(HUBCONF)
+    return str(d)
+
+def test_dinov2_loads_from_local_hub_dir(hub_dir):
+    enc = irepa.load_encoder('dinov2_vits14', grid_size=3, hub_repo=hub_dir)
+    assert enc.embed_dim == 24 and enc.resolution == 42
+    assert enc.model.pos_embed.shape == (1, 1 + 9, 24)                     # resampled once, to the 3x3 grid
+    assert not enc.training and not any(p.requires_grad for p in enc.parameters())
+    z = enc(torch.rand(2, 3, 32, 32) * 255)
+    assert z.shape == (2, 9, 24)
+
+def test_dinov2_preprocessing(hub_dir):
+    enc = irepa.load_encoder('dinov2_vits14', grid_size=2, hub_repo=hub_dir)
+    seen = {}
+    enc.model.patch_embed.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]))
+    img = torch.rand(1, 3, 28, 28) * 255                                   # already 14 * grid: no resize
+    enc(img)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(seen['x'], (img / 255 - mean) / std)
+
+def test_dinov2_loads_offline_from_hub_cache(tmp_path, monkeypatch):
+    cache = tmp_path / 'torchhome' / 'hub'
+    repo = cache / 'facebookresearch_dinov2_main'
+    repo.mkdir(parents=True)
+    (repo / 'hubconf.py').write_text(HUBCONF)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(cache))
+    assert irepa.load_encoder('dinov2_vits14', grid_size=2).embed_dim == 24
+
+def test_encoder_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown encoder 'clip'.*hog.*dinov2_vitb14_reg"):
+        irepa.load_encoder('clip', 4)
+    with pytest.raises(RuntimeError, match="could not load encoder 'dinov2_vits14'.*--hub-dir"):
+        irepa.load_encoder('dinov2_vits14', 4, hub_repo=str(tmp_path))     # no hubconf.py there
+
+# -----------------------------------------------------------------------------
+# Data
+
+def test_center_crop_arr_non_square():
+    arr = np.zeros((100, 300, 3), np.uint8)                                # H=100, W=300: thirds R, G, B
+    arr[:, :100, 0] = arr[:, 100:200, 1] = arr[:, 200:, 2] = 255
+    out = irepa.center_crop_arr(Image.fromarray(arr), 64)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    assert out[:, 8:56, 1].min() == 255 and out[:, 8:56, [0, 2]].max() == 0    # the centre is the green third
+    # halving with BOX while the short side >= 2S: 1000x520 -> 500x260 -> 250x130 -> 125x65, then bicubic to 64 high
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 256, (520, 1000, 3), dtype=np.uint8))
+    ref = big.resize((500, 260), Image.BOX).resize((250, 130), Image.BOX).resize((125, 65), Image.BOX)
+    ref = np.array(ref.resize((round(125 * 64 / 65), 64), Image.BICUBIC))
+    left = (ref.shape[1] - 64) // 2
+    np.testing.assert_array_equal(irepa.center_crop_arr(big, 64), ref[:, left:left + 64])
+
+def make_folder(root, classes=('b_dog', 'a_cat'), n=3, size=(40, 30)):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(os.path.join(root, c, f'{i}.png'))
+    return str(root)
+
+def test_image_folder_labels_and_items(tmp_path):
+    ds = irepa.ImageFolder(make_folder(tmp_path / 'd'), 16)
+    assert ds.classes == ['a_cat', 'b_dog'] and len(ds) == 6
+    img, label = ds[4]
+    assert img.shape == (3, 16, 16) and img.dtype == torch.uint8 and label == 1
+
+def test_image_folder_skips_corrupt_image_with_a_warning(tmp_path):
+    root = make_folder(tmp_path / 'd')
+    bad = os.path.join(root, 'a_cat', '1.png')
+    with open(bad, 'wb') as f:
+        f.write(b'not a png')
+    ds = irepa.ImageFolder(root, 16)
+    with pytest.warns(UserWarning, match='skipping unreadable image .*1.png'):
+        img, label = ds[1]
+    torch.testing.assert_close(img, ds[2][0])                              # replaced by the next image
+    assert ds.bad == {bad}
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match='is not a folder'):
+        irepa.ImageFolder(str(tmp_path / 'missing'), 16)
+    (tmp_path / 'empty' / 'cls').mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match='no images in'):
+        irepa.ImageFolder(str(tmp_path / 'empty'), 16)
+
+def test_shapes_dataset_is_deterministic_and_labelled():
+    ds = irepa.Shapes(8, 32, seed=1)
+    a, la = ds[5]
+    b, lb = irepa.Shapes(8, 32, seed=1)[5]
+    assert torch.equal(a, b) and la == lb == 1 and a.shape == (3, 32, 32) and a.dtype == torch.uint8
+    assert not torch.equal(a, irepa.Shapes(8, 32, seed=2)[5][0])
+
+def test_global_batches_shard_the_same_data_for_any_world_size():
+    b = irepa.global_batches(100, 32, seed=0, epoch=3)
+    assert len(b) == 3 and all(len(x) == 32 for x in b)
+    assert len(set(sum(b, []))) == 96
+    assert b == irepa.global_batches(100, 32, seed=0, epoch=3) != irepa.global_batches(100, 32, seed=0, epoch=4)

@@ -1,0 +1,419 @@
+"""
+metrics.py -- how spatially structured is a representation? The measurement behind iREPA.
+
+iREPA (arXiv 2512.10794, section 3 and Appendix B) finds that the spatial structure of an encoder's patch tokens
+-- how much more similar nearby patches are than distant ones -- predicts REPA's generation quality (Pearson
+|r| > 0.85 with gFID over 27 encoders) far better than ImageNet linear probing does (|r| = 0.26). Per image, on the
+L2-normalised tokens of an H x H grid, with Manhattan distance d between tokens:
+    LDS   local vs distant similarity   mean cos at d = 1 minus mean cos at d >= 6
+    CDS   correlation decay slope       -slope of the least-squares line through mean cos at d = 1..8
+    SRSS  semantic-region self-sim.     per object token: mean cos to object at d = 1 minus to background at d >= 6
+    RMSC  RMS spatial contrast          sqrt(mean_t ||x_t - mean_t x||^2)
+Defaults are the official metrics code's. The paper's text uses r_near = r_far = H/2 for LDS, i.e.
+lds(x, near_dist=H // 2 - 1, far_dist=H // 2).
+
+Run it (encoders, checkpoints and image loading come from irepa.py):
+    python metrics.py --encoder dinov2_vitb14 --data-path imagenet/val             # raw vs spatially normalised
+    python metrics.py --encoder hog --data-path imgs --masks masks                 # + SRSS; hog needs no download
+    python metrics.py --ckpt results/run/checkpoints/0400000.pt --data-path imgs   # SiT's own features (Fig. 6c)
+    python metrics.py --correlate encoders.csv --out fig4.png                      # metrics vs gFID (Fig. 4)
+    python metrics.py --viz dog.jpg --encoder dinov2_vitb14 --anchor 8 5           # what spatial norm does (Fig. 6b)
+Images: root/<class>/<image> with the ADM center crop, as in training. Masks (e.g. from SAM2): one PNG per image
+at its relative path under --masks, extension .png (imgs/dog/1.jpg -> masks/dog/1.png), nonzero = object.
+--ckpt measures at noise level --t (t = 0 data, t = 1 noise; x_t = (1 - t) x + t eps, as in irepa.py).
+--correlate reads a CSV with columns encoder, fid and optionally linear_probe, lds, cds, srss, rmsc; metric
+columns it lacks are measured on --data-path for each encoder (which must then be one of irepa.ENCODERS).
+"""
+import argparse
+import csv
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from scipy import stats
+
+import irepa
+
+METRICS = ('lds', 'cds', 'srss', 'rmsc')
+
+# -----------------------------------------------------------------------------
+# 1. The four metrics (paper Appendix B, SPEC section 11). x: (B, T, D) tokens of an H x H grid in raster order.
+#    Pairs are ordered (t, t') with t != t'; the cosine kernel is symmetric, so every mean equals the mean over
+#    unordered pairs. A token is never paired with itself. Each metric returns per-image values (B,).
+
+def cosine_gram(x):
+    """-> (B, T, T) cosines between the tokens, and (T, T) Manhattan distances between their grid positions."""
+    B, T, D = x.shape
+    H = math.isqrt(T)
+    if H * H != T:
+        raise ValueError(f"{T} tokens do not form a square grid; the metrics need H x H tokens in raster order")
+    x = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)    # half -> fp32, fp64 stays
+    rc = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(H), indexing='ij'), -1).view(T, 2)  # (row, col)
+    dist = (rc[:, None] - rc[None]).abs().sum(-1).to(x.device)                      # (T, T)
+    return x @ x.transpose(1, 2), dist                                              # (B, T, T), (T, T)
+
+def pair_mean(gram, pairs):
+    """Mean of gram (B, T, T) over the pairs selected by a bool mask (T, T) or (B, T, T) -> (B,)."""
+    pairs = pairs.to(gram.dtype)
+    return (gram * pairs).sum((-2, -1)) / pairs.sum((-2, -1))
+
+def lds(x, near_dist=1, far_dist=6):
+    """Local vs distant similarity: mean cos at d = 1..near_dist minus mean cos at d >= far_dist.
+    Official code: 4-neighbours vs d >= 6. Paper text (d < H/2 vs d >= H/2): near_dist=H//2 - 1, far_dist=H//2."""
+    gram, dist = cosine_gram(x)
+    near, far = (dist >= 1) & (dist <= near_dist), dist >= far_dist
+    if not near.any() or not far.any():
+        raise ValueError(f"a {math.isqrt(len(dist))}x{math.isqrt(len(dist))} grid has no pairs at distance "
+                         f"1..{near_dist} or >= {far_dist}")
+    return pair_mean(gram, near) - pair_mean(gram, far)
+
+def cds(x, dmax=8):
+    """Correlation decay slope: correlogram g(d) = mean cos at distance exactly d, for d = 1..dmax that the grid
+    has; least-squares fit g(d) = a + b d; returns -b (faster decay with distance = more spatial structure)."""
+    gram, dist = cosine_gram(x)
+    d = torch.arange(1, min(dmax, int(dist.max())) + 1, dtype=gram.dtype, device=gram.device)   # (K,)
+    if len(d) < 2:
+        raise ValueError(f"CDS needs at least two distances to fit a slope (dmax={dmax}, grid too small?)")
+    shells = (dist.to(gram.dtype) == d.view(-1, 1, 1)).to(gram.dtype)             # (K, T, T)
+    g = torch.einsum('btu,ktu->bk', gram, shells) / shells.sum((1, 2))             # (B, K) correlogram
+    dc = d - d.mean()
+    return -((g - g.mean(1, keepdim=True)) @ dc) / (dc @ dc)                        # (B,)
+
+def srss(x, masks, d_pos=1, d_neg=6):
+    """Semantic-region self-similarity. masks (B, T), 1 = object. Anchors are object tokens; per anchor,
+    mean cos to object tokens at d = 1..d_pos minus mean cos to background tokens at d >= d_neg, averaged over
+    the anchors that have both. NaN for an image without such an anchor (e.g. all object): aggregate with nanmean."""
+    gram, dist = cosine_gram(x)
+    fg = masks.to(device=gram.device, dtype=torch.bool)                             # (B, T)
+    if fg.shape != gram.shape[:2]:
+        raise ValueError(f"masks {tuple(masks.shape)} do not match the tokens' (B, T) = {tuple(gram.shape[:2])}")
+    anchor = fg[:, :, None]                                                         # (B, T, 1)
+    pos = (anchor & fg[:, None, :] & (dist >= 1) & (dist <= d_pos)).to(gram.dtype)  # (B, T, T)
+    neg = (anchor & ~fg[:, None, :] & (dist >= d_neg)).to(gram.dtype)
+    n_pos, n_neg = pos.sum(-1), neg.sum(-1)                                         # (B, T) per anchor
+    delta = (gram * pos).sum(-1) / n_pos - (gram * neg).sum(-1) / n_neg             # (B, T), NaN where a count is 0
+    valid = (n_pos > 0) & (n_neg > 0)
+    return torch.where(valid, delta, 0).sum(1) / valid.sum(1)                       # 0 / 0 = NaN: no valid anchor
+
+def rmsc(x):
+    """RMS spatial contrast: sqrt(mean_t ||x_t - mean_t x||^2) of the L2-normalised tokens; 0 for a constant grid."""
+    x = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
+    return (x - x.mean(1, keepdim=True)).pow(2).sum(-1).mean(1).sqrt()
+
+def all_metrics(x, masks=None):
+    """{metric: (B,)} with the official defaults; SRSS only when masks are given."""
+    out = dict(lds=lds(x), cds=cds(x), rmsc=rmsc(x))
+    if masks is not None:
+        out['srss'] = srss(x, masks)
+    return out
+
+# -----------------------------------------------------------------------------
+# 2. Summaries: mean with a 95% interval, and the correlation with gFID across encoders (paper Fig. 4)
+
+def mean_ci(values):
+    """Mean over images (NaNs left out) and the half-width of its 95% confidence interval (Student t) -> (mean, hw)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if len(v) == 0:
+        return math.nan, math.nan
+    hw = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else math.nan
+    return v.mean(), hw
+
+def correlate(table, target='fid'):
+    """Pearson and Spearman r (and p-values) of linear_probe and each metric column against `target`, over the
+    rows where both are known. table: {column: list of float or None}. -> {column: (n, r, p, rho, p_rho)}."""
+    out = {}
+    for col in ('linear_probe',) + METRICS:
+        rows = [(a, b) for a, b in zip(table.get(col, []), table[target]) if a is not None and b is not None]
+        if len(rows) >= 3:                                                          # fewer points: r means nothing
+            a, b = np.array(rows).T
+            out[col] = (len(a), *stats.pearsonr(a, b), *stats.spearmanr(a, b))
+    return out
+
+def read_table(path):
+    """CSV -> {column: list}; 'encoder' stays text, other cells become floats (an empty cell is None)."""
+    if not os.path.isfile(path):
+        fail(f"--correlate {path}: no such file")
+    with open(path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {'encoder', 'fid'} <= set(rows[0]):
+        fail(f"--correlate {path}: need a header with at least the columns encoder,fid and one row per encoder")
+    try:
+        return {c: [r[c].strip() if c == 'encoder' else (float(r[c]) if r[c].strip() else None) for r in rows]
+                for c in rows[0]}
+    except ValueError as e:
+        fail(f"--correlate {path}: a non-numeric cell ({e})")
+
+# -----------------------------------------------------------------------------
+# 3. Pictures, drawn with pillow: similarity maps (paper Fig. 6b / 16) and scatter plots (Fig. 4)
+
+PANEL, STRIP = 256, 20                                                              # panel side, text strip (px)
+
+def colormap(v):
+    """Values in [0, 1] (array of any shape) -> uint8 RGB along a 5-stop approximation of viridis."""
+    stops = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
+    v = np.clip(np.nan_to_num(np.asarray(v, dtype=np.float64)), 0, 1) * (len(stops) - 1)
+    return np.stack([np.interp(v, np.arange(len(stops)), stops[:, c]) for c in range(3)], -1).astype(np.uint8)
+
+def similarity_figure(img, maps, anchor):
+    """img (S, S, 3) uint8 | one panel per {title: (H, W) cosine map}, nearest-upsampled, anchor token boxed in red.
+    Colour scale [0, 1] as in the paper (negative cosines show as 0). Size ((1 + len(maps)) * 256, 256 + 2 * 20)."""
+    H = next(iter(maps.values())).shape[0]
+    cell = PANEL / H
+    fig = Image.new('RGB', ((1 + len(maps)) * PANEL, PANEL + 2 * STRIP), 'white')
+    draw = ImageDraw.Draw(fig)
+    panels = [('image', Image.fromarray(img).resize((PANEL, PANEL), Image.BICUBIC))]
+    panels += [(title, Image.fromarray(colormap(m)).resize((PANEL, PANEL), Image.NEAREST)) for title, m in maps.items()]
+    for i, (title, im) in enumerate(panels):
+        fig.paste(im, (i * PANEL, STRIP))
+        draw.text((i * PANEL + 4, 5), title, fill='black')
+        x0, y0 = i * PANEL + anchor[1] * cell, STRIP + anchor[0] * cell
+        draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], outline='red', width=2)
+    bar = np.repeat(colormap(np.linspace(0, 1, PANEL - 60))[None], STRIP // 2, axis=0)    # colour bar, scale 0..1
+    fig.paste(Image.fromarray(bar), (PANEL + 30, PANEL + STRIP + 5))
+    draw.text((PANEL + 4, PANEL + STRIP + 4), 'cos 0', fill='black')
+    draw.text((2 * PANEL - 26, PANEL + STRIP + 4), '1', fill='black')
+    return fig
+
+def scatter_panel(xs, ys, labels, xlabel, title, size=360):
+    """One labelled scatter plot (size x size): y = gFID against x, with its least-squares line."""
+    xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    im = Image.new('RGB', (size, size), 'white')
+    draw = ImageDraw.Draw(im)
+    left, right, top, bottom = 50, size - 15, 30, size - 40                        # the plotting box
+    def limits(v):
+        pad = 0.1 * ((v.max() - v.min()) or 1.0)
+        return v.min() - pad, v.max() + pad
+    (x0, x1), (y0, y1) = limits(xs), limits(ys)
+    px = lambda x: left + (x - x0) / (x1 - x0) * (right - left)
+    py = lambda y: bottom - (y - y0) / (y1 - y0) * (bottom - top)
+    draw.rectangle([left, top, right, bottom], outline='black')
+    for v in np.linspace(xs.min(), xs.max(), 3):                                    # ticks at data min, mid, max
+        draw.line([px(v), bottom, px(v), bottom + 4], fill='black')
+        draw.text((px(v) - 12, bottom + 6), f"{v:.3g}", fill='black')
+    for v in np.linspace(ys.min(), ys.max(), 3):
+        draw.line([left - 4, py(v), left, py(v)], fill='black')
+        draw.text((4, py(v) - 5), f"{v:.3g}", fill='black')
+    if xs.max() > xs.min():                                                         # least-squares line over the data
+        b, a = np.polyfit(xs, ys, 1)
+        lo, hi = xs.min(), xs.max()
+        draw.line([px(lo), py(a + b * lo), px(hi), py(a + b * hi)], fill=(150, 150, 150))
+    for x, y, name in zip(xs, ys, labels):
+        draw.ellipse([px(x) - 3, py(y) - 3, px(x) + 3, py(y) + 3], fill=(31, 119, 180))
+        w = draw.textlength(name)
+        draw.text((px(x) + 5 if px(x) + 5 + w < right else px(x) - 5 - w, py(y) - 12), name, fill='black')
+    draw.text((left, 8), title, fill='black')
+    draw.text(((left + right) // 2 - 3 * len(xlabel), size - 18), xlabel, fill='black')
+    draw.text((left + 4, top + 4), 'gFID', fill='black')
+    return im
+
+def correlation_figure(table, results, target='fid'):
+    """One scatter panel per correlated column, side by side: (360 * len(results), 360)."""
+    panels = []
+    for col, (n, r, p, rho, _) in results.items():
+        rows = [(a, b, e) for a, b, e in zip(table[col], table[target], table['encoder']) if None not in (a, b)]
+        xs, ys, names = zip(*rows)
+        panels.append(scatter_panel(xs, ys, names, col, f"{col.upper()}: pearson r={r:.3f}, spearman {rho:.3f}"))
+    fig = Image.new('RGB', (sum(p.width for p in panels), panels[0].height), 'white')
+    for i, p in enumerate(panels):
+        fig.paste(p, (i * p.width, 0))
+    return fig
+
+# -----------------------------------------------------------------------------
+# 4. Features: the encoders' patch tokens, and SiT's hidden state at the alignment layer (Fig. 6c)
+
+def fail(msg):
+    sys.exit(f"metrics.py: error: {msg}")
+
+def load_masks(dataset, indices, data_path, masks_dir, grid):
+    """(N, T) bool. Each mask is resized to its image, given the image's ADM crop, then max-pooled to the grid:
+    any object pixel in a patch marks the token (SPEC section 11)."""
+    out, missing = [], []
+    for i in indices:
+        path = dataset.samples[i][0]
+        mpath = os.path.join(masks_dir, os.path.splitext(os.path.relpath(path, data_path))[0] + '.png')
+        if not os.path.isfile(mpath):
+            missing.append(mpath)
+            continue
+        with Image.open(path) as im, Image.open(mpath) as m:
+            m = Image.fromarray((np.array(m.convert('L')) > 0).astype(np.uint8) * 255).resize(im.size, Image.NEAREST)
+        m = torch.from_numpy(irepa.center_crop_arr(m, dataset.image_size) >= 128).float()   # (S, S)
+        out.append(F.adaptive_max_pool2d(m[None, None], grid).flatten().bool())              # (T,) raster order
+    if missing:
+        fail(f"{len(missing)} of {len(indices)} images have no mask, e.g. {missing[0]} "
+             f"(expected <masks>/<class>/<image stem>.png for every image)")
+    return torch.stack(out)
+
+def open_images(args, image_size):
+    """The evaluation images: a seeded random subset of --num-images from root/<class>/<image>."""
+    try:
+        dataset = irepa.ImageFolder(args.data_path, image_size)
+    except FileNotFoundError as e:
+        fail(str(e))
+    g = torch.Generator().manual_seed(args.seed)
+    return dataset, torch.randperm(len(dataset), generator=g)[:args.num_images].tolist()
+
+def load_encoder(name, grid, hub_dir, device):
+    try:
+        return irepa.load_encoder(name, grid, hub_dir, device)
+    except RuntimeError as e:                                                       # DINOv2 offline without a hub copy
+        fail(str(e))
+
+def load_sit(path, device):
+    """The EMA SiT of an irepa.py checkpoint, and the checkpoint's args."""
+    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    model = irepa.build_model(ckpt['args'])
+    model.load_state_dict(ckpt['ema'])
+    return model.to(device).eval(), ckpt['args']
+
+@torch.no_grad()
+def measure(args, encoder_name, device):
+    """Per-image metrics {row: {metric: (N,) array}} for the encoder's tokens, raw and after spatial
+    normalisation, and with --ckpt for SiT's hidden state h after block encoder_depth and its projection.
+    encoder_name None: the checkpoint's encoder with --ckpt, else dinov2_vitb14."""
+    model, ck = load_sit(args.ckpt, device) if args.ckpt else (None, {})
+    encoder_name = encoder_name or (ck.get('encoder', 'none') if model else 'dinov2_vitb14')
+    image_size, grid = (model.input_size, model.grid_size) if model else (args.image_size, args.grid_size)
+    dataset, indices = open_images(args, image_size)
+    masks = load_masks(dataset, indices, args.data_path, args.masks, grid) if args.masks else None
+    hub_dir = args.hub_dir or ck.get('hub_dir')
+    encoder = None if encoder_name == 'none' else load_encoder(encoder_name, grid, hub_dir, device)
+    same_classes = model is not None and dataset.classes == ck.get('class_names')   # else the null (CFG) class
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=args.batch_size,
+                                         num_workers=args.num_workers)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    vals, start = {}, 0
+    for img, y in loader:
+        img, y = img.to(device), y.to(device)                                       # uint8 (B, 3, S, S)
+        rows = {}
+        if encoder is not None:
+            z = encoder(img.float()).float()                                        # (B, T, D_enc), input 0..255
+            rows[f"{encoder_name} raw"] = z
+            rows[f"{encoder_name} spatial norm (gamma {args.spnorm_gamma})"] = irepa.spatial_norm(z, args.spnorm_gamma)
+        if model is not None:
+            x = img.float() / 127.5 - 1                                             # SiT sees [-1, 1]
+            t = torch.full((len(x),), args.t, device=device)
+            x_t, _ = irepa.interpolant(x, torch.randn(x.shape, device=device, generator=gen), t)  # t=0 data, 1 noise
+            y = y if same_classes else torch.full_like(y, model.num_classes)
+            h, zs = model.align_features(x_t, t, y)                                 # (B, T, D), (B, T, D_enc) or None
+            rows[f"SiT h (block {model.encoder_depth}, t={args.t})"] = h
+            if zs is not None:
+                rows[f"SiT projector(h) ({ck.get('projector', 'mlp')})"] = zs
+        m = None if masks is None else masks[start:start + len(img)]
+        start += len(img)
+        for name, feats in rows.items():
+            for k, v in all_metrics(feats, m).items():
+                vals.setdefault(name, {}).setdefault(k, []).append(v.double().cpu().numpy())
+    if model is not None and not same_classes:
+        print("note: the image folder's classes differ from the checkpoint's, so SiT was given the null class")
+    return {name: {k: np.concatenate(v) for k, v in ms.items()} for name, ms in vals.items()}
+
+def print_table(vals, title):
+    print(title)
+    print(f"{'features':<44}" + ''.join(f"{m.upper():>20}" for m in METRICS))
+    for name, ms in vals.items():
+        cells = ["{:.4f} +- {:.4f}".format(*mean_ci(ms[k])) if k in ms else 'n/a' for k in METRICS]
+        print(f"{name:<44}" + ''.join(f"{c:>20}" for c in cells))
+    print("(mean +- half-width of the 95% confidence interval over images; SRSS needs --masks)")
+
+@torch.no_grad()
+def visualise(args, device):
+    """image | cos(anchor, token) map of the raw tokens | of the spatially normalised tokens (paper Fig. 6b / 16)."""
+    try:
+        with Image.open(args.viz) as im:
+            img = irepa.center_crop_arr(im.convert('RGB'), args.image_size)       # (S, S, 3) uint8
+    except OSError as e:
+        fail(f"--viz {args.viz}: cannot read the image ({e})")
+    H = args.grid_size
+    r, c = args.anchor if args.anchor else (H // 2, H // 2)
+    if not (0 <= r < H and 0 <= c < H):
+        fail(f"--anchor {r} {c} is outside the {H}x{H} token grid")
+    encoder = load_encoder(args.encoder, H, args.hub_dir, device)
+    z = encoder(torch.from_numpy(img).permute(2, 0, 1)[None].float().to(device)).float()   # (1, T, D)
+    maps = {}
+    for title, feats in [('raw tokens', z), (f'spatial norm, gamma {args.spnorm_gamma}',
+                                             irepa.spatial_norm(z, args.spnorm_gamma))]:
+        u = F.normalize(feats[0], dim=-1)                                           # (T, D)
+        maps[title] = (u @ u[r * H + c]).view(H, H).cpu().numpy()                   # (H, W) cosine to the anchor
+    out = args.out or 'similarity.png'
+    similarity_figure(img, maps, (r, c)).save(out)
+    print(f"wrote {out}: anchor token (row {r}, col {c}) of the {H}x{H} grid")
+    return out
+
+# -----------------------------------------------------------------------------
+# 5. Command line
+
+def run_correlation(args, device):
+    """Paper Fig. 4: each metric (and linear probing) against gFID across encoders; a table and a scatter PNG."""
+    table = read_table(args.correlate)
+    todo = [m for m in METRICS if m not in table and (m != 'srss' or args.masks)]
+    if todo and args.data_path:                                                 # measure the missing columns
+        bad = [e for e in table['encoder'] if e not in irepa.ENCODERS]
+        if bad:
+            fail(f"cannot measure encoder(s) {', '.join(bad)}: not in irepa.ENCODERS; "
+                 f"put their metric values in the CSV")
+        for m in todo:
+            table[m] = []
+        for enc in table['encoder']:
+            raw = measure(args, enc, device)[f"{enc} raw"]
+            for m in todo:
+                table[m].append(mean_ci(raw[m])[0])
+    results = correlate(table)
+    if not results:
+        fail("nothing to correlate: need >= 3 rows with fid and a linear_probe or metric column "
+             "(or pass --data-path to measure the metrics)")
+    print(f"{'encoder':<24}{'fid':>10}" + ''.join(f"{c:>14}" for c in results))
+    for i, enc in enumerate(table['encoder']):
+        print(f"{enc:<24}{table['fid'][i]!s:>10}" + ''.join(
+            f"{(f'{table[c][i]:.4f}' if table[c][i] is not None else '-'):>14}" for c in results))
+    print(f"\n{'vs fid':<14}{'n':>4}{'pearson r':>12}{'p':>11}{'spearman':>12}{'p':>11}")
+    for col, (n, r, p, rho, p_rho) in results.items():
+        print(f"{col:<14}{n:>4}{r:>12.3f}{p:>11.2e}{rho:>12.3f}{p_rho:>11.2e}")
+    out = args.out or 'correlation.png'
+    correlation_figure(table, results).save(out)
+    print(f"wrote {out}")
+    return results
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--data-path', default=None, help="root/<class>/<image>")
+    p.add_argument('--encoder', default=None, choices=irepa.ENCODERS,
+                   help="default: the checkpoint's encoder with --ckpt, else dinov2_vitb14")
+    p.add_argument('--hub-dir', default=None, help="local torch.hub folder (with hubconf.py) for offline DINOv2")
+    p.add_argument('--image-size', type=int, default=256)
+    p.add_argument('--grid-size', type=int, default=16, help="token grid side (16: the paper's 16x16 at 256 px)")
+    p.add_argument('--num-images', type=int, default=1000)
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--masks', default=None, help="folder of object masks, for SRSS")
+    p.add_argument('--spnorm-gamma', type=float, default=0.6, help="iREPA gamma (paper range 0.6-0.8)")
+    p.add_argument('--ckpt', default=None, help="an irepa.py checkpoint: measure SiT's features (image size from it)")
+    p.add_argument('--t', type=float, default=0.5, help="noise level of x_t for --ckpt (t=0 data, t=1 noise)")
+    p.add_argument('--correlate', default=None, help="CSV: encoder,fid[,linear_probe,lds,cds,srss,rmsc]")
+    p.add_argument('--viz', default=None, help="an image: plot cosine-similarity maps of one anchor token")
+    p.add_argument('--anchor', type=int, nargs=2, default=None, metavar=('ROW', 'COL'), help="default: grid centre")
+    p.add_argument('--out', default=None, help="PNG to write (--viz: similarity.png, --correlate: correlation.png)")
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--num-workers', type=int, default=4)
+    return p.parse_args(argv)
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if args.viz:
+        args.encoder = args.encoder or 'dinov2_vitb14'
+        return visualise(args, device)
+    if args.correlate:
+        return run_correlation(args, device)
+    if not args.data_path:
+        fail("pass --data-path (root/<class>/<image>), or use --correlate CSV / --viz IMAGE")
+    vals = measure(args, args.encoder, device)
+    n = len(next(iter(vals.values()))['lds'])
+    print_table(vals, f"spatial structure metrics over {n} images from {args.data_path}")
+    return vals
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,213 @@
+"""
+Sample images from an irepa.py checkpoint: REPA's Euler-Maruyama SDE sampler (its FID setting) or the
+Euler / Heun ODE, with classifier-free guidance (CFG) and REPA's guidance interval. The checkpoint is all
+it needs: the SiT is rebuilt from the checkpoint's args and the EMA weights are used.
+
+One process (CPU or one GPU), a labelled grid of a few classes:
+    python sample.py --ckpt results/000-SiT-B-2/checkpoints/0050000.pt --class-labels 0 1 2 3 --num-samples 16
+50K samples for FID on 8 GPUs (rank r samples its share with seed = seed * world + r; rank 0 writes the npz):
+    torchrun --nproc_per_node=8 sample.py --ckpt .../0400000.pt --num-samples 50000 --batch-size 125 \
+        --mode sde --num-steps 250 --cfg-scale 1.8 --guidance-high 0.7
+    python evaluator.py VIRTUAL_imagenet256_labeled.npz samples/samples.npz   # ADM's evaluator (guided-diffusion)
+Writes <out>/grid.png (the first 64 samples, for people) and <out>/samples.npz (arr_0: uint8 (N, H, W, 3)).
+
+Time convention, as in irepa.py: t = 0 is data, t = 1 is noise, x_t = (1 - t) x + t eps, v = eps - x.
+Sampling integrates from t = 1 (noise) down to t = 0 (data), so every dt below is negative.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
+
+import irepa
+
+# -----------------------------------------------------------------------------
+# CFG: batch [cond; null], null label = model.num_classes (the label table's extra row, SiT / DiT).
+# guided = null + s * (cond - null), only for guidance_low <= t <= guidance_high (REPA's guidance interval);
+# outside it, or with s = 1, only the conditional half runs.
+
+def velocity(model, x, t, y, dtype, cfg_scale, guidance_low, guidance_high):
+    """The (guided) velocity at float64 state x (B, C, H, W) and time t (a float); the model runs in `dtype`."""
+    guide = cfg_scale > 1.0 and guidance_low <= t <= guidance_high
+    if guide:
+        x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, model.num_classes)])     # (2B, C, H, W), (2B,)
+    t = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)                 # (B,) or (2B,)
+    out = model(x.to(dtype), t.to(dtype), y)[0].to(torch.float64)
+    v = irepa.to_velocity(out, x, t, getattr(model, 'pred', 'v'))                          # x-prediction -> v
+    if guide:
+        v_cond, v_null = v.chunk(2)
+        v = v_null + cfg_scale * (v_cond - v_null)
+    return v
+
+# -----------------------------------------------------------------------------
+# Samplers (SPEC section 10, REPA's samplers.py): float64 state, the model sees the input's dtype.
+
+@torch.no_grad()
+def euler_sampler(model, x, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0):
+    """Probability-flow ODE dx = v dt, Euler on linspace(1, 0, N + 1); Heun's correction on all but the last
+    step (it would evaluate the model at t = 0). NFE = N (Euler) or 2N - 1 (Heun)."""
+    dtype, x = x.dtype, x.to(torch.float64)
+    v = lambda x, t: velocity(model, x, t, y, dtype, cfg_scale, guidance_low, guidance_high)
+    t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        dt = t_next - t_cur
+        d_cur = v(x, t_cur)
+        x_next = x + dt * d_cur
+        if heun and i < num_steps - 1:
+            x_next = x + dt * 0.5 * (d_cur + v(x_next, t_next))
+        x = x_next
+    return x
+
+@torch.no_grad()
+def euler_maruyama_sampler(model, x, y, num_steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0):
+    """Reverse SDE dx = (v - w/2 * score) dt + sqrt(w) dW with w = 2t (REPA's choice), Euler-Maruyama on
+    linspace(1, 0.04, N), then one noise-free step 0.04 -> 0 (the mean of the last step). NFE = N.
+    REPA guides the drift; the drift is affine in v with the same x in both halves, so guiding v is the same."""
+    dtype, x = x.dtype, x.to(torch.float64)
+    t_steps = torch.linspace(1, 0.04, num_steps, dtype=torch.float64).tolist() + [0.0]
+    for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
+        dt, w = t_next - t_cur, 2 * t_cur
+        v = velocity(model, x, t_cur, y, dtype, cfg_scale, guidance_low, guidance_high)
+        score = (-(1 - t_cur) * v - x) / t_cur          # x_t = eps - (1 - t) v, so score = -E[eps | x_t] / t
+        drift = v - 0.5 * w * score
+        x = x + drift * dt
+        if t_next > 0:
+            x = x + math.sqrt(w) * math.sqrt(-dt) * torch.randn_like(x)
+    return x
+
+# -----------------------------------------------------------------------------
+# Batched sampling to uint8 images, a picture for people, and the checkpoint loader
+
+@torch.no_grad()
+def sample(model, labels, mode='sde', num_steps=250, heun=False, cfg_scale=1.0, guidance_low=0.0,
+           guidance_high=1.0, seed=0, batch_size=64, verbose=False):
+    """Sample one image per label. Returns uint8 (N, H, W, 3). Deterministic given the seed and batch_size;
+    the caller's RNG state is left untouched (safe to call from a training loop)."""
+    device = next(model.parameters()).device
+    C, S = model.in_channels, model.input_size
+    labels, images, t0 = torch.as_tensor(labels, dtype=torch.long), [], time.time()
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        torch.manual_seed(seed)
+        for y in labels.split(batch_size):
+            y, x = y.to(device), torch.randn(len(y), C, S, S, device=device)       # (B,), (B, C, S, S)
+            if mode == 'sde':
+                x = euler_maruyama_sampler(model, x, y, num_steps, cfg_scale, guidance_low, guidance_high)
+            else:
+                x = euler_sampler(model, x, y, num_steps, heun, cfg_scale, guidance_low, guidance_high)
+            x = ((x + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)               # [-1, 1] -> 0..255
+            images.append(x.permute(0, 2, 3, 1).cpu())                                 # (B, S, S, C)
+            if verbose:
+                n, dt = sum(len(b) for b in images), time.time() - t0
+                print(f"sampled {n}/{len(labels)} | {dt:.0f} s | {n / dt:.1f} img/s", flush=True)
+    return torch.cat(images).numpy() if images else np.zeros((0, S, S, C), np.uint8)
+
+def save_grid(images, path, labels=None, class_names=None, nrow=None):
+    """Save uint8 (N, H, W, 3) as one PNG grid; small images are enlarged (nearest) so people can see them,
+    and with labels each tile gets its class name above it."""
+    N, H, W, _ = images.shape
+    nrow = nrow or math.ceil(math.sqrt(N))
+    zoom = max(1, 128 // H)
+    h, w, top, pad = H * zoom, W * zoom, 12 if labels is not None else 0, 2
+    grid = Image.new('RGB', (nrow * (w + pad) + pad, math.ceil(N / nrow) * (h + top + pad) + pad), 'white')
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    for i, img in enumerate(images):
+        left, upper = pad + (i % nrow) * (w + pad), pad + (i // nrow) * (h + top + pad)
+        grid.paste(Image.fromarray(img).resize((w, h), Image.NEAREST), (left, upper + top))
+        if labels is not None:
+            name = class_names[labels[i]] if class_names else str(labels[i])
+            draw.text((left, upper), name[: max(1, w // 6)], fill='black', font=font)
+    grid.save(path)
+
+def load_model(path, device):
+    """Rebuild the SiT from the checkpoint's own args and load its EMA weights (what REPA and DiT sample)."""
+    if not os.path.isfile(path):
+        sys.exit(f"sample.py: error: no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)    # tensors and plain types only
+    except Exception:
+        sys.exit(f"sample.py: error: {path} is not a torch checkpoint of tensors and plain types")
+    try:
+        model = irepa.build_model(ckpt['args'])
+        model.load_state_dict(ckpt['ema'])
+    except Exception as e:      # a checkpoint of something else: say so in one line
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        sys.exit(f"sample.py: error: {path} is not an irepa.py checkpoint ({reason})")
+    return model.to(device).eval(), ckpt['args']
+
+# -----------------------------------------------------------------------------
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Sample from an irepa.py checkpoint (defaults: REPA's FID sampler).")
+    parser.add_argument("--ckpt", type=str, required=True, help="checkpoint written by irepa.py")
+    parser.add_argument("--mode", type=str, choices=["sde", "ode"], default="sde")
+    parser.add_argument("--num-steps", type=int, default=250, help="SDE: NFE (REPA's FID: 250); ODE: steps")
+    parser.add_argument("--heun", action="store_true", help="ode mode: Heun's second-order correction")
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="1 = no guidance; REPA's best: 1.8")
+    parser.add_argument("--guidance-low", type=float, default=0.0)
+    parser.add_argument("--guidance-high", type=float, default=1.0, help="REPA's best with CFG: 0.7")
+    parser.add_argument("--num-samples", type=int, default=None, help="default: one per --class-labels, else 64")
+    parser.add_argument("--batch-size", type=int, default=64, help="per process")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--class-labels", type=int, nargs="+", default=None,
+                        help="cycled to --num-samples, a grid column each; default: uniform random labels")
+    parser.add_argument("--out", type=str, default="samples", help="directory for grid.png and samples.npz")
+    args = parser.parse_args()
+    if args.cfg_scale < 1.0:
+        sys.exit(f"sample.py: error: --cfg-scale {args.cfg_scale} < 1; use 1 for no guidance, > 1 for CFG")
+    if args.mode == "sde" and args.heun:
+        sys.exit("sample.py: error: --heun is for --mode ode")
+
+    # one process, or one per GPU (CPU: gloo) under torchrun; float64 state rules out MPS
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
+    else:
+        rank, world, device = 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    model, ckpt_args = load_model(args.ckpt, device)
+    K, class_names = model.num_classes, ckpt_args.get("class_names")
+
+    # labels for all N samples, the same on every rank; each rank samples a contiguous share
+    if args.class_labels is not None:
+        bad = [c for c in args.class_labels if not 0 <= c < K]
+        if bad:
+            sys.exit(f"sample.py: error: class labels {bad} out of range: this checkpoint has classes 0..{K - 1}")
+    N = args.num_samples or (len(args.class_labels) if args.class_labels else 64)
+    if args.class_labels:
+        labels = np.resize(np.array(args.class_labels), N)
+    else:
+        labels = torch.randint(K, (N,), generator=torch.Generator().manual_seed(args.seed)).numpy()
+    share = np.array_split(np.arange(N), world)[rank]
+    if rank == 0:
+        print(f"sampling {N} images with {world} process(es) on {device}: {args.mode}, {args.num_steps} steps, "
+              f"cfg {args.cfg_scale} on t in [{args.guidance_low}, {args.guidance_high}]", flush=True)
+    images = sample(model, labels[share], args.mode, args.num_steps, args.heun, args.cfg_scale, args.guidance_low,
+                    args.guidance_high, seed=args.seed * world + rank, batch_size=args.batch_size, verbose=rank == 0)
+
+    # rank 0 gathers the shares through per-rank files and writes one samples.npz (ADM evaluator format)
+    os.makedirs(args.out, exist_ok=True)
+    if world > 1:
+        np.save(os.path.join(args.out, f"part{rank}.npy"), images)
+        dist.barrier()
+        if rank == 0:
+            parts = [os.path.join(args.out, f"part{r}.npy") for r in range(world)]
+            images = np.concatenate([np.load(p) for p in parts])
+            for p in parts:
+                os.remove(p)
+    if rank == 0:
+        np.savez(os.path.join(args.out, "samples.npz"), arr_0=images)
+        n = min(N, 64)
+        save_grid(images[:n], os.path.join(args.out, "grid.png"),
+                  labels[:n] if args.class_labels else None, class_names,
+                  nrow=len(args.class_labels) if args.class_labels else None)
+        print(f"wrote {args.out}/samples.npz {images.shape} {images.dtype} and {args.out}/grid.png", flush=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()

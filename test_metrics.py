@@ -1,0 +1,255 @@
+"""Tests for metrics.py: analytic token grids, a brute-force pairwise reference, correlation, pictures, the CLI."""
+import csv
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import stats
+
+import irepa
+import metrics
+
+
+def column_onehot(B, H):
+    """Token (r, c) is the one-hot vector e_c: cos = 1 within a column, 0 across columns. (B, H*H, H)."""
+    return torch.eye(H, dtype=torch.float64)[torch.arange(H).repeat(H)].expand(B, -1, -1).clone()
+
+
+def test_constant_features_have_no_structure():
+    x = torch.randn(1, 1, 5).expand(2, 64, 5)                                   # every token the same
+    for f in (metrics.lds, metrics.cds, metrics.rmsc):
+        assert torch.allclose(f(x), torch.zeros(2), atol=1e-6)
+
+
+def test_column_onehot_hand_computed():
+    # 4x4 grid. Ordered pairs with |dr| = a, |dc| = b: m(a) m(b), m(0) = 4, m(k) = 2 (4 - k) = 6, 4, 2.
+    x = column_onehot(2, 4)
+    # LDS(near 1, far 3): near = 24 vertical (cos 1) + 24 horizontal (cos 0) -> 1/2;
+    # far (a + b >= 3) = 124 pairs, of which same column (a = 3, b = 0): 8 -> 8/124 = 2/31.
+    assert torch.allclose(metrics.lds(x, near_dist=1, far_dist=3), torch.full((2,), 0.5 - 2 / 31, dtype=torch.float64))
+    # CDS(dmax 3): g(1) = 24/48, g(2) = 16/68, g(3) = 8/64; for d = 1, 2, 3 the LS slope is (g3 - g1) / 2.
+    assert torch.allclose(metrics.cds(x, dmax=3), torch.full((2,), -(1 / 8 - 1 / 2) / 2, dtype=torch.float64))
+    # RMSC: mean token = (1/4, ..., 1/4), ||e_c - mean||^2 = 1 - 1/4.
+    assert torch.allclose(metrics.rmsc(x), torch.full((2,), math.sqrt(3 / 4), dtype=torch.float64))
+    # SRSS with the left two columns as the object (d_pos 1, d_neg 3): negatives are other columns (cos 0);
+    # positives: vertical neighbours (cos 1, one at the top/bottom row, two inside) + one horizontal (cos 0).
+    # Anchors: rows 0, 3 -> 1/2, rows 1, 2 -> 2/3; mean 7/12.
+    mask = (torch.arange(16) % 4 < 2).expand(2, -1)
+    assert torch.allclose(metrics.srss(x, mask, d_pos=1, d_neg=3), torch.full((2,), 7 / 12, dtype=torch.float64))
+
+
+def test_smooth_ramp_decays():
+    # features rotate with the column: cos between columns c, c' is cos((c - c') * 0.2); no change down a column
+    H = 8
+    ang = 0.2 * torch.arange(H, dtype=torch.float64).repeat(H)
+    x = torch.stack([ang.cos(), ang.sin()], -1)[None]                           # (1, 64, 2)
+    assert metrics.lds(x).item() > 0 and metrics.cds(x).item() > 0
+    # RMSC = sqrt(1 - ||mean unit vector||^2)
+    mean_vec = torch.stack([ang.cos().mean(), ang.sin().mean()])
+    assert metrics.rmsc(x).item() == pytest.approx(math.sqrt(1 - mean_vec.pow(2).sum().item()), rel=1e-9)
+
+
+def brute_force(x, masks, near, far, dmax, d_pos, d_neg):
+    """Loops over token pairs, float64: (lds, cds, srss, rmsc) of one image x (T, D)."""
+    T = len(x)
+    H = math.isqrt(T)
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    pos = [(t // H, t % H) for t in range(T)]
+    dist = lambda i, j: abs(pos[i][0] - pos[j][0]) + abs(pos[i][1] - pos[j][1])
+    cos = lambda i, j: float(u[i] @ u[j])
+    pairs = [(i, j) for i in range(T) for j in range(T) if i != j]
+    near_v = [cos(i, j) for i, j in pairs if dist(i, j) <= near]
+    far_v = [cos(i, j) for i, j in pairs if dist(i, j) >= far]
+    ds = [d for d in range(1, dmax + 1) if any(dist(i, j) == d for i, j in pairs)]
+    g = [np.mean([cos(i, j) for i, j in pairs if dist(i, j) == d]) for d in ds]
+    slope = np.polyfit(ds, g, 1)[0]
+    deltas = []
+    for a in range(T):
+        if not masks[a]:
+            continue
+        p = [cos(a, j) for j in range(T) if j != a and masks[j] and dist(a, j) <= d_pos]
+        n = [cos(a, j) for j in range(T) if not masks[j] and dist(a, j) >= d_neg]
+        if p and n:
+            deltas.append(np.mean(p) - np.mean(n))
+    rms = math.sqrt(np.mean(np.sum((u - u.mean(0)) ** 2, axis=1)))
+    return np.mean(near_v) - np.mean(far_v), -slope, np.mean(deltas) if deltas else math.nan, rms
+
+
+@pytest.mark.parametrize('near,far,dmax,d_pos,d_neg', [(1, 6, 8, 1, 6), (2, 3, 4, 2, 3)])
+def test_matches_brute_force(near, far, dmax, d_pos, d_neg):
+    g = torch.Generator().manual_seed(0)
+    H = 6
+    x = torch.randn(3, H * H, 5, generator=g, dtype=torch.float64) + 0.5
+    masks = torch.rand(3, H * H, generator=g) < 0.5
+    masks[2] = True                                                              # all object: SRSS NaN
+    got = torch.stack([metrics.lds(x, near, far), metrics.cds(x, dmax), metrics.srss(x, masks, d_pos, d_neg),
+                       metrics.rmsc(x)], 1).numpy()
+    want = np.array([brute_force(x[b].numpy(), masks[b].numpy(), near, far, dmax, d_pos, d_neg) for b in range(3)])
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_paper_lds_variant():
+    # paper text: d in (0, H/2) vs d >= H/2
+    x = torch.randn(2, 64, 4, dtype=torch.float64)
+    H = 8
+    want = brute_force(x[0].numpy(), np.zeros(64, bool), H // 2 - 1, H // 2, 8, 1, 6)[0]
+    assert metrics.lds(x, near_dist=H // 2 - 1, far_dist=H // 2)[0].item() == pytest.approx(want, rel=1e-9)
+
+
+def test_srss_nan_without_background_and_float32():
+    x = torch.randn(2, 64, 8)
+    assert torch.isnan(metrics.srss(x, torch.ones(2, 64, dtype=torch.bool))).all()
+    assert torch.isnan(metrics.srss(x, torch.zeros(2, 64))).all()               # no anchors either
+    assert metrics.lds(x.half()).dtype == torch.float32                          # half promoted, not computed in fp16
+
+
+def test_bad_grid_and_masks():
+    with pytest.raises(ValueError, match='square'):
+        metrics.lds(torch.randn(1, 12, 4))
+    with pytest.raises(ValueError, match='no pairs'):
+        metrics.lds(torch.randn(1, 9, 4))                                        # 3x3: max distance 4 < 6
+    with pytest.raises(ValueError, match='masks'):
+        metrics.srss(torch.randn(1, 16, 4), torch.ones(1, 9))
+
+
+def test_mean_ci():
+    v = np.array([1.0, 2.0, 4.0, np.nan])
+    mean, hw = metrics.mean_ci(v)
+    lo, hi = stats.t.interval(0.95, 2, loc=7 / 3, scale=stats.sem([1.0, 2.0, 4.0]))
+    assert mean == pytest.approx(7 / 3) and hw == pytest.approx((hi - lo) / 2)
+
+
+def test_correlate_matches_scipy():
+    table = dict(encoder=list('abcde'), fid=[20.0, 25.0, 19.0, 30.0, 22.0],
+                 linear_probe=[0.7, 0.8, 0.5, 0.6, None], lds=[0.3, 0.2, 0.35, 0.1, 0.25])
+    res = metrics.correlate(table)
+    assert set(res) == {'linear_probe', 'lds'}
+    n, r, p, rho, p_rho = res['lds']
+    ref_r, ref_p = stats.pearsonr(table['lds'], table['fid'])
+    ref_rho, ref_prho = stats.spearmanr(table['lds'], table['fid'])
+    assert n == 5 and (r, p, rho, p_rho) == pytest.approx((ref_r, ref_p, ref_rho, ref_prho))
+    assert res['linear_probe'][0] == 4                                           # the row without a value is left out
+    assert res['linear_probe'][1] == pytest.approx(stats.pearsonr([0.7, 0.8, 0.5, 0.6], [20, 25, 19, 30])[0])
+
+
+def test_pictures_have_the_right_size():
+    fig = metrics.similarity_figure(np.zeros((64, 64, 3), np.uint8), {'raw': np.random.rand(8, 8),
+                                                                     'norm': np.random.rand(8, 8) * 2 - 1}, (3, 4))
+    assert fig.size == (3 * 256, 256 + 40)
+    table = dict(encoder=['a', 'b', 'c'], fid=[1.0, 2.0, 3.0], lds=[0.3, 0.2, 0.1], rmsc=[0.5, 0.4, 0.45])
+    assert metrics.correlation_figure(table, metrics.correlate(table)).size == (2 * 360, 360)
+
+
+# -----------------------------------------------------------------------------
+# The command line, with irepa's weight-free HOG encoder (no download)
+
+def make_folder(root, n=6, size=64):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        os.makedirs(root / f"c{i % 2}", exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i}.png")
+    return root
+
+
+def make_masks(data, root):
+    for p in data.rglob('*.png'):
+        rel = p.relative_to(data)
+        os.makedirs(root / rel.parent, exist_ok=True)
+        m = np.zeros((64, 72), np.uint8)
+        m[16:48, 20:52] = 1                                                      # a 0/1 mask: nonzero = object
+        Image.fromarray(m).save(root / rel)
+    return root
+
+
+COMMON = ['--encoder', 'hog', '--image-size', '64', '--grid-size', '8', '--num-workers', '0', '--batch-size', '4']
+
+
+def test_cli_encoder_table(tmp_path, capsys):
+    data = make_folder(tmp_path / 'data')
+    masks = make_masks(data, tmp_path / 'masks')
+    vals = metrics.main(['--data-path', str(data), '--masks', str(masks), '--num-images', '5'] + COMMON)
+    out = capsys.readouterr().out
+    assert 'hog raw' in out and 'spatial norm (gamma 0.6)' in out and 'over 5 images' in out
+    assert set(vals) == {'hog raw', 'hog spatial norm (gamma 0.6)'}
+    assert set(vals['hog raw']) == set(metrics.METRICS)
+    assert all(len(v) == 5 for ms in vals.values() for v in ms.values())
+
+
+def test_cli_mask_and_folder_errors(tmp_path):
+    data = make_folder(tmp_path / 'data')
+    masks = make_masks(data, tmp_path / 'masks')
+    os.remove(masks / 'c0' / '0.png')
+    with pytest.raises(SystemExit, match='1 of 6 images have no mask'):
+        metrics.main(['--data-path', str(data), '--masks', str(masks)] + COMMON)
+    os.makedirs(tmp_path / 'empty')
+    with pytest.raises(SystemExit, match='no images'):
+        metrics.main(['--data-path', str(tmp_path / 'empty')] + COMMON)
+    with pytest.raises(SystemExit, match='--data-path'):
+        metrics.main(COMMON)
+
+
+def test_cli_checkpoint_features(tmp_path, capsys):
+    args = dict(model='SiT-T/4', image_size=32, num_classes=2, class_names=['c0', 'c1'], encoder='hog',
+                encoder_depth=2, z_dim=36, projector='conv', pred='v')
+    model = irepa.build_model(args)
+    torch.save(dict(ema=model.state_dict(), args=args), tmp_path / 'ckpt.pt')
+    data = make_folder(tmp_path / 'data')
+    vals = metrics.main(['--ckpt', str(tmp_path / 'ckpt.pt'), '--data-path', str(data), '--t', '0.3',
+                         '--num-workers', '0', '--num-images', '4'])
+    assert set(vals) == {'hog raw', 'hog spatial norm (gamma 0.6)', 'SiT h (block 2, t=0.3)', 'SiT projector(h) (conv)'}
+    assert 'null class' not in capsys.readouterr().out                         # class names match: real labels
+
+
+def test_cli_correlate(tmp_path, capsys):
+    path = tmp_path / 'enc.csv'
+    with open(path, 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['encoder', 'fid', 'linear_probe', 'lds', 'cds', 'rmsc'])
+        for row in [('a', 19.1, 0.8, 0.30, 0.02, 0.6), ('b', 26.1, 0.76, 0.18, 0.01, 0.5),
+                    ('c', 32.3, 0.83, 0.08, 0.005, 0.4), ('d', 21.0, 0.53, 0.34, 0.03, 0.65)]:
+            w.writerow(row)
+    out_png = tmp_path / 'fig4.png'
+    res = metrics.main(['--correlate', str(path), '--out', str(out_png)])
+    assert res['lds'][1] == pytest.approx(stats.pearsonr([0.30, 0.18, 0.08, 0.34], [19.1, 26.1, 32.3, 21.0])[0])
+    assert 'spearman' in capsys.readouterr().out
+    assert Image.open(out_png).size == (4 * 360, 360)
+
+
+def test_cli_viz(tmp_path):
+    img = make_folder(tmp_path / 'data', n=1) / 'c0' / '0.png'
+    out = tmp_path / 'viz.png'
+    metrics.main(['--viz', str(img), '--anchor', '2', '5', '--out', str(out)] + COMMON)
+    assert Image.open(out).size == (3 * 256, 256 + 40)
+    with pytest.raises(SystemExit, match='outside'):
+        metrics.main(['--viz', str(img), '--anchor', '9', '0'] + COMMON)
+
+
+def test_cli_correlate_measures_missing_columns(tmp_path, monkeypatch, capsys):
+    # two stand-in encoders beside HOG: sin-cos position codes (smooth in space) and random tokens (no structure)
+    class Stub(torch.nn.Module):
+        def __init__(self, name, grid):
+            super().__init__()
+            self.name, self.grid = name, grid
+
+        def forward(self, img):
+            if self.name == 'pos':
+                return torch.from_numpy(irepa.sincos_2d(16, self.grid)).float().expand(len(img), -1, -1)
+            return torch.randn(len(img), self.grid ** 2, 8, generator=torch.Generator().manual_seed(0))
+    real = irepa.load_encoder
+    monkeypatch.setattr(irepa, 'ENCODERS', irepa.ENCODERS + ('pos', 'noise'))
+    monkeypatch.setattr(irepa, 'load_encoder', lambda name, grid, hub=None, device='cpu':
+                        Stub(name, grid) if name in ('pos', 'noise') else real(name, grid, hub, device))
+    path = tmp_path / 'enc.csv'
+    path.write_text('encoder,fid\nhog,20\npos,18\nnoise,40\n')
+    data = make_folder(tmp_path / 'data')
+    args = ['--data-path', str(data), '--num-images', '4', '--image-size', '64', '--grid-size', '8',
+            '--num-workers', '0']
+    res = metrics.main(['--correlate', str(path), '--out', str(tmp_path / 'c.png')] + args)
+    assert set(res) == {'lds', 'cds', 'rmsc'} and all(v[0] == 3 for v in res.values())
+    table = capsys.readouterr().out
+    hog = metrics.main(['--encoder', 'hog'] + args)['hog raw']                  # the same images, measured directly
+    assert f"{hog['lds'].mean():.4f}" in table
+    assert res['lds'][1] < 0                                                     # less structure, worse fid
