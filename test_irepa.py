@@ -1,5 +1,6 @@
 """Tests for irepa.py, sample.py and metrics.py. Small, CPU-only, no network: python -m pytest -q"""
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -390,3 +391,107 @@ def test_global_batches_shard_the_same_data_for_any_world_size():
     assert len(b) == 3 and all(len(x) == 32 for x in b)
     assert len(set(sum(b, []))) == 96
     assert b == irepa.global_batches(100, 32, seed=0, epoch=3) != irepa.global_batches(100, 32, seed=0, epoch=4)
+
+# -----------------------------------------------------------------------------
+# Training: the CLI, DDP equivalence, exact resume, bad input
+
+TRAIN = ['--model', 'SiT-T/4', '--image-size', '16', '--global-batch-size', '8', '--num-workers', '0',
+         '--log-every', '1', '--lr', '1e-3']
+
+def run_train(tmp, *extra):
+    return irepa.main(TRAIN + ['--results-dir', str(tmp)] + list(extra))
+
+def load_last(run_dir):
+    return torch.load(irepa.latest_checkpoint(run_dir), map_location='cpu', weights_only=False)
+
+@pytest.mark.parametrize('mode', ['none', 'repa', 'irepa'])
+def test_train_none_repa_irepa(tmp_path, mode):
+    extra = {'none': ['--encoder', 'none'], 'repa': ['--encoder', 'hog'], 'irepa': ['--encoder', 'hog', '--irepa']}
+    run_dir = run_train(tmp_path, '--max-steps', '3', *extra[mode])
+    ck = load_last(run_dir)
+    assert ck['step'] == 3 and ck['args']['class_names'] == irepa.Shapes.classes
+    keys = set(ck['model'])
+    assert ('projectors.0.0.weight' in keys) == (mode == 'repa')           # REPA: MLP projector
+    assert ('projectors.0.weight' in keys) == (mode == 'irepa')            # iREPA: conv projector
+    assert not any(k.startswith(('module.', '_orig_mod.')) for k in keys)
+    lines = [l for l in open(os.path.join(run_dir, 'log.txt')) if l.startswith('step ')]
+    assert len(lines) == 3 and lines[-1].startswith('step 3/3 | loss ')
+    align = float(lines[-1].split('align ')[1].split(')')[0])
+    assert (align == 0) == (mode == 'none') and align > -1.0               # -cos in [-1, 0) when aligned
+    assert 'provenance: torch' in open(os.path.join(run_dir, 'log.txt')).read()
+
+def test_exact_resume_is_bit_identical(tmp_path):
+    straight = run_train(tmp_path / 'a', '--encoder', 'hog', '--irepa', '--max-steps', '4', '--ckpt-every', '2')
+    half = run_train(tmp_path / 'b', '--encoder', 'hog', '--irepa', '--max-steps', '2', '--ckpt-every', '2')
+    resumed = run_train(tmp_path / 'b', '--encoder', 'hog', '--irepa', '--max-steps', '4', '--ckpt-every', '2',
+                        '--resume', half)
+    assert resumed == half
+    a, b = load_last(straight), load_last(resumed)
+    assert a['step'] == b['step'] == 4
+    for part in ('model', 'ema'):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert 'resuming at step 2' in open(os.path.join(resumed, 'log.txt')).read()
+
+def test_grad_accum_matches_one_big_batch(tmp_path):
+    a = load_last(run_train(tmp_path / 'a', '--encoder', 'hog', '--irepa', '--max-steps', '2'))
+    b = load_last(run_train(tmp_path / 'b', '--encoder', 'hog', '--irepa', '--max-steps', '2', '--grad-accum', '2'))
+    for k in a['model']:
+        torch.testing.assert_close(a['model'][k], b['model'][k], atol=1e-5, rtol=1e-4)
+
+def torchrun(*args, nproc=2):
+    with socket.socket() as sock:                                          # a free port for the rendezvous
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port', str(port),
+           os.path.join(HERE, 'irepa.py'), *args]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
+
+def test_torchrun_two_cpu_ranks_equals_one_process(tmp_path):
+    args = TRAIN + ['--encoder', 'hog', '--irepa', '--max-steps', '3']
+    r = torchrun(*args, '--results-dir', str(tmp_path / 'ddp'))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp = load_last(os.path.join(tmp_path, 'ddp', 'SiT-T-4-hog-irepa'))
+    assert ddp['args']['world_size'] == 2
+    one = load_last(run_train(tmp_path / 'one', '--encoder', 'hog', '--irepa', '--max-steps', '3'))
+    for k in one['model']:
+        torch.testing.assert_close(ddp['model'][k], one['model'][k], atol=1e-5, rtol=1e-4)
+    r = torchrun(*TRAIN, '--encoder', 'none', '--global-batch-size', '5', '--results-dir', str(tmp_path / 'x'))
+    assert r.returncode != 0 and 'not divisible by world size 2' in r.stderr
+
+@pytest.mark.parametrize('extra, message', [
+    (['--data-path', '/no/such/folder'], 'is not a folder'),
+    (['--data-path', 'EMPTY'], 'no images in'),
+    (['--image-size', '18'], 'not divisible by the patch size'),
+    (['--model', 'SiT-Q/2'], "invalid choice: 'SiT-Q/2'"),
+    (['--encoder', 'clip'], "invalid choice: 'clip'"),
+    (['--grad-accum', '3'], 'not divisible by world size 1 x --grad-accum 3'),
+    (['--resume', 'NOCKPT'], 'no checkpoint in'),
+    (['--encoder', 'dinov2_vitb14', '--hub-dir', 'HUB', '--image-size', '32'], 'gives 4 tokens but SiT-T/4 at 32 px'),
+    (['--encoder', 'dinov2_vits14', '--hub-dir', 'NOHUB'], 'could not load encoder'),
+])
+def test_bad_input_gives_a_clear_error(tmp_path, hub_dir, capsys, extra, message):
+    (tmp_path / 'empty' / 'c').mkdir(parents=True)
+    (tmp_path / 'nockpt').mkdir()
+    subs = {'EMPTY': str(tmp_path / 'empty'), 'NOCKPT': str(tmp_path / 'nockpt'), 'HUB': hub_dir,
+            'NOHUB': str(tmp_path)}
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / 'r', '--encoder', 'none', *[subs.get(a, a) for a in extra])
+    err = str(e.value.code) + capsys.readouterr().err
+    assert message in err and 'Traceback' not in err
+
+def test_nan_loss_stops_with_a_message(tmp_path, monkeypatch):
+    run_dir = run_train(tmp_path / 'ok', '--encoder', 'none', '--max-steps', '1')
+    nan = lambda *a, **k: (torch.tensor(float('nan'), requires_grad=True), None)
+    monkeypatch.setattr(irepa, 'flow_matching_loss', nan)
+    with pytest.raises(SystemExit, match='loss is nan at step 2; stopping. The last good checkpoint'):
+        run_train(tmp_path / 'ok', '--encoder', 'none', '--max-steps', '3', '--resume', run_dir)
+    assert irepa.latest_checkpoint(run_dir).endswith('0000001.pt')
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    run_dir = irepa.main(['--demo', '--max-steps', '2', '--results-dir', str(tmp_path)])
+    grid = os.path.join(run_dir, 'demo_grid.png')
+    assert os.path.isfile(grid) and grid in capsys.readouterr().out
+    assert load_last(run_dir)['args']['projector'] == 'conv'
+    assert irepa.get_args([]).model == 'SiT-XL/16' and irepa.get_args([]).lr == 1e-4   # the demo leaves defaults alone
