@@ -699,8 +699,8 @@ def main(argv=None):
 
             if step % args.log_every == 0 or step == args.max_steps:
                 if world > 1:
-                    dist.all_reduce(loss_sums, op=dist.ReduceOp.AVG)
-                n = step - last_step
+                    dist.all_reduce(loss_sums)                                  # sum over ranks (gloo has no AVG)
+                n = (step - last_step) * world
                 tot, fm, al, gn = (loss_sums / n).tolist()
                 if not math.isfinite(tot):
                     fail(f"loss is {tot} at step {step}; stopping. The last good checkpoint is in {run_dir}/checkpoints "
