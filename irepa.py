@@ -490,7 +490,8 @@ def get_args(argv=None):
     p.add_argument('--model', default='SiT-XL/16', choices=list(SiT_models),
                    help="pixel space: /16 at 256 px gives the paper's 16x16 token grid")
     p.add_argument('--image-size', type=int, default=256)
-    p.add_argument('--pred', default='v', choices=['v', 'x'], help="x: JiT-style x-prediction, for large patches")
+    p.add_argument('--pred', default=None, choices=['v', 'x'],
+                   help="v-prediction, or JiT-style x-prediction (default: x for patch >= 16, else v)")
     p.add_argument('--encoder', default='dinov2_vitb14', choices=list(ENCODERS) + ['none'],
                    help="alignment target; 'hog' needs no download; 'none' trains vanilla SiT")
     p.add_argument('--hub-dir', default=None, help="local torch.hub folder (with hubconf.py) for offline DINOv2")
@@ -499,6 +500,7 @@ def get_args(argv=None):
     p.add_argument('--encoder-depth', type=int, default=None, help="align after this block (default: per size)")
     p.add_argument('--spnorm-gamma', type=float, default=0.6, help="iREPA gamma (paper range 0.6-0.8)")
     p.add_argument('--data-path', default=None, help="root/<class>/<image>; none: the procedural Shapes set")
+    p.add_argument('--hflip', action='store_true', help="random horizontal flip (DiT; off in REPA's code)")
     p.add_argument('--global-batch-size', type=int, default=256)
     p.add_argument('--grad-accum', type=int, default=1, help="micro-batches per optimizer step and GPU")
     p.add_argument('--lr', type=float, default=1e-4)
@@ -561,13 +563,29 @@ def fail(msg):
     """A one-line error for bad input, instead of a traceback from deep inside."""
     sys.exit(f"irepa.py: error: {msg}")
 
+# What --resume may change; every other setting comes from the checkpoint, so the run continues as it began.
+RESUME_FLAGS = ('max_steps', 'ckpt_every', 'log_every', 'num_workers', 'compile', 'resume', 'hub_dir')
+
 def main(argv=None):
     args = get_args(argv)
+    ckpt = None
+    if args.resume:
+        if latest_checkpoint(args.resume) is None:
+            fail(f"--resume {args.resume}: no checkpoint in {os.path.join(args.resume, 'checkpoints')}")
+        ckpt = torch.load(latest_checkpoint(args.resume), map_location='cpu', weights_only=False)
+        args = argparse.Namespace(**{k: ckpt['args'][k] for k in vars(args) if k not in RESUME_FLAGS},
+                                  **{k: getattr(args, k) for k in RESUME_FLAGS})
     # -- check the invariants before anything heavy starts
-    if args.image_size % SiT_models[args.model].keywords['patch_size']:
+    patch = SiT_models[args.model].keywords['patch_size']
+    if args.image_size % patch:
         fail(f"--image-size {args.image_size} is not divisible by the patch size of {args.model}")
-    if args.resume and latest_checkpoint(args.resume) is None:
-        fail(f"--resume {args.resume}: no checkpoint in {os.path.join(args.resume, 'checkpoints')}")
+    if args.pred is None:
+        args.pred = 'x' if patch >= 16 else 'v'                                 # SPEC 1: large pixel patches need x-pred
+    depth = SiT_models[args.model].keywords['depth']
+    if args.encoder_depth is not None and not 1 <= args.encoder_depth <= depth:
+        fail(f"--encoder-depth {args.encoder_depth} is outside 1..{depth}, the blocks of {args.model}")
+    if args.grad_accum < 1:
+        fail(f"--grad-accum must be >= 1, got {args.grad_accum}")
     rank, world, device = setup_distributed()
     if args.global_batch_size % (world * args.grad_accum):
         fail(f"--global-batch-size {args.global_batch_size} is not divisible by world size {world} "
@@ -575,7 +593,6 @@ def main(argv=None):
     local_batch = args.global_batch_size // world
     micro_batch = local_batch // args.grad_accum
     master = rank == 0
-    torch.manual_seed(args.seed * world + rank)                                 # SPEC 8; model init is broadcast anyway
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
@@ -606,10 +623,12 @@ def main(argv=None):
 
     # -- model, EMA, optimizer
     run_args = dict(vars(args), num_classes=len(dataset.classes), class_names=list(dataset.classes),
-                    encoder_depth=args.encoder_depth or size_cfg['encoder_depth'],
+                    encoder_depth=args.encoder_depth if args.encoder_depth is not None else size_cfg['encoder_depth'],
                     z_dim=encoder.embed_dim if encoder is not None else None,
                     projector='conv' if args.irepa else 'mlp', world_size=world)
+    torch.manual_seed(args.seed)                                                # the same initial weights on every rank
     model = build_model(run_args).to(device)
+    torch.manual_seed(args.seed * world + rank)                                 # SPEC 8: a seed per rank
     ema = build_model(run_args).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())                                     # EMA starts as an exact copy
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.999),
@@ -617,7 +636,6 @@ def main(argv=None):
     step = 0
     if args.resume:
         run_dir = args.resume
-        ckpt = torch.load(latest_checkpoint(run_dir), map_location=device, weights_only=False)
         model.load_state_dict(ckpt['model'])
         ema.load_state_dict(ckpt['ema'])
         opt.load_state_dict(ckpt['opt'])
@@ -671,7 +689,8 @@ def main(argv=None):
             mine = slice(rank * local_batch, (rank + 1) * local_batch)
             t, drop, flip = torch.rand(3, args.global_batch_size, device=device, generator=gen)[:, mine]
             noise = torch.randn((args.global_batch_size, *img.shape[1:]), device=device, generator=gen)[mine]
-            img = torch.where((flip < 0.5).view(-1, 1, 1, 1), img.flip(-1), img)    # random horizontal flip
+            if args.hflip:                                                      # drawn either way: same stream
+                img = torch.where((flip < 0.5).view(-1, 1, 1, 1), img.flip(-1), img)
             y = torch.where(drop < raw_model.class_dropout_prob, raw_model.num_classes, y)  # CFG: null class, p = 0.1
             x = img.float() / 127.5 - 1                                         # SiT sees [-1, 1]
             z = None
@@ -704,7 +723,7 @@ def main(argv=None):
                 tot, fm, al, gn = (loss_sums / n).tolist()
                 if not math.isfinite(tot):
                     fail(f"loss is {tot} at step {step}; stopping. The last good checkpoint is in {run_dir}/checkpoints "
-                         f"(try a lower --lr, or bf16 if you used fp16)")
+                         f"(try a lower --lr)")
                 dt = (time.time() - t0) / (step - last_step)
                 log(f"step {step}/{args.max_steps} | loss {tot:.4f} (fm {fm:.4f}, align {al:.4f}) | grad {gn:.3f} | "
                     f"{dt * 1000:.0f} ms | {args.global_batch_size / dt:.0f} img/s")

@@ -423,8 +423,7 @@ def test_train_none_repa_irepa(tmp_path, mode):
 def test_exact_resume_is_bit_identical(tmp_path):
     straight = run_train(tmp_path / 'a', '--encoder', 'hog', '--irepa', '--max-steps', '4', '--ckpt-every', '2')
     half = run_train(tmp_path / 'b', '--encoder', 'hog', '--irepa', '--max-steps', '2', '--ckpt-every', '2')
-    resumed = run_train(tmp_path / 'b', '--encoder', 'hog', '--irepa', '--max-steps', '4', '--ckpt-every', '2',
-                        '--resume', half)
+    resumed = irepa.main(['--resume', half, '--max-steps', '4', '--num-workers', '0'])            # the rest comes from the checkpoint
     assert resumed == half
     a, b = load_last(straight), load_last(resumed)
     assert a['step'] == b['step'] == 4
@@ -467,6 +466,8 @@ def test_torchrun_two_cpu_ranks_equals_one_process(tmp_path):
     (['--model', 'SiT-Q/2'], "invalid choice: 'SiT-Q/2'"),
     (['--encoder', 'clip'], "invalid choice: 'clip'"),
     (['--grad-accum', '3'], 'not divisible by world size 1 x --grad-accum 3'),
+    (['--grad-accum', '0'], '--grad-accum must be >= 1'),
+    (['--encoder-depth', '7'], '--encoder-depth 7 is outside 1..6'),
     (['--resume', 'NOCKPT'], 'no checkpoint in'),
     (['--encoder', 'dinov2_vitb14', '--hub-dir', 'HUB', '--image-size', '32'], 'gives 4 tokens but SiT-T/4 at 32 px'),
     (['--encoder', 'dinov2_vits14', '--hub-dir', 'NOHUB'], 'could not load encoder'),
@@ -495,3 +496,13 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert os.path.isfile(grid) and grid in capsys.readouterr().out
     assert load_last(run_dir)['args']['projector'] == 'conv'
     assert irepa.get_args([]).model == 'SiT-XL/16' and irepa.get_args([]).lr == 1e-4   # the demo leaves defaults alone
+
+def test_pred_default_follows_patch_size(tmp_path):
+    assert load_last(run_train(tmp_path / 'a', '--encoder', 'none', '--max-steps', '1'))['args']['pred'] == 'v'
+    big = irepa.main(['--model', 'SiT-S/16', '--image-size', '32', '--global-batch-size', '4', '--num-workers', '0',
+                      '--encoder', 'none', '--max-steps', '1', '--results-dir', str(tmp_path / 'b')])
+    assert load_last(big)['args']['pred'] == 'x'                           # patch 16: JiT x-prediction
+    with torch.device('meta'):
+        assert irepa.SiT_models['SiT-S/16']().pred == 'v'                  # the library default stays v
+    args = irepa.get_args(['--model', 'SiT-S/16'])
+    assert args.pred is None and not args.hflip
