@@ -684,7 +684,7 @@ def main(argv=None):
             img, y = img.to(device, non_blocking=True), y.to(device, non_blocking=True)
             # All randomness of a step is drawn for the whole global batch from a generator seeded by the step,
             # and each rank takes its slice: any world size or --grad-accum trains the same, and resume is exact.
-            # (Costs one global batch of noise per rank per step: ~0.1 ms on a GPU.)
+            # (Each rank draws the whole global batch of noise: cheap next to the forward pass.)
             gen.manual_seed(args.seed * 2 ** 32 + step)
             mine = slice(rank * local_batch, (rank + 1) * local_batch)
             t, drop, flip = torch.rand(3, args.global_batch_size, device=device, generator=gen)[:, mine]
