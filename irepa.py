@@ -576,12 +576,12 @@ def main(argv=None):
         args = argparse.Namespace(**{k: ckpt['args'][k] for k in vars(args) if k not in RESUME_FLAGS},
                                   **{k: getattr(args, k) for k in RESUME_FLAGS})
     # -- check the invariants before anything heavy starts
-    patch = SiT_models[args.model].keywords['patch_size']
+    size_cfg = SiT_models[args.model].keywords                                  # patch_size, depth, encoder_depth, ...
+    patch, depth = size_cfg['patch_size'], size_cfg['depth']
     if args.image_size % patch:
         fail(f"--image-size {args.image_size} is not divisible by the patch size of {args.model}")
     if args.pred is None:
         args.pred = 'x' if patch >= 16 else 'v'                                 # SPEC 1: large pixel patches need x-pred
-    depth = SiT_models[args.model].keywords['depth']
     if args.encoder_depth is not None and not 1 <= args.encoder_depth <= depth:
         fail(f"--encoder-depth {args.encoder_depth} is outside 1..{depth}, the blocks of {args.model}")
     if args.grad_accum < 1:
@@ -607,8 +607,7 @@ def main(argv=None):
     steps_per_epoch = len(dataset) // args.global_batch_size
 
     # -- frozen encoder and its grid check
-    size_cfg = SiT_models[args.model].keywords
-    grid = args.image_size // size_cfg['patch_size']
+    grid = args.image_size // patch
     encoder = None
     if args.encoder != 'none':
         try:
