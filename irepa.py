@@ -255,8 +255,10 @@ SiT_models = {f'SiT-{s}/{p}': partial(SiT, patch_size=p, **cfg)
               for s, cfg in SiT_sizes.items() for p in ((2, 4) if s == 'T' else (2, 4, 8, 16))}
 
 def build_model(args):
-    """Rebuild a SiT from a checkpoint's 'args' dict (what sample.py and metrics.py use)."""
-    return SiT_models[args['model']](input_size=args['image_size'], num_classes=args['num_classes'],
+    """Rebuild a SiT from a checkpoint's 'args' dict (what sample.py and metrics.py use). Keys that checkpoints
+    of older versions lack take their defaults (pixel space, 3 channels, MLP projector, v-prediction)."""
+    return SiT_models[args['model']](input_size=args.get('input_size', args['image_size']),
+                                     in_channels=args.get('in_channels', 3), num_classes=args['num_classes'],
                                      encoder_depth=args['encoder_depth'], z_dim=args.get('z_dim'),
                                      projector=args.get('projector', 'mlp'), pred=args.get('pred', 'v'))
 
@@ -271,8 +273,8 @@ class HOG(nn.Module):
     """Weight-free Histogram of Oriented Gradients target (Dalal & Triggs 2005), one cell per SiT token.
     The paper (section 3) shows such classical descriptors work as REPA targets: they are pure spatial
     structure. Per cell: 9 unsigned-orientation bins, magnitude-weighted with linear bin interpolation;
-    each cell histogram is normalised by the 4 overlapping 2x2-cell blocks that contain it (L2-Hys),
-    giving 4 * 9 = 36 dims per token."""
+    the token of a cell is its histogram as normalised in each of the 4 overlapping 2x2-cell blocks that
+    contain it (L2-Hys on each 36-d block vector), giving 4 * 9 = 36 dims per token."""
     def __init__(self, grid_size, cell=8, bins=9):
         super().__init__()
         self.grid_size, self.cell, self.bins, self.embed_dim, self.name = grid_size, cell, bins, 4 * bins, 'hog'
@@ -292,20 +294,30 @@ class HOG(nn.Module):
         w_hi = pos - lo
         bins = torch.arange(nb, device=x.device).view(1, nb, 1, 1)
         hist = (mag * (1 - w_hi) * (bins == lo.long() % nb) + mag * w_hi * (bins == (lo.long() + 1) % nb))
-        hist = F.avg_pool2d(hist, c) * c * c                                   # (B, nb, G, G) sums per cell
-        energy = F.pad(hist.pow(2).sum(1, keepdim=True), (1, 1, 1, 1), mode='replicate')
-        block = F.avg_pool2d(energy, 2, stride=1) * 4                           # (B, 1, G+1, G+1) 2x2-block energies
+        return self.block_features(F.avg_pool2d(hist, c) * c * c)              # (B, nb, G, G) sums per cell
+
+    def block_features(self, hist):
+        """(B, nb, G, G) cell histograms -> (B, G*G, 4 * nb) tokens."""
+        G = self.grid_size
+        # Dalal-Triggs blocks of 2x2 cells (stride 1, edges replicated): each 36-d block vector is L2-normalised,
+        # clipped at 0.2 and renormalised as a whole (L2-Hys), so a cell keeps its block's local contrast.
+        hp = F.pad(hist, (1, 1, 1, 1), mode='replicate')                        # (B, nb, G+2, G+2)
+        blocks = torch.stack([hp[:, :, dy:dy + G + 1, dx:dx + G + 1] for dy in (0, 1) for dx in (0, 1)], 2)
+        blocks = blocks / torch.sqrt(blocks.pow(2).sum((1, 2), keepdim=True) + 1e-6)   # (B, nb, 4, G+1, G+1)
+        blocks = blocks.clamp(max=0.2)
+        blocks = blocks / torch.sqrt(blocks.pow(2).sum((1, 2), keepdim=True) + 1e-6)
         feats = []
-        for dy in (0, 1):
-            for dx in (0, 1):                                                   # the 4 blocks containing each cell
-                h = hist / torch.sqrt(block[:, :, dy:dy + G, dx:dx + G] + 1e-6)
-                h = h.clamp(max=0.2)                                            # L2-Hys clipping
-                feats.append(h / torch.sqrt(h.pow(2).sum(1, keepdim=True) + 1e-6))
+        for by in (0, 1):
+            for bx in (0, 1):                                                   # the 4 blocks containing each cell,
+                k = (1 - by) * 2 + (1 - bx)                                     # where the cell sits in that block
+                feats.append(blocks[:, :, k, by:by + G, bx:bx + G])              # (B, nb, G, G)
         return grid_to_tokens(torch.cat(feats, dim=1))                          # (B, G*G, 36)
 
-class DINOv2(nn.Module):
+class HubEncoder(nn.Module):
     """DINOv2 from torch.hub, with REPA's preprocessing: /255, ImageNet mean/std, bicubic resize to
-    14 * grid so its patch grid equals SiT's; the position embedding is resampled once to that grid."""
+    14 * grid so its patch grid equals SiT's; the position embedding is resampled once to that grid.
+    Any other torch.hub entry with DINOv2's interface (embed_dim, patch_size,
+    forward_features(x)['x_norm_patchtokens']) works the same way, e.g. experiments/hubconf.py's ResNet-20."""
     def __init__(self, name, grid_size, hub_repo=None):
         super().__init__()
         self.name, self.grid_size = name, grid_size
@@ -328,7 +340,7 @@ class DINOv2(nn.Module):
         return self.model.forward_features(x)['x_norm_patchtokens']             # (B, T, D), no CLS/registers
 
 def hub_load(name, hub_repo=None):
-    """torch.hub, offline when possible: an explicit local hub directory, else the hub cache
+    """torch.hub, offline when possible: an explicit local hub directory (--hub-dir), else the hub cache
     ($TORCH_HOME/hub/facebookresearch_dinov2_main), else GitHub. Weights: $TORCH_HOME/hub/checkpoints/."""
     cached = os.path.join(torch.hub.get_dir(), 'facebookresearch_dinov2_main')
     if hub_repo is None and os.path.isfile(os.path.join(cached, 'hubconf.py')):
@@ -347,10 +359,11 @@ def load_encoder(name, grid_size, hub_repo=None, device='cpu'):
     """A frozen encoder: eval mode, no gradients, .embed_dim; call it under torch.no_grad()."""
     if name == 'hog':
         enc = HOG(grid_size)
-    elif name in DINOV2:
-        enc = DINOv2(name, grid_size, hub_repo)
+    elif name in DINOV2 or hub_repo is not None:                               # or an entry of --hub-dir's hubconf.py
+        enc = HubEncoder(name, grid_size, hub_repo)
     else:
-        raise ValueError(f"unknown encoder '{name}'; choose one of: {', '.join(ENCODERS)}")
+        raise ValueError(f"unknown encoder '{name}'; choose one of: {', '.join(ENCODERS)}, "
+                         f"or an entry of the hubconf.py in --hub-dir")
     return enc.to(device).eval().requires_grad_(False)
 
 # -----------------------------------------------------------------------------
@@ -385,14 +398,26 @@ def alignment_loss(zs, z_target):
     return -(zs * z_target).sum(dim=-1).mean()
 
 def flow_matching_loss(model, x, y, noise, t, z_target=None, pred='v'):
-    """The training objective of one batch. x (B, C, H, W) in [-1, 1], noise like x, t (B,) ~ U[0, 1),
-    z_target (B, T, D) or None. Returns (denoising loss, alignment loss or None)."""
+    """The training objective of one batch. x (B, C, H, W) in [-1, 1], noise like x, t (B,) in [0, 1],
+    z_target (B, T, D) or None. Returns (denoising loss, alignment loss or None).
+    With x-prediction both velocities go through the same clamped t (JiT's denoiser.py), so the loss is
+    ||x_hat - x||^2 / max(t, 0.05)^2 and its optimum is x_hat = x at every t."""
     x_t, v = interpolant(x, noise, t)
     out, zs = model(x_t, t, y)
     v_hat = to_velocity(out.float(), x_t, t, pred)
+    if pred == 'x':
+        v = to_velocity(x, x_t, t, pred)                                        # = noise - x for t >= 0.05
     denoise = ((v_hat - v) ** 2).mean(dim=(1, 2, 3)).mean()                    # per-sample mean, then batch mean
     align = alignment_loss(zs, z_target) if z_target is not None else None
     return denoise, align
+
+def sample_time(u, n, logit_normal=None):
+    """Training times from uniform draws u (B,) and normal draws n (B,): t ~ U[0, 1) (SiT, REPA), or
+    t = sigmoid(mean + std * n) (JiT's logit-normal; mean 0.8 in this convention puts most t near the noise)."""
+    if logit_normal is None:
+        return u
+    mean, std = logit_normal
+    return torch.sigmoid(mean + std * n)
 
 # -----------------------------------------------------------------------------
 # 7. Data: class-per-folder images with the ADM center crop, or procedural shapes (SPEC section 9)
@@ -483,45 +508,84 @@ def global_batches(num_samples, global_batch, seed, epoch):
     return [perm[i:i + global_batch] for i in range(0, num_samples - global_batch + 1, global_batch)]
 
 # -----------------------------------------------------------------------------
-# 8. Training (SPEC section 8): DDP, AdamW, EMA, bf16 autocast, atomic checkpoints, exact resume
+# 8. Settings: one recipe per setting (nanoGPT's config files, as dicts). `--setting` picks one; explicit flags
+#    win; every resolved value is printed to log.txt and stored in the checkpoint's args.
+
+RECIPES = {
+    # The paper's main setting: SiT on SD-VAE latents with REPA's recipe (iREPA Appendix G; official ldm/train.py,
+    # ldm/configs/irepa.yaml and repa.yaml; REPA section 4.1). 256 px images -> 32x32x4 latents -> SiT-XL/2's 16x16 grid.
+    'latent': dict(vae='sd-vae-ft-mse', model='SiT-XL/2', image_size=256, encoder='dinov2_vitb14', pred='v',
+                   time_dist=None, lr=1e-4, betas=(0.9, 0.999), warmup_epochs=0, clip_grad=1.0, hflip=False,
+                   ema_decay=0.9999, spnorm_gamma=0.6, proj_coeff=dict(repa=0.5, irepa=1.0), global_batch_size=256,
+                   max_steps=400_000, ckpt_every=50_000, log_every=100, num_workers=4,
+                   sampler=dict(mode='sde', num_steps=250, cfg_scale=1.0)),            # REPA's FID sampler
+    # Pixel space: SiT trained with JiT's recipe (iREPA Table 10; official jit/main_jit.py, engine_jit.py,
+    # jit/configs/irepa.yaml). Not JiT's architecture: the network is still SiT. x-prediction, logit-normal t
+    # (JiT's P_mean -0.8 on its reversed time is +0.8 here), lr 5e-5 per 256 images with a 5-epoch warm-up,
+    # betas (0.9, 0.95), no clipping, flips; JiT-B/16's size and alignment depth (block 4).
+    'pixel': dict(vae=None, model='SiT-B/16', image_size=256, encoder='dinov2_vitb14', pred='x',
+                  time_dist=(0.8, 0.8), lr=None, base_lr=5e-5, betas=(0.9, 0.95), warmup_epochs=5, clip_grad=None,
+                  hflip=True, ema_decay=0.9999, spnorm_gamma=0.8, proj_coeff=0.5, global_batch_size=256,
+                  max_steps=200_000, ckpt_every=50_000, log_every=100, num_workers=4,
+                  sampler=dict(mode='ode', heun=True, num_steps=50, cfg_scale=1.0)),   # JiT: Heun 50, no CFG
+    # The CPU demo: tiny SiT on 16 px procedural shapes with a HOG target and iREPA, ~4 minutes on 2 cores.
+    'demo': dict(vae=None, model='SiT-T/2', image_size=16, encoder='hog', irepa=True, pred='v', time_dist=None,
+                 lr=2e-3, betas=(0.9, 0.999), warmup_epochs=0, clip_grad=1.0, hflip=False, ema_decay=0.995,
+                 spnorm_gamma=0.6, proj_coeff=0.5, global_batch_size=32, max_steps=600, ckpt_every=600,
+                 log_every=50, num_workers=0, results_dir='results/demo',
+                 sampler=dict(mode='ode', heun=True, num_steps=25, cfg_scale=4.0)),
+}
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument('--setting', default='latent', choices=list(RECIPES),
+                   help="latent: SD-VAE latents, REPA's recipe (the paper's); pixel: JiT's recipe; demo: CPU, 4 min")
+    g = p.add_argument_group('what to train (defaults: the setting\'s recipe)')
+    g.add_argument('--model', choices=list(SiT_models))
+    g.add_argument('--image-size', type=int)
+    g.add_argument('--encoder', help=f"alignment target: {', '.join(ENCODERS)} (hog needs no download), "
+                                     f"an entry of --hub-dir's hubconf.py, or 'none' for plain SiT")
+    g.add_argument('--hub-dir', default=None, help="local torch.hub folder (with hubconf.py), e.g. for offline DINOv2")
+    g.add_argument('--irepa', action=argparse.BooleanOptionalAction, default=False,
+                   help="iREPA: conv projector + spatial norm (--no-irepa: REPA's MLP and raw targets)")
+    g.add_argument('--proj-coeff', type=float, help="lambda of the alignment loss (latent: REPA 0.5, iREPA 1.0)")
+    g.add_argument('--encoder-depth', type=int, default=None, help="align after this block (default: per size)")
+    g.add_argument('--data-path', default=None, help="root/<class>/<image>; none: the procedural Shapes set")
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--global-batch-size', type=int)
+    g.add_argument('--grad-accum', type=int, default=1, help="micro-batches per optimizer step and GPU")
+    g.add_argument('--lr', type=float, help="learning rate (pixel: 5e-5 x global batch / 256)")
+    g.add_argument('--max-steps', type=int)
+    g.add_argument('--seed', type=int, default=0)
+    g = p.add_argument_group('run')
+    g.add_argument('--results-dir', default='results')
+    g.add_argument('--resume', default=None, help="a run folder: continue from its latest checkpoint")
+    g.add_argument('--ckpt-every', type=int)
+    g.add_argument('--log-every', type=int)
+    g.add_argument('--num-workers', type=int)
+    g.add_argument('--compile', action='store_true', help="torch.compile the model")
+    return p
+
+def given_flags(argv):
+    """The settings named on the command line (abbreviations are off, so every flag is spelled out)."""
+    dest = {opt: a.dest for a in get_parser()._actions for opt in a.option_strings}
+    return {dest[tok.split('=')[0]] for tok in argv if tok.split('=')[0] in dest}
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--model', default='SiT-XL/16', choices=list(SiT_models),
-                   help="pixel space: /16 at 256 px gives the paper's 16x16 token grid")
-    p.add_argument('--image-size', type=int, default=256)
-    p.add_argument('--pred', default=None, choices=['v', 'x'],
-                   help="v-prediction, or JiT-style x-prediction (default: x for patch >= 16, else v)")
-    p.add_argument('--encoder', default='dinov2_vitb14', choices=list(ENCODERS) + ['none'],
-                   help="alignment target; 'hog' needs no download; 'none' trains vanilla SiT")
-    p.add_argument('--hub-dir', default=None, help="local torch.hub folder (with hubconf.py) for offline DINOv2")
-    p.add_argument('--irepa', action='store_true', help="iREPA: conv projector + spatial norm (else REPA's MLP)")
-    p.add_argument('--proj-coeff', type=float, default=0.5, help="lambda of the alignment loss (REPA: 0.5)")
-    p.add_argument('--encoder-depth', type=int, default=None, help="align after this block (default: per size)")
-    p.add_argument('--spnorm-gamma', type=float, default=0.6, help="iREPA gamma (paper range 0.6-0.8)")
-    p.add_argument('--data-path', default=None, help="root/<class>/<image>; none: the procedural Shapes set")
-    p.add_argument('--hflip', action='store_true', help="random horizontal flip (DiT; off in REPA's code)")
-    p.add_argument('--global-batch-size', type=int, default=256)
-    p.add_argument('--grad-accum', type=int, default=1, help="micro-batches per optimizer step and GPU")
-    p.add_argument('--lr', type=float, default=1e-4)
-    p.add_argument('--ema-decay', type=float, default=0.9999)
-    p.add_argument('--max-steps', type=int, default=400_000)
-    p.add_argument('--ckpt-every', type=int, default=50_000)
-    p.add_argument('--log-every', type=int, default=100)
-    p.add_argument('--results-dir', default='results')
-    p.add_argument('--resume', default=None, help="a run folder: continue from its latest checkpoint")
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--num-workers', type=int, default=4)
-    p.add_argument('--compile', action='store_true', help="torch.compile the model")
-    p.add_argument('--demo', action='store_true', help="CPU demo (~5 min): tiny SiT, shapes, HOG, iREPA; then a sample grid")
+    p = get_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    if '--demo' in argv:
-        p.set_defaults(**DEMO)                                                  # explicit flags still win
-    return p.parse_args(argv)
+    setting = p.parse_known_args(argv)[0].setting
+    p.set_defaults(**RECIPES[setting])                                          # explicit flags still win
+    args = p.parse_args(argv)
+    if isinstance(args.proj_coeff, dict):                                       # REPA and iREPA differ (latent)
+        args.proj_coeff = args.proj_coeff['irepa' if args.irepa else 'repa']
+    if args.lr is None:                                                         # JiT: linear scaling with the batch
+        args.lr = args.base_lr * args.global_batch_size / 256
+    return args
 
-# The CPU demo's settings: tiny SiT on 16 px procedural shapes, HOG target, iREPA. Not the defaults.
-DEMO = dict(model='SiT-T/2', image_size=16, encoder='hog', irepa=True, global_batch_size=32, lr=2e-3, ema_decay=0.995,
-            max_steps=600, ckpt_every=600, log_every=50, num_workers=0, results_dir='results/demo')
+# -----------------------------------------------------------------------------
+# 9. Training (REPA's train.py / DiT's train.py): DDP, AdamW, EMA, bf16 autocast, atomic checkpoints, exact resume
 
 def setup_distributed():
     """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; otherwise one process on cuda, mps or cpu."""
@@ -537,6 +601,33 @@ def setup_distributed():
     if torch.cuda.is_available():
         return 0, 1, torch.device('cuda')
     return 0, 1, torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
+
+def cpu_has_bf16():
+    """Native bf16 matmuls: x86 AVX512-BF16 or AMX, or Arm's BF16 extension (Linux /proc/cpuinfo flags)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {'avx512_bf16', 'amx_bf16', 'bf16'})
+
+def precision(device):
+    """'bf16' where the hardware computes bf16 natively (CUDA, and CPUs with bf16 instructions, where autocast is
+    1.6-2.7x faster than fp32), else 'fp32'. IREPA_PRECISION=fp32 (or bf16) in the environment forces it."""
+    want = os.environ.get('IREPA_PRECISION', 'auto')
+    if want not in ('auto', 'bf16', 'fp32'):
+        raise ValueError(f"IREPA_PRECISION={want}: use auto, bf16 or fp32")
+    if device.type not in ('cuda', 'cpu'):
+        return 'fp32'
+    if want == 'auto':
+        return 'bf16' if device.type == 'cuda' or cpu_has_bf16() else 'fp32'
+    return want
+
+def autocast(device):
+    """The forward passes' context: bf16 autocast or nothing. Losses are reduced in float32 either way
+    (flow_matching_loss, alignment_loss); samplers keep their state in float64."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision(device) == 'bf16')
 
 class Logger:
     """print + append to <run>/log.txt, on rank 0 only."""
@@ -563,25 +654,66 @@ def fail(msg):
     """A one-line error for bad input, instead of a traceback from deep inside."""
     sys.exit(f"irepa.py: error: {msg}")
 
-# What --resume may change; every other setting comes from the checkpoint, so the run continues as it began.
-RESUME_FLAGS = ('max_steps', 'ckpt_every', 'log_every', 'num_workers', 'compile', 'resume', 'hub_dir')
+# What --resume may change (the schedule, the machine, where the data and hub copies live); every other setting
+# comes from the checkpoint, so the run continues as it began.
+RESUME_FLAGS = ('max_steps', 'ckpt_every', 'log_every', 'num_workers', 'compile', 'resume', 'hub_dir', 'data_path')
+
+class Latents:
+    """The latent setting's frozen SD-VAE (vae.py; iREPA Appendix G): images in [-1, 1] <-> the normalised
+    latents SiT is trained on, (z - bias) * scale with the official per-channel statistics."""
+    def __init__(self, device):
+        import vae                                                              # sibling file, torch only
+        self.lib = vae
+        self.vae, self.scale, self.bias = vae.load_vae(device=device)
+
+    @torch.no_grad()
+    def encode(self, x, eps):                                                   # (B, 3, H, W) -> (B, 4, H/8, W/8)
+        mean, logvar = self.vae.encode(x)                                       # fp32 (TF32 on CUDA), as DiT's train.py
+        return self.lib.normalize_latents(self.lib.sample_posterior(mean, logvar, eps), self.scale, self.bias)
+
+    @torch.no_grad()
+    def decode(self, z):                                                        # (B, 4, h, w) -> (B, 3, 8h, 8w)
+        return self.vae.decode(self.lib.denormalize_latents(z, self.scale, self.bias))
+
+def load_latents(args, device):
+    """Latents(device) in the latent setting (a one-line error when the VAE files are missing), else None."""
+    if not args.vae:
+        return None
+    try:
+        return Latents(device)
+    except RuntimeError as e:
+        fail(str(e))
+
+def resume_args(args, given, run_args):
+    """The run's own settings, with the RESUME_FLAGS named on the command line. A flag that would change the
+    training itself is refused (a key that an older checkpoint lacks takes today's default)."""
+    for k in sorted(given - set(RESUME_FLAGS)):
+        if k in run_args and run_args[k] != getattr(args, k):
+            fail(f"--resume continues the run as it began, but --{k.replace('_', '-')} {getattr(args, k)} differs from "
+                 f"the run's {run_args[k]}; only --{', --'.join(f.replace('_', '-') for f in RESUME_FLAGS[:-1])} may "
+                 f"change (start a new run to change the rest)")
+    return argparse.Namespace(**{k: getattr(args, k) if k in given and k in RESUME_FLAGS else run_args.get(k, v)
+                                 for k, v in vars(args).items()})
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args(argv)
     ckpt = None
     if args.resume:
         if latest_checkpoint(args.resume) is None:
             fail(f"--resume {args.resume}: no checkpoint in {os.path.join(args.resume, 'checkpoints')}")
         ckpt = torch.load(latest_checkpoint(args.resume), map_location='cpu', weights_only=False)
-        args = argparse.Namespace(**{k: ckpt['args'][k] for k in vars(args) if k not in RESUME_FLAGS},
-                                  **{k: getattr(args, k) for k in RESUME_FLAGS})
+        args = resume_args(args, given_flags(argv), ckpt['args'])
     # -- check the invariants before anything heavy starts
     size_cfg = SiT_models[args.model].keywords                                  # patch_size, depth, encoder_depth, ...
     patch, depth = size_cfg['patch_size'], size_cfg['depth']
-    if args.image_size % patch:
-        fail(f"--image-size {args.image_size} is not divisible by the patch size of {args.model}")
-    if args.pred is None:
-        args.pred = 'x' if patch >= 16 else 'v'                                 # SPEC 1: large pixel patches need x-pred
+    if args.encoder not in ENCODERS + ('none',) and not args.hub_dir:
+        fail(f"unknown encoder '{args.encoder}'; choose one of: {', '.join(ENCODERS)}, none, "
+             f"or an entry of the hubconf.py in --hub-dir")
+    down = 8 if args.vae else 1                                                 # SD-VAE: 8x smaller, 4 channels
+    if args.image_size % (down * patch):
+        fail(f"--image-size {args.image_size} is not divisible by the patch size of {args.model}"
+             + (" x 8 (the VAE's downsampling)" if args.vae else ""))
     if args.encoder_depth is not None and not 1 <= args.encoder_depth <= depth:
         fail(f"--encoder-depth {args.encoder_depth} is outside 1..{depth}, the blocks of {args.model}")
     if args.grad_accum < 1:
@@ -596,7 +728,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
-    # -- data
+    # -- data, and the VAE that turns it into latents (latent setting)
     try:
         dataset = (ImageFolder(args.data_path, args.image_size) if args.data_path
                    else Shapes(50_000, args.image_size, seed=args.seed))
@@ -604,16 +736,26 @@ def main(argv=None):
         fail(str(e))
     if len(dataset) < args.global_batch_size:
         fail(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
+    if ckpt is not None and list(dataset.classes) != ckpt['args']['class_names']:
+        fail(f"the classes in {args.data_path} differ from the run's ({len(dataset.classes)} vs "
+             f"{len(ckpt['args']['class_names'])}); --data-path may move the data, not change it")
     steps_per_epoch = len(dataset) // args.global_batch_size
 
-    # -- frozen encoder and its grid check
-    grid = args.image_size // patch
+    # -- the frozen networks: the VAE (latent setting) and the alignment encoder, with its grid check.
+    #    Rank 0 loads first, so that a download happens once.
+    grid = args.image_size // down // patch
     encoder = None
+    if world > 1 and not master:
+        dist.barrier()
+    latents = load_latents(args, device)
     if args.encoder != 'none':
         try:
             encoder = load_encoder(args.encoder, grid, args.hub_dir, device)
         except RuntimeError as e:
             fail(str(e))
+    if world > 1 and master:
+        dist.barrier()
+    if encoder is not None:
         with torch.no_grad():
             T = encoder(torch.zeros(1, 3, args.image_size, args.image_size, device=device)).shape[1]
         if T != grid * grid:
@@ -622,16 +764,18 @@ def main(argv=None):
 
     # -- model, EMA, optimizer
     run_args = dict(vars(args), num_classes=len(dataset.classes), class_names=list(dataset.classes),
+                    input_size=args.image_size // down, in_channels=4 if args.vae else 3,
                     encoder_depth=args.encoder_depth if args.encoder_depth is not None else size_cfg['encoder_depth'],
                     z_dim=encoder.embed_dim if encoder is not None else None,
-                    projector='conv' if args.irepa else 'mlp', world_size=world)
+                    projector='conv' if args.irepa else 'mlp', world_size=world, precision=precision(device))
     torch.manual_seed(args.seed)                                                # the same initial weights on every rank
     model = build_model(run_args).to(device)
-    torch.manual_seed(args.seed * world + rank)                                 # SPEC 8: a seed per rank
+    torch.manual_seed(args.seed * world + rank)                                 # a seed per rank (REPA)
     ema = build_model(run_args).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())                                     # EMA starts as an exact copy
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.999),
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=tuple(args.betas),
                             weight_decay=0, eps=1e-8, fused=device.type == 'cuda')
+    warmup_steps = args.warmup_epochs * steps_per_epoch
     step = 0
     if args.resume:
         run_dir = args.resume
@@ -654,8 +798,10 @@ def main(argv=None):
     if master:
         os.makedirs(os.path.join(run_dir, 'checkpoints'), exist_ok=True)
     log = Logger(os.path.join(run_dir, 'log.txt'), master)
+    amp = autocast(device)
     log(f"provenance: torch {torch.__version__} | cuda {torch.version.cuda} | python {platform.python_version()} | "
         f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type} x {world} | "
+        f"precision {run_args['precision']} | "
         f"encoder {args.encoder} | {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M params")
     log(f"args: {json.dumps(run_args)}")
     log(f"run dir {run_dir} | {len(dataset)} images, {len(dataset.classes)} classes | "
@@ -666,7 +812,6 @@ def main(argv=None):
         model = torch.compile(model)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
 
     # -- the loop
     gen = torch.Generator(device=device)
@@ -685,30 +830,38 @@ def main(argv=None):
             # and each rank takes its slice: any world size or --grad-accum trains the same, and resume is exact.
             # (Each rank draws the whole global batch of noise: cheap next to the forward pass.)
             gen.manual_seed(args.seed * 2 ** 32 + step)
-            mine = slice(rank * local_batch, (rank + 1) * local_batch)
-            t, drop, flip = torch.rand(3, args.global_batch_size, device=device, generator=gen)[:, mine]
-            noise = torch.randn((args.global_batch_size, *img.shape[1:]), device=device, generator=gen)[mine]
+            mine, GB, C, S = slice(rank * local_batch, (rank + 1) * local_batch), args.global_batch_size, \
+                run_args['in_channels'], run_args['input_size']
+            u, drop, flip = torch.rand(3, GB, device=device, generator=gen)[:, mine]
+            n = torch.randn(GB, device=device, generator=gen)[mine]
+            noise = torch.randn((GB, C, S, S), device=device, generator=gen)[mine]             # (B, C, S, S)
+            t = sample_time(u, n, args.time_dist)
             if args.hflip:                                                      # drawn either way: same stream
                 img = torch.where((flip < 0.5).view(-1, 1, 1, 1), img.flip(-1), img)
             y = torch.where(drop < raw_model.class_dropout_prob, raw_model.num_classes, y)  # CFG: null class, p = 0.1
-            x = img.float() / 127.5 - 1                                         # SiT sees [-1, 1]
+            x = img.float() / 127.5 - 1                                         # SiT (or the VAE) sees [-1, 1]
+            if latents is not None:                                             # a posterior sample, normalised
+                x = latents.encode(x, torch.randn((GB, C, S, S), device=device, generator=gen)[mine])
             z = None
             if encoder is not None:
-                with torch.no_grad(), autocast:
-                    z = encoder(img.float()).float()                            # the encoder sees 0..255
+                with torch.no_grad(), amp:
+                    z = encoder(img.float()).float()                            # the encoder sees the 0..255 image
                 if args.irepa:
                     z = spatial_norm(z, args.spnorm_gamma)
+            if warmup_steps:                                                    # JiT: linear warm-up, then constant
+                for group in opt.param_groups:
+                    group['lr'] = args.lr * min(1.0, step / warmup_steps)
             for i in range(args.grad_accum):
                 mb = slice(i * micro_batch, (i + 1) * micro_batch)
                 last = i == args.grad_accum - 1
-                with (model.no_sync() if world > 1 and not last else nullcontext()), autocast:
+                with (model.no_sync() if world > 1 and not last else nullcontext()), amp:
                     denoise, align = flow_matching_loss(model, x[mb], y[mb], noise[mb], t[mb],
                                                         None if z is None else z[mb], args.pred)
                     loss = denoise + args.proj_coeff * align if align is not None else denoise
                 (loss / args.grad_accum).backward()
                 loss_sums[:3] += torch.stack([loss.detach(), denoise.detach(), align.detach() if align is not None
                                               else torch.zeros((), device=device)]) / args.grad_accum
-            loss_sums[3] += torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
+            loss_sums[3] += torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad or float('inf'))
             opt.step()
             opt.zero_grad(set_to_none=True)
             with torch.no_grad():
@@ -740,20 +893,11 @@ def main(argv=None):
                     dist.barrier()
             if step >= args.max_steps:
                 break
-    if args.demo and master:
-        demo_grid(ema, run_args, run_dir, device)
+    if master and args.setting == 'demo':
+        print(f"demo: now sample a grid with  python sample.py --ckpt {run_dir}", flush=True)
     if world > 1:
         dist.destroy_process_group()
     return run_dir
-
-def demo_grid(ema, run_args, run_dir, device):
-    """The demo's last step: 8 samples of each class from the EMA weights, as a labelled PNG grid."""
-    import sample                                                               # sibling script; imports irepa
-    labels = torch.arange(run_args['num_classes']).repeat(8)
-    images = sample.sample(ema.eval(), labels.to(device), mode='ode', heun=True, num_steps=25, cfg_scale=4.0)
-    path = os.path.join(run_dir, 'demo_grid.png')
-    sample.save_grid(images, path, labels.tolist(), run_args['class_names'], nrow=run_args['num_classes'])
-    print(f"demo: wrote {path} (ODE, Heun 25 steps, cfg 4; columns are classes)", flush=True)
 
 if __name__ == '__main__':
     main()

@@ -32,13 +32,17 @@ import irepa
 # guided = null + s * (cond - null), only for guidance_low <= t <= guidance_high (REPA's guidance interval);
 # outside it, or with s = 1, only the conditional half runs.
 
-def velocity(model, x, t, y, dtype, cfg_scale, guidance_low, guidance_high):
-    """The (guided) velocity at float64 state x (B, C, H, W) and time t (a float); the model runs in `dtype`."""
-    guide = cfg_scale > 1.0 and guidance_low <= t <= guidance_high
+def velocity(model, x, t, y, dtype, cfg_scale, guidance_low, guidance_high, t_guide=None):
+    """The (guided) velocity at float64 state x (B, C, H, W) and time t (a float); the model runs in `dtype`
+    (under bf16 autocast where irepa.autocast chooses it). Whether to guide is decided at t_guide (default t):
+    REPA's Heun step decides its correction with the step's start time t_cur."""
+    t_guide = t if t_guide is None else t_guide
+    guide = cfg_scale > 1.0 and guidance_low <= t_guide <= guidance_high
     if guide:
         x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, model.num_classes)])     # (2B, C, H, W), (2B,)
     t = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)                 # (B,) or (2B,)
-    out = model(x.to(dtype), t.to(dtype), y)[0].to(torch.float64)
+    with irepa.autocast(x.device):
+        out = model(x.to(dtype), t.to(dtype), y)[0].to(torch.float64)
     v = irepa.to_velocity(out, x, t, getattr(model, 'pred', 'v'))                          # x-prediction -> v
     if guide:
         v_cond, v_null = v.chunk(2)
@@ -53,14 +57,14 @@ def euler_sampler(model, x, y, num_steps=50, heun=False, cfg_scale=1.0, guidance
     """Probability-flow ODE dx = v dt, Euler on linspace(1, 0, N + 1); Heun's correction on all but the last
     step (it would evaluate the model at t = 0). NFE = N (Euler) or 2N - 1 (Heun)."""
     dtype, x = x.dtype, x.to(torch.float64)
-    v = lambda x, t: velocity(model, x, t, y, dtype, cfg_scale, guidance_low, guidance_high)
+    v = lambda x, t, t_guide: velocity(model, x, t, y, dtype, cfg_scale, guidance_low, guidance_high, t_guide)
     t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         dt = t_next - t_cur
-        d_cur = v(x, t_cur)
+        d_cur = v(x, t_cur, t_cur)
         x_next = x + dt * d_cur
-        if heun and i < num_steps - 1:
-            x_next = x + dt * 0.5 * (d_cur + v(x_next, t_next))
+        if heun and i < num_steps - 1:                  # guided or not as the step's start (REPA's samplers.py)
+            x_next = x + dt * 0.5 * (d_cur + v(x_next, t_next, t_cur))
         x = x_next
     return x
 
@@ -86,9 +90,10 @@ def euler_maruyama_sampler(model, x, y, num_steps=250, cfg_scale=1.0, guidance_l
 
 @torch.no_grad()
 def sample(model, labels, mode='sde', num_steps=250, heun=False, cfg_scale=1.0, guidance_low=0.0,
-           guidance_high=1.0, seed=0, batch_size=64, verbose=False):
+           guidance_high=1.0, seed=0, batch_size=64, verbose=False, latents=None):
     """Sample one image per label. Returns uint8 (N, H, W, 3). Deterministic given the seed and batch_size;
-    the caller's RNG state is left untouched (safe to call from a training loop)."""
+    the caller's RNG state is left untouched (safe to call from a training loop). A latent-space model's
+    samples are decoded by `latents` (irepa.Latents: the SD-VAE) into 8x larger images."""
     device = next(model.parameters()).device
     C, S = model.in_channels, model.input_size
     labels, images, t0 = torch.as_tensor(labels, dtype=torch.long), [], time.time()
@@ -100,11 +105,14 @@ def sample(model, labels, mode='sde', num_steps=250, heun=False, cfg_scale=1.0, 
                 x = euler_maruyama_sampler(model, x, y, num_steps, cfg_scale, guidance_low, guidance_high)
             else:
                 x = euler_sampler(model, x, y, num_steps, heun, cfg_scale, guidance_low, guidance_high)
+            if latents is not None:
+                x = latents.decode(x.float())                                          # (B, 3, 8S, 8S)
             x = ((x + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)               # [-1, 1] -> 0..255
             images.append(x.permute(0, 2, 3, 1).cpu())                                 # (B, S, S, C)
             if verbose:
                 n, dt = sum(len(b) for b in images), time.time() - t0
                 print(f"sampled {n}/{len(labels)} | {dt:.0f} s | {n / dt:.1f} img/s", flush=True)
+    S, C = (8 * S, 3) if latents is not None else (S, C)
     return torch.cat(images).numpy() if images else np.zeros((0, S, S, C), np.uint8)
 
 def save_grid(images, path, labels=None, class_names=None, nrow=None):
@@ -141,26 +149,34 @@ def load_model(path, device):
     return model.to(device).eval(), ckpt['args']
 
 # -----------------------------------------------------------------------------
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Sample from an irepa.py checkpoint (defaults: REPA's FID sampler).")
-    parser.add_argument("--ckpt", type=str, required=True, help="checkpoint written by irepa.py")
-    parser.add_argument("--mode", type=str, choices=["sde", "ode"], default="sde")
-    parser.add_argument("--num-steps", type=int, default=250, help="SDE: NFE (REPA's FID: 250); ODE: steps")
-    parser.add_argument("--heun", action="store_true", help="ode mode: Heun's second-order correction")
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="1 = no guidance; REPA's best: 1.8")
-    parser.add_argument("--guidance-low", type=float, default=0.0)
-    parser.add_argument("--guidance-high", type=float, default=1.0, help="REPA's best with CFG: 0.7")
-    parser.add_argument("--num-samples", type=int, default=None, help="default: one per --class-labels, else 64")
-    parser.add_argument("--batch-size", type=int, default=64, help="per process")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--class-labels", type=int, nargs="+", default=None,
-                        help="cycled to --num-samples, a grid column each; default: uniform random labels")
-    parser.add_argument("--out", type=str, default="samples", help="directory for grid.png and samples.npz")
-    args = parser.parse_args()
-    if args.cfg_scale < 1.0:
+# Command line. Sampler defaults come from the checkpoint's recipe (latent: REPA's SDE 250 steps; pixel: JiT's
+# Heun 50; demo: Heun 25 with CFG 4); every flag overrides them.
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Sample from an irepa.py checkpoint (defaults: its recipe's sampler).")
+    p.add_argument("--ckpt", type=str, required=True, help="checkpoint written by irepa.py, or a run folder (latest)")
+    p.add_argument("--mode", type=str, choices=["sde", "ode"], default=None, help="default: the recipe's")
+    p.add_argument("--num-steps", type=int, default=None, help="SDE: NFE (REPA's FID: 250); ODE: steps")
+    p.add_argument("--heun", action=argparse.BooleanOptionalAction, default=None,
+                   help="ode mode: Heun's second-order correction")
+    p.add_argument("--cfg-scale", type=float, default=None, help="1 = no guidance; REPA's best: 1.8")
+    p.add_argument("--guidance-low", type=float, default=0.0)
+    p.add_argument("--guidance-high", type=float, default=1.0, help="REPA's best with CFG: 0.7")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="default: one per --class-labels; else 8 per class up to 16 classes, else 64")
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class-labels", type=int, nargs="+", default=None,
+                   help="cycled to --num-samples, a grid column each; default: uniform random labels")
+    p.add_argument("--out", type=str, default="samples", help="directory for grid.png and samples.npz")
+    return p.parse_args(argv)
+
+def main(argv=None):
+    args = get_args(argv)
+    if os.path.isdir(args.ckpt):                                   # a run folder: its latest checkpoint
+        args.ckpt = irepa.latest_checkpoint(args.ckpt) or os.path.join(args.ckpt, "checkpoints", "(none)")
+    if args.cfg_scale is not None and args.cfg_scale < 1.0:
         sys.exit(f"sample.py: error: --cfg-scale {args.cfg_scale} < 1; use 1 for no guidance, > 1 for CFG")
-    if args.mode == "sde" and args.heun:
-        sys.exit("sample.py: error: --heun is for --mode ode")
 
     # one process, or one per GPU (CPU: gloo) under torchrun; float64 state rules out MPS
     if "WORLD_SIZE" in os.environ:
@@ -173,23 +189,43 @@ if __name__ == "__main__":
         torch.cuda.set_device(device)
     model, ckpt_args = load_model(args.ckpt, device)
     K, class_names = model.num_classes, ckpt_args.get("class_names")
+    latents = None
+    if ckpt_args.get("vae"):                                      # a latent-space model: decode with the SD-VAE
+        try:
+            latents = irepa.Latents(device)
+        except RuntimeError as e:
+            sys.exit(f"sample.py: error: {e}")
+    recipe = {**dict(mode="sde", num_steps=250, heun=False, cfg_scale=1.0), **(ckpt_args.get("sampler") or {})}
+    args.mode = args.mode or recipe["mode"]
+    if args.mode != recipe["mode"]:                               # another mode than the recipe's: its plain defaults
+        recipe.update(num_steps=250 if args.mode == "sde" else 50, heun=False)
+    for k in ("num_steps", "heun", "cfg_scale"):
+        if getattr(args, k) is None:
+            setattr(args, k, recipe[k])
+    if args.mode == "sde" and args.heun:
+        sys.exit("sample.py: error: --heun is for --mode ode")
 
     # labels for all N samples, the same on every rank; each rank samples a contiguous share
     if args.class_labels is not None:
         bad = [c for c in args.class_labels if not 0 <= c < K]
         if bad:
             sys.exit(f"sample.py: error: class labels {bad} out of range: this checkpoint has classes 0..{K - 1}")
-    N = args.num_samples or (len(args.class_labels) if args.class_labels else 64)
+    elif args.num_samples is None and K <= 16:                    # few classes: 8 of each, a labelled column each
+        args.class_labels = list(range(K))
+    N = args.num_samples or (8 * K if args.class_labels and K <= 16 and len(args.class_labels) == K
+                             else len(args.class_labels) if args.class_labels else 64)
     if args.class_labels:
         labels = np.resize(np.array(args.class_labels), N)
     else:
         labels = torch.randint(K, (N,), generator=torch.Generator().manual_seed(args.seed)).numpy()
     share = np.array_split(np.arange(N), world)[rank]
     if rank == 0:
-        print(f"sampling {N} images with {world} process(es) on {device}: {args.mode}, {args.num_steps} steps, "
-              f"cfg {args.cfg_scale} on t in [{args.guidance_low}, {args.guidance_high}]", flush=True)
+        print(f"sampling {N} images with {world} process(es) on {device}: {args.mode}{' heun' if args.heun else ''}, "
+              f"{args.num_steps} steps, cfg {args.cfg_scale} on t in [{args.guidance_low}, {args.guidance_high}]",
+              flush=True)
     images = sample(model, labels[share], args.mode, args.num_steps, args.heun, args.cfg_scale, args.guidance_low,
-                    args.guidance_high, seed=args.seed * world + rank, batch_size=args.batch_size, verbose=rank == 0)
+                    args.guidance_high, seed=args.seed * world + rank, batch_size=args.batch_size, verbose=rank == 0,
+                    latents=latents)
 
     # rank 0 gathers the shares through per-rank files and writes one samples.npz (ADM evaluator format)
     os.makedirs(args.out, exist_ok=True)
@@ -211,3 +247,7 @@ if __name__ == "__main__":
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+    return args.out
+
+if __name__ == "__main__":
+    main()

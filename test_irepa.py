@@ -211,6 +211,27 @@ def test_x_prediction_velocity():
     torch.testing.assert_close(v_hat[1], v[1] * 0.01 / 0.05)           # clamped near the data
     assert irepa.to_velocity(xt, xt, t, 'v') is xt
 
+class Oracle(torch.nn.Module):
+    """A perfect x-predictor for one known batch: returns the clean images whatever x_t is."""
+    pred, num_classes, class_dropout_prob = 'x', 5, 0.1
+    def __init__(self, x):
+        super().__init__()
+        self.x = x
+    def forward(self, x_t, t, y):
+        return self.x.clone(), None
+
+@pytest.mark.parametrize('t', [0.01, 0.03, 0.5])
+def test_perfect_x_prediction_has_zero_loss_at_every_t(t):
+    # Both velocities use the same clamped t (JiT's denoiser.py); clamping only the prediction would leave
+    # a loss of ~1.28 at t = 0.01 for the perfect predictor, so its optimum would not be x.
+    x, eps = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    denoise, _ = irepa.flow_matching_loss(Oracle(x), x, torch.zeros(4, dtype=torch.long), eps,
+                                          torch.full((4,), t), pred='x')
+    assert denoise.item() < 1e-10
+    off = Oracle(x + 0.1)                                                  # x-error 0.1 -> loss 0.01 / max(t, 0.05)^2
+    denoise, _ = irepa.flow_matching_loss(off, x, torch.zeros(4, dtype=torch.long), eps, torch.full((4,), t), pred='x')
+    assert denoise.item() == pytest.approx(0.01 / max(t, 0.05) ** 2, rel=1e-4)
+
 def test_denoising_loss_definition():
     model = tiny()
     x, eps, t, y = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.rand(4), torch.arange(4)
@@ -255,6 +276,40 @@ def test_hog_grid_and_orientation_response():
     assert enc(torch.full((1, 3, 32, 32), 128.0)).abs().max() < 1e-3        # flat image: no gradients
     z = enc(torch.rand(2, 3, 40, 40) * 255)                                # any input size, grid fixed by grid_size
     assert z.shape == (2, 16, 36) and torch.isfinite(z).all()
+
+def test_hog_block_normalisation_is_l2_hys_on_the_36d_block():
+    """Reference: Dalal & Triggs (2005) L2-Hys, written as loops. Each 2x2-cell block (stride 1, edge cells
+    replicated) is one 36-d vector: L2-normalise, clip at 0.2, L2-normalise again. A cell's token holds its
+    9 bins from each of the 4 blocks containing it, ordered (block above-left, above-right, below-left, below-right)."""
+    G, eps = 3, 1e-6
+    hist = torch.rand(1, 9, G, G, dtype=torch.float64) ** 4 * 10                 # peaky, so clipping matters
+    hist[0, :, 0, 0] *= 50                                                     # one high-contrast cell
+    hp = np.pad(hist[0].numpy(), ((0, 0), (1, 1), (1, 1)), mode='edge')         # (9, G+2, G+2)
+    ref = np.zeros((G, G, 36))
+    for i in range(G):
+        for j in range(G):
+            pieces = []
+            for a, b in [(i, j), (i, j + 1), (i + 1, j), (i + 1, j + 1)]:     # padded top-left of each block
+                block = hp[:, a:a + 2, b:b + 2]                                 # (9, 2, 2)
+                block = block / np.sqrt((block ** 2).sum() + eps)
+                block = np.minimum(block, 0.2)
+                block = block / np.sqrt((block ** 2).sum() + eps)
+                pieces.append(block[:, i + 1 - a, j + 1 - b])                   # this cell's place in the block
+            ref[i, j] = np.concatenate(pieces)
+    out = irepa.HOG(G).block_features(hist)                                     # (1, G*G, 36)
+    np.testing.assert_allclose(out[0].numpy(), ref.reshape(G * G, 36), rtol=1e-6, atol=1e-9)
+
+def test_hog_pieces_differ_across_a_contrast_edge():
+    """The 4 pieces of a token are its cell normalised by 4 different blocks: equal in uniform texture,
+    different next to a contrast edge (a per-piece renormalisation would make them unit-norm copies)."""
+    enc = irepa.load_encoder('hog', grid_size=4)
+    xs = torch.arange(32).float()
+    stripes = ((xs // 2) % 2).view(1, 1, 1, 32).expand(1, 3, 32, 32)
+    img = torch.where(xs.view(1, 1, 1, 32) < 16, 255 * stripes, 100 + 20 * stripes)  # strong left, weak right
+    norms = enc(img)[0].view(4, 4, 4, 9).norm(dim=-1)                           # (row, col, piece)
+    torch.testing.assert_close(norms[1, 0], torch.full((4,), 0.5))              # inside the strong texture: equal
+    assert norms[1, 1].max() / norms[1, 1].min() > 1.3                          # at the edge: blocks differ
+    assert norms[1, 2].max() / norms[1, 2].min() > 1.8                          # the weak side is outshone
 
 def test_hog_tokens_follow_raster_order():
     enc = irepa.load_encoder('hog', grid_size=4)
@@ -395,7 +450,7 @@ def test_global_batches_shard_the_same_data_for_any_world_size():
 # -----------------------------------------------------------------------------
 # Training: the CLI, DDP equivalence, exact resume, bad input
 
-TRAIN = ['--model', 'SiT-T/4', '--image-size', '16', '--global-batch-size', '8', '--num-workers', '0',
+TRAIN = ['--setting', 'demo', '--no-irepa', '--model', 'SiT-T/4', '--image-size', '16', '--global-batch-size', '8', '--num-workers', '0',
          '--log-every', '1', '--lr', '1e-3']
 
 def run_train(tmp, *extra):
@@ -420,6 +475,11 @@ def test_train_none_repa_irepa(tmp_path, mode):
     assert (align == 0) == (mode == 'none') and align > -1.0               # -cos in [-1, 0) when aligned
     assert 'provenance: torch' in open(os.path.join(run_dir, 'log.txt')).read()
 
+@pytest.fixture
+def fp32(monkeypatch):
+    """Runs compared to float tolerance pin fp32: bf16 autocast rounds a batch of 8 and two of 4 differently."""
+    monkeypatch.setenv('IREPA_PRECISION', 'fp32')
+
 def test_exact_resume_is_bit_identical(tmp_path):
     straight = run_train(tmp_path / 'a', '--encoder', 'hog', '--irepa', '--max-steps', '4', '--ckpt-every', '2')
     half = run_train(tmp_path / 'b', '--encoder', 'hog', '--irepa', '--max-steps', '2', '--ckpt-every', '2')
@@ -432,7 +492,7 @@ def test_exact_resume_is_bit_identical(tmp_path):
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert 'resuming at step 2' in open(os.path.join(resumed, 'log.txt')).read()
 
-def test_grad_accum_matches_one_big_batch(tmp_path):
+def test_grad_accum_matches_one_big_batch(tmp_path, fp32):
     a = load_last(run_train(tmp_path / 'a', '--encoder', 'hog', '--irepa', '--max-steps', '2'))
     b = load_last(run_train(tmp_path / 'b', '--encoder', 'hog', '--irepa', '--max-steps', '2', '--grad-accum', '2'))
     for k in a['model']:
@@ -447,7 +507,7 @@ def torchrun(*args, nproc=2):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
 
-def test_torchrun_two_cpu_ranks_equals_one_process(tmp_path):
+def test_torchrun_two_cpu_ranks_equals_one_process(tmp_path, fp32):
     args = TRAIN + ['--encoder', 'hog', '--irepa', '--max-steps', '3']
     r = torchrun(*args, '--results-dir', str(tmp_path / 'ddp'))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -464,7 +524,7 @@ def test_torchrun_two_cpu_ranks_equals_one_process(tmp_path):
     (['--data-path', 'EMPTY'], 'no images in'),
     (['--image-size', '18'], 'not divisible by the patch size'),
     (['--model', 'SiT-Q/2'], "invalid choice: 'SiT-Q/2'"),
-    (['--encoder', 'clip'], "invalid choice: 'clip'"),
+    (['--encoder', 'clip'], "unknown encoder 'clip'"),
     (['--grad-accum', '3'], 'not divisible by world size 1 x --grad-accum 3'),
     (['--grad-accum', '0'], '--grad-accum must be >= 1'),
     (['--encoder-depth', '7'], '--encoder-depth 7 is outside 1..6'),
@@ -490,19 +550,157 @@ def test_nan_loss_stops_with_a_message(tmp_path, monkeypatch):
         run_train(tmp_path / 'ok', '--encoder', 'none', '--max-steps', '3', '--resume', run_dir)
     assert irepa.latest_checkpoint(run_dir).endswith('0000001.pt')
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    run_dir = irepa.main(['--demo', '--max-steps', '2', '--results-dir', str(tmp_path)])
-    grid = os.path.join(run_dir, 'demo_grid.png')
-    assert os.path.isfile(grid) and grid in capsys.readouterr().out
-    assert load_last(run_dir)['args']['projector'] == 'conv'
-    assert irepa.get_args([]).model == 'SiT-XL/16' and irepa.get_args([]).lr == 1e-4   # the demo leaves defaults alone
+def test_demo_trains_and_leaves_the_defaults_alone(tmp_path, capsys):
+    run_dir = irepa.main(['--setting', 'demo', '--max-steps', '2', '--results-dir', str(tmp_path)])
+    ck = load_last(run_dir)
+    assert ck['args']['projector'] == 'conv' and ck['args']['sampler']['cfg_scale'] == 4.0
+    assert f"python sample.py --ckpt {run_dir}" in capsys.readouterr().out
+    args = irepa.get_args([])
+    assert args.setting == 'latent' and args.model == 'SiT-XL/2' and args.lr == 1e-4 and args.vae
 
-def test_pred_default_follows_patch_size(tmp_path):
-    assert load_last(run_train(tmp_path / 'a', '--encoder', 'none', '--max-steps', '1'))['args']['pred'] == 'v'
-    big = irepa.main(['--model', 'SiT-S/16', '--image-size', '32', '--global-batch-size', '4', '--num-workers', '0',
-                      '--encoder', 'none', '--max-steps', '1', '--results-dir', str(tmp_path / 'b')])
-    assert load_last(big)['args']['pred'] == 'x'                           # patch 16: JiT x-prediction
-    with torch.device('meta'):
-        assert irepa.SiT_models['SiT-S/16']().pred == 'v'                  # the library default stays v
-    args = irepa.get_args(['--model', 'SiT-S/16'])
-    assert args.pred is None and not args.hflip
+def test_recipes_resolve_and_explicit_flags_win():
+    a = irepa.get_args([])                                                  # latent: REPA's / iREPA's LDM recipe
+    assert (a.pred, a.time_dist, tuple(a.betas), a.clip_grad, a.hflip, a.ema_decay) == ('v', None, (0.9, 0.999),
+                                                                                           1.0, False, 0.9999)
+    assert a.proj_coeff == 0.5 and a.spnorm_gamma == 0.6 and a.global_batch_size == 256 and a.image_size == 256
+    assert irepa.get_args(['--irepa']).proj_coeff == 1.0                    # configs/irepa.yaml
+    assert irepa.get_args(['--irepa', '--proj-coeff', '0.3']).proj_coeff == 0.3
+    p = irepa.get_args(['--setting', 'pixel'])                              # JiT's recipe on SiT
+    assert (p.model, p.pred, tuple(p.time_dist), tuple(p.betas), p.clip_grad, p.hflip) == (
+        'SiT-B/16', 'x', (0.8, 0.8), (0.9, 0.95), None, True)
+    assert (p.warmup_epochs, p.spnorm_gamma, p.proj_coeff, p.vae) == (5, 0.8, 0.5, None)
+    assert p.lr == 5e-5 and irepa.get_args(['--setting', 'pixel', '--global-batch-size', '1024']).lr == 2e-4
+    assert irepa.get_args(['--setting', 'pixel', '--lr', '1e-3']).lr == 1e-3
+    assert p.sampler == dict(mode='ode', heun=True, num_steps=50, cfg_scale=1.0)
+    assert irepa.get_args(['--setting', 'demo', '--no-irepa']).irepa is False
+
+def test_precision_follows_the_cpu_and_the_environment(monkeypatch):
+    cpu = torch.device('cpu')
+    monkeypatch.delenv('IREPA_PRECISION', raising=False)
+    monkeypatch.setattr(irepa, 'cpu_has_bf16', lambda: True)
+    assert irepa.precision(cpu) == 'bf16' and irepa.autocast(cpu)._enabled
+    with irepa.autocast(cpu):
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
+    monkeypatch.setattr(irepa, 'cpu_has_bf16', lambda: False)
+    assert irepa.precision(cpu) == 'fp32' and not irepa.autocast(cpu)._enabled
+    monkeypatch.setenv('IREPA_PRECISION', 'bf16')
+    assert irepa.precision(cpu) == 'bf16'
+    monkeypatch.setattr(irepa, 'cpu_has_bf16', lambda: True)
+    monkeypatch.setenv('IREPA_PRECISION', 'fp32')
+    assert irepa.precision(cpu) == 'fp32'
+    with irepa.autocast(cpu):
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
+    assert irepa.precision(torch.device('mps')) == 'fp32'
+    monkeypatch.setenv('IREPA_PRECISION', 'fp16')
+    with pytest.raises(ValueError, match='use auto, bf16 or fp32'):
+        irepa.precision(cpu)
+
+def test_losses_are_float32_under_bf16_autocast():
+    model = tiny(z_dim=8)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        d, a = irepa.flow_matching_loss(model, x, torch.tensor([0, 1]), torch.randn_like(x), torch.rand(2),
+                                        torch.randn(2, 16, 8))
+    assert d.dtype == a.dtype == torch.float32
+
+def test_logit_normal_time_is_jits_in_this_convention():
+    g = torch.Generator().manual_seed(0)
+    n = torch.randn(200_000, generator=g)
+    t = irepa.sample_time(torch.rand(200_000, generator=g), n, (0.8, 0.8))
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean() - 0.8) < 0.01 and abs(logit.std() - 0.8) < 0.01
+    assert (t > 0.5).float().mean() > 0.8                                  # mostly noisy times (t = 1 is noise)
+    u = torch.rand(5)
+    assert torch.equal(irepa.sample_time(u, n[:5], None), u)               # REPA: uniform
+
+def test_pixel_recipe_warms_up_the_lr_and_does_not_clip(tmp_path, monkeypatch):
+    """JiT: lr rises linearly from 0 over 5 epochs; no gradient clipping. Checked on AdamW's first update:
+    with lr 0 at step 0 nothing moves; at step 1 of a 2-step warm-up each weight moves by about lr / 2."""
+    seen = []
+    orig = torch.optim.AdamW.step
+    def spy(self, *a, **k):
+        seen.append([g['lr'] for g in self.param_groups][0])
+        return orig(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, 'step', spy)
+    monkeypatch.setattr(irepa.Shapes, '__len__', lambda self: 16)           # 2 steps per epoch at batch 8
+    run = irepa.main(['--setting', 'pixel', '--model', 'SiT-T/4', '--image-size', '16', '--encoder', 'none',
+                      '--global-batch-size', '8', '--max-steps', '12', '--log-every', '100', '--num-workers', '0',
+                      '--results-dir', str(tmp_path)])
+    lr = 5e-5 * 8 / 256
+    assert seen == pytest.approx([lr * s / 10 for s in range(10)] + [lr, lr])
+    ck = load_last(run)
+    assert ck['args']['clip_grad'] is None and ck['args']['pred'] == 'x'
+
+def test_clip_grad_follows_the_recipe(monkeypatch, tmp_path):
+    norms = []
+    orig = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, 'clip_grad_norm_', lambda p, m, *a, **k: norms.append(m) or orig(p, m, *a, **k))
+    run_train(tmp_path / 'a', '--encoder', 'none', '--max-steps', '1')
+    irepa.main(['--setting', 'pixel', '--model', 'SiT-T/4', '--image-size', '16', '--encoder', 'none',
+                '--global-batch-size', '8', '--max-steps', '1', '--num-workers', '0', '--results-dir', str(tmp_path / 'b')])
+    assert norms == [1.0, float('inf')]
+
+# -----------------------------------------------------------------------------
+# The latent setting: SD-VAE latents (a random-weight VAE in a temporary $TORCH_HOME, no network)
+
+@pytest.fixture(scope='session')
+def vae_home(tmp_path_factory):
+    import vae
+    home = tmp_path_factory.mktemp('torch_home')
+    folder = home / 'hub' / 'checkpoints'
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(vae.AutoencoderKL().state_dict(), folder / vae.VAE_FILE)
+    torch.save({'latents_scale': torch.tensor([0.5, 1.0, 2.0, 4.0]), 'latents_bias': torch.tensor([0.1, 0.0, -0.1, 0.2])},
+               folder / vae.STATS_FILE)
+    return str(home)
+
+LATENT = ['--setting', 'latent', '--model', 'SiT-T/2', '--image-size', '32', '--encoder', 'hog', '--irepa',
+          '--global-batch-size', '4', '--num-workers', '0', '--log-every', '1']
+
+def test_latent_training_resume_and_sampling(tmp_path, vae_home, monkeypatch):
+    import sample
+    monkeypatch.setenv('TORCH_HOME', vae_home)
+    run = irepa.main(LATENT + ['--max-steps', '1', '--results-dir', str(tmp_path)])
+    ck = load_last(run)
+    a = ck['args']
+    assert (a['vae'], a['input_size'], a['in_channels'], a['proj_coeff'], a['spnorm_gamma']) == (
+        'sd-vae-ft-mse', 4, 4, 1.0, 0.6)                                     # 32 px -> 4x4x4 latents; iREPA LDM recipe
+    assert ck['model']['x_embedder.proj.weight'].shape[1] == 4
+    resumed = irepa.main(['--resume', run, '--max-steps', '2'])
+    assert load_last(resumed)['step'] == 2
+    out = sample.main(['--ckpt', run, '--num-steps', '2', '--num-samples', '2', '--out', str(tmp_path / 's')])
+    arr = np.load(os.path.join(out, 'samples.npz'))['arr_0']
+    assert arr.shape == (2, 32, 32, 3) and arr.dtype == np.uint8             # decoded back to pixels
+
+def test_latents_are_a_normalised_posterior_sample(vae_home, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', vae_home)
+    lat = irepa.Latents('cpu')
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    eps = torch.randn(2, 4, 2, 2)
+    mean, logvar = lat.vae.encode(x)
+    scale, bias = torch.tensor([0.5, 1.0, 2.0, 4.0]).view(1, 4, 1, 1), torch.tensor([0.1, 0.0, -0.1, 0.2]).view(1, 4, 1, 1)
+    torch.testing.assert_close(lat.encode(x, eps), (mean + torch.exp(0.5 * logvar) * eps - bias) * scale)
+    z = torch.randn(2, 4, 2, 2)
+    torch.testing.assert_close(lat.decode(z), lat.vae.decode(z / scale + bias))
+
+def test_latent_setting_without_the_vae_files_says_where_to_put_them(tmp_path, monkeypatch, capsys):
+    import vae
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'empty_home'))
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', lambda *a, **k: (_ for _ in ()).throw(OSError('offline')))
+    with pytest.raises(SystemExit) as e:
+        irepa.main(LATENT + ['--max-steps', '1', '--results-dir', str(tmp_path)])
+    msg = str(e.value.code)
+    assert vae.VAE_FILE in msg and vae.STATS_FILE in msg and 'empty_home' in msg and '\n' not in msg
+
+def test_resume_keeps_the_runs_schedule_and_refuses_changes(tmp_path):
+    run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '1', '--ckpt-every', '1', '--log-every', '1')
+    resumed = irepa.main(['--resume', run, '--max-steps', '3'])             # ckpt-every / log-every: the run's own
+    assert sorted(os.listdir(os.path.join(resumed, 'checkpoints'))) == ['0000001.pt', '0000002.pt', '0000003.pt']
+    assert len([l for l in open(os.path.join(run, 'log.txt')) if l.startswith('step ')]) == 3
+    with pytest.raises(SystemExit, match=r"--lr 0.5 differs from the run's 0.001"):
+        irepa.main(['--resume', run, '--max-steps', '4', '--lr', '0.5'])
+    with pytest.raises(SystemExit, match='--model SiT-T/2 differs'):
+        irepa.main(['--resume', run, '--max-steps', '4', '--model', 'SiT-T/2'])
+    irepa.main(['--resume', run, '--max-steps', '4', '--lr', '1e-3'])        # the same value is no change
+    assert load_last(run)['step'] == 4

@@ -142,12 +142,17 @@ def test_guidance_interval_doubles_only_inside(mode):
     else:
         sample.euler_sampler(model, x, y, N, heun=mode == 'heun', cfg_scale=2.0, guidance_low=low, guidance_high=high)
         grid = torch.linspace(1, 0, N + 1, dtype=torch.float64).tolist()[:-1]
-    for batch, t in model.calls:                                            # t as the model saw it (float64)
-        assert batch == (2 * B if low <= t <= high else B), (batch, t)
-    doubled = [t for b, t in model.calls if b == 2 * B]
     inside = [t for t in grid if low <= t <= high]
     assert 0 < len(inside) < len(grid)
-    assert doubled == inside if mode != 'heun' else set(inside) <= set(doubled)
+    if mode != 'heun':
+        for batch, t in model.calls:                                        # t as the model saw it (float64)
+            assert batch == (2 * B if low <= t <= high else B), (batch, t)
+        assert [t for b, t in model.calls if b == 2 * B] == inside
+    else:                                 # predictor at t_cur, corrector at t_next, both guided as t_cur (REPA)
+        expected = []
+        for i, t_cur in enumerate(grid):
+            expected += [2 * B if low <= t_cur <= high else B] * (2 if i < N - 1 else 1)
+        assert [b for b, _ in model.calls] == expected
 
 
 # -----------------------------------------------------------------------------
@@ -157,7 +162,7 @@ def test_guidance_interval_doubles_only_inside(mode):
 def tiny_ckpt(tmp_path_factory):
     """Two training steps of irepa.py (tiny SiT, 16 px shapes, HOG target, iREPA) on CPU."""
     d = tmp_path_factory.mktemp("results")
-    r = subprocess.run([sys.executable, os.path.join(HERE, "irepa.py"), "--model", "SiT-T/4", "--image-size", "16",
+    r = subprocess.run([sys.executable, os.path.join(HERE, "irepa.py"), "--setting", "demo", "--model", "SiT-T/4", "--image-size", "16",
                         "--encoder", "hog", "--irepa", "--max-steps", "2", "--global-batch-size", "4",
                         "--num-workers", "0", "--results-dir", str(d)],
                        cwd=HERE, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True,
@@ -218,8 +223,8 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path):
 
 
 def test_torchrun_two_ranks_write_one_npz(tiny_ckpt, tmp_path):
-    r = run_cli("--ckpt", tiny_ckpt, "--num-steps", 3, "--num-samples", 5, "--batch-size", 2, "--seed", 1,
-                "--out", tmp_path, torchrun=True)
+    r = run_cli("--ckpt", tiny_ckpt, "--mode", "sde", "--cfg-scale", 1, "--num-steps", 3, "--num-samples", 5,
+                "--batch-size", 2, "--seed", 1, "--out", tmp_path, torchrun=True)
     assert r.returncode == 0, r.stderr
     arr = np.load(tmp_path / "samples.npz")["arr_0"]
     assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8
