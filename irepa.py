@@ -178,7 +178,7 @@ class SiT(nn.Module):
     zs (B, T, z_dim) is the projected hidden state after block `encoder_depth`, or None if z_dim is None."""
     def __init__(self, input_size=32, patch_size=2, in_channels=3, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, encoder_depth=8, z_dim=None,
-                 projector='mlp', pred='v'):
+                 projector='mlp', pred='v', proj_kernel=3):
         super().__init__()
         assert input_size % patch_size == 0, f"image size {input_size} is not divisible by patch size {patch_size}"
         assert 1 <= encoder_depth <= depth, f"encoder_depth must be in [1, {depth}], got {encoder_depth}"
@@ -195,7 +195,8 @@ class SiT(nn.Module):
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.projectors = None
         if z_dim is not None:
-            proj = mlp_projector(hidden_size, z_dim) if projector == 'mlp' else ConvProjector(hidden_size, z_dim)
+            proj = (mlp_projector(hidden_size, z_dim) if projector == 'mlp'
+                    else ConvProjector(hidden_size, z_dim, proj_kernel))
             self.projectors = nn.ModuleList([proj])
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()
@@ -260,7 +261,57 @@ def build_model(args):
     return SiT_models[args['model']](input_size=args.get('input_size', args['image_size']),
                                      in_channels=args.get('in_channels', 3), num_classes=args['num_classes'],
                                      encoder_depth=args['encoder_depth'], z_dim=args.get('z_dim'),
-                                     projector=args.get('projector', 'mlp'), pred=args.get('pred', 'v'))
+                                     projector=args.get('projector', 'mlp'), pred=args.get('pred', 'v'),
+                                     proj_kernel=args.get('proj_kernel', 3))
+
+def official_checkpoint(ema, ns, model=None):
+    """An official iREPA/REPA checkpoint (ldm/train.py: weights 'ema', argparse.Namespace 'args') -> (state dict,
+    args dict) in this file's terms. Its size is read off the weights (or given as `model`); its projector is
+    wrapped as projectors.0.projection_layer.* (a 'linear' projector is a 1x1 conv here). Latent SiT, v-pred."""
+    ema = {k.replace('projectors.0.projection_layer.', 'projectors.0.'): v for k, v in ema.items()}
+    D, C, p, _ = ema['x_embedder.proj.weight'].shape
+    depth = len({k.split('.')[1] for k in ema if k.startswith('blocks.')})
+    if model is None:
+        size = [s for s, cfg in SiT_sizes.items() if (cfg['depth'], cfg['hidden_size']) == (depth, D)]
+        if not size or f'SiT-{size[0]}/{p}' not in SiT_models:
+            raise ValueError(f"no SiT size with depth {depth}, width {D} and patch {p}; pass --model")
+        model = f'SiT-{size[0]}/{p}'
+    args = dict(model=model, input_size=math.isqrt(ema['pos_embed'].shape[1]) * p, in_channels=C,
+                image_size=getattr(ns, 'resolution', 256), num_classes=ema['y_embedder.embedding_table.weight'].shape[0] - 1,
+                encoder_depth=getattr(ns, 'encoder_depth', 8), pred='v', vae='sd-vae-ft-mse', encoder=getattr(ns, 'enc_type', None),
+                sampler=dict(mode='sde', num_steps=250, cfg_scale=1.0), official=True)
+    if 'projectors.0.weight' in ema:                                           # conv (4-d) or linear (2-d) projector
+        w = ema['projectors.0.weight']
+        ema['projectors.0.weight'] = w.view(*w.shape, 1, 1) if w.dim() == 2 else w
+        args.update(projector='conv', z_dim=w.shape[0], proj_kernel=ema['projectors.0.weight'].shape[-1])
+    elif 'projectors.0.4.weight' in ema:
+        args.update(projector='mlp', z_dim=ema['projectors.0.4.weight'].shape[0])
+    return ema, args
+
+def load_sit(path, device='cpu', model=None):
+    """The EMA SiT of a checkpoint, in eval mode, and the checkpoint's args (a dict). Reads this file's checkpoints
+    and the official iREPA/REPA ones, unpickling nothing but tensors, plain types and argparse.Namespace.
+    Raises ValueError with a one-line reason for a missing, truncated or foreign file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is truncated or not a torch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    try:
+        ema, args = ckpt['ema'], ckpt['args']
+        if isinstance(args, argparse.Namespace):
+            ema, args = official_checkpoint(ema, args, model)
+        elif model is not None:
+            args = dict(args, model=model)
+        sit = build_model(args)
+        sit.load_state_dict(ema)
+    except Exception as e:
+        raise ValueError(f"{path} is not an irepa.py or official iREPA/REPA checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return sit.to(device).eval(), args
 
 # -----------------------------------------------------------------------------
 # 4. Frozen encoders: patch tokens (B, T, D) on SiT's token grid (SPEC section 7)

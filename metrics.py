@@ -229,9 +229,18 @@ def correlation_figure(table, results, target='fid'):
 def fail(msg):
     sys.exit(f"metrics.py: error: {msg}")
 
+def mask_to_grid(mask, grid):
+    """A mask image at the image's own size -> (T,) bool on the token grid, as the official metrics code does:
+    the image's ADM crop keeps its central square, and any object pixel in a patch marks the token (max-pool of
+    mask > 0, at full resolution, so thin objects survive)."""
+    m = torch.from_numpy(np.array(mask.convert('L')) > 0)                          # (H, W)
+    H, W = m.shape
+    s = min(H, W)
+    m = m[(H - s) // 2:(H - s) // 2 + s, (W - s) // 2:(W - s) // 2 + s]            # the crop the image gets
+    return F.adaptive_max_pool2d(m[None, None].float(), grid).flatten().bool()     # (T,) raster order
+
 def load_masks(dataset, indices, data_path, masks_dir, grid):
-    """(N, T) bool. Each mask is resized to its image, given the image's ADM crop, then max-pooled to the grid:
-    any object pixel in a patch marks the token (SPEC section 11)."""
+    """(N, T) bool, one row per index: <masks>/<class>/<image stem>.png, resized to its image (nearest)."""
     out, missing = [], []
     for i in indices:
         path = dataset.samples[i][0]
@@ -239,14 +248,22 @@ def load_masks(dataset, indices, data_path, masks_dir, grid):
         if not os.path.isfile(mpath):
             missing.append(mpath)
             continue
-        with Image.open(path) as im, Image.open(mpath) as m:
-            m = Image.fromarray((np.array(m.convert('L')) > 0).astype(np.uint8) * 255).resize(im.size, Image.NEAREST)
-        m = torch.from_numpy(irepa.center_crop_arr(m, dataset.image_size) >= 128).float()   # (S, S)
-        out.append(F.adaptive_max_pool2d(m[None, None], grid).flatten().bool())              # (T,) raster order
+        try:
+            with Image.open(path) as im, Image.open(mpath) as m:
+                out.append(mask_to_grid(m.resize(im.size, Image.NEAREST), grid))
+        except OSError as e:
+            fail(f"cannot read mask {mpath} ({e})")
     if missing:
         fail(f"{len(missing)} of {len(indices)} images have no mask, e.g. {missing[0]} "
              f"(expected <masks>/<class>/<image stem>.png for every image)")
     return torch.stack(out)
+
+def keep_masks(masks, min_tokens=None):
+    """The official image filter for SRSS: an image counts only with at least `min_tokens` object tokens and as
+    many background tokens (default T / 4: 64 of 256 at 16x16, the official value). -> (N,) bool."""
+    min_tokens = masks.shape[1] // 4 if min_tokens is None else min_tokens
+    fg = masks.sum(1)
+    return (fg >= min_tokens) & (masks.shape[1] - fg >= min_tokens)
 
 def open_images(args, image_size):
     """The evaluation images: a seeded random subset of --num-images from root/<class>/<image>."""
@@ -264,22 +281,32 @@ def load_encoder(name, grid, hub_dir, device):
         fail(str(e))
 
 def load_sit(path, device):
-    """The EMA SiT of an irepa.py checkpoint, and the checkpoint's args."""
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    model = irepa.build_model(ckpt['args'])
-    model.load_state_dict(ckpt['ema'])
-    return model.to(device).eval(), ckpt['args']
+    """The EMA SiT of a checkpoint and its args; for a latent-space SiT also the SD-VAE that makes its input."""
+    try:
+        model, args = irepa.load_sit(path, device)
+        return model, args, irepa.Latents(device) if args.get('vae') else None
+    except (ValueError, RuntimeError) as e:
+        fail(str(e))
 
 @torch.no_grad()
 def measure(args, encoder_name, device):
     """Per-image metrics {row: {metric: (N,) array}} for the encoder's tokens, raw and after spatial
     normalisation, and with --ckpt for SiT's hidden state h after block encoder_depth and its projection.
     encoder_name None: the checkpoint's encoder with --ckpt, else dinov2_vitb14."""
-    model, ck = load_sit(args.ckpt, device) if args.ckpt else (None, {})
+    model, ck, latents = load_sit(args.ckpt, device) if args.ckpt else (None, {}, None)
     encoder_name = encoder_name or (ck.get('encoder', 'none') if model else 'dinov2_vitb14')
-    image_size, grid = (model.input_size, model.grid_size) if model else (args.image_size, args.grid_size)
+    image_size = ck.get('image_size', model.input_size) if model else args.image_size
+    grid = model.grid_size if model else args.grid_size
     dataset, indices = open_images(args, image_size)
-    masks = load_masks(dataset, indices, args.data_path, args.masks, grid) if args.masks else None
+    masks = None
+    if args.masks:
+        masks = load_masks(dataset, indices, args.data_path, args.masks, grid)
+        keep = keep_masks(masks)
+        if not keep.any():
+            fail(f"no image has >= {masks.shape[1] // 4} object and background tokens in its mask (the official filter)")
+        print(f"{int(keep.sum())} of {len(indices)} images have >= {masks.shape[1] // 4} object and background tokens "
+              f"(the official filter for SRSS); measuring those")
+        indices, masks = [i for i, k in zip(indices, keep.tolist()) if k], masks[keep]
     hub_dir = args.hub_dir or ck.get('hub_dir')
     encoder = None if encoder_name == 'none' else load_encoder(encoder_name, grid, hub_dir, device)
     same_classes = model is not None and dataset.classes == ck.get('class_names')   # else the null (CFG) class
@@ -291,15 +318,21 @@ def measure(args, encoder_name, device):
         img, y = img.to(device), y.to(device)                                       # uint8 (B, 3, S, S)
         rows = {}
         if encoder is not None:
-            z = encoder(img.float()).float()                                        # (B, T, D_enc), input 0..255
+            with irepa.autocast(device):
+                z = encoder(img.float()).float()                                    # (B, T, D_enc), input 0..255
             rows[f"{encoder_name} raw"] = z
             rows[f"{encoder_name} spatial norm (gamma {args.spnorm_gamma})"] = irepa.spatial_norm(z, args.spnorm_gamma)
         if model is not None:
-            x = img.float() / 127.5 - 1                                             # SiT sees [-1, 1]
+            x = img.float() / 127.5 - 1                                             # SiT (or the VAE) sees [-1, 1]
+            if latents is not None:                                                 # a posterior sample, as in training
+                x = latents.encode(x, torch.randn((len(x), 4, *[s // 8 for s in x.shape[2:]]), device=device,
+                                                  generator=gen))
             t = torch.full((len(x),), args.t, device=device)
             x_t, _ = irepa.interpolant(x, torch.randn(x.shape, device=device, generator=gen), t)  # t=0 data, 1 noise
             y = y if same_classes else torch.full_like(y, model.num_classes)
-            h, zs = model.align_features(x_t, t, y)                                 # (B, T, D), (B, T, D_enc) or None
+            with irepa.autocast(device):
+                h, zs = model.align_features(x_t, t, y)                             # (B, T, D), (B, T, D_enc) or None
+            h, zs = h.float(), None if zs is None else zs.float()
             rows[f"SiT h (block {model.encoder_depth}, t={args.t})"] = h
             if zs is not None:
                 rows[f"SiT projector(h) ({ck.get('projector', 'mlp')})"] = zs
@@ -333,7 +366,8 @@ def visualise(args, device):
     if not (0 <= r < H and 0 <= c < H):
         fail(f"--anchor {r} {c} is outside the {H}x{H} token grid")
     encoder = load_encoder(args.encoder, H, args.hub_dir, device)
-    z = encoder(torch.from_numpy(img).permute(2, 0, 1)[None].float().to(device)).float()   # (1, T, D)
+    with irepa.autocast(device):
+        z = encoder(torch.from_numpy(img).permute(2, 0, 1)[None].float().to(device)).float()   # (1, T, D)
     maps = {}
     for title, feats in [('raw tokens', z), (f'spatial norm, gamma {args.spnorm_gamma}',
                                              irepa.spatial_norm(z, args.spnorm_gamma))]:

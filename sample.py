@@ -132,22 +132,6 @@ def save_grid(images, path, labels=None, class_names=None, nrow=None):
             draw.text((left, upper), name[: max(1, w // 6)], fill='black', font=font)
     grid.save(path)
 
-def load_model(path, device):
-    """Rebuild the SiT from the checkpoint's own args and load its EMA weights (what REPA and DiT sample)."""
-    if not os.path.isfile(path):
-        sys.exit(f"sample.py: error: no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)    # tensors and plain types only
-    except Exception:
-        sys.exit(f"sample.py: error: {path} is not a torch checkpoint of tensors and plain types")
-    try:
-        model = irepa.build_model(ckpt['args'])
-        model.load_state_dict(ckpt['ema'])
-    except Exception as e:      # a checkpoint of something else: say so in one line
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-        sys.exit(f"sample.py: error: {path} is not an irepa.py checkpoint ({reason})")
-    return model.to(device).eval(), ckpt['args']
-
 # -----------------------------------------------------------------------------
 # Command line. Sampler defaults come from the checkpoint's recipe (latent: REPA's SDE 250 steps; pixel: JiT's
 # Heun 50; demo: Heun 25 with CFG 4); every flag overrides them.
@@ -155,6 +139,8 @@ def load_model(path, device):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Sample from an irepa.py checkpoint (defaults: its recipe's sampler).")
     p.add_argument("--ckpt", type=str, required=True, help="checkpoint written by irepa.py, or a run folder (latest)")
+    p.add_argument("--model", default=None, choices=list(irepa.SiT_models),
+                   help="the SiT size of an official checkpoint (default: read off its weights)")
     p.add_argument("--mode", type=str, choices=["sde", "ode"], default=None, help="default: the recipe's")
     p.add_argument("--num-steps", type=int, default=None, help="SDE: NFE (REPA's FID: 250); ODE: steps")
     p.add_argument("--heun", action=argparse.BooleanOptionalAction, default=None,
@@ -187,7 +173,10 @@ def main(argv=None):
         rank, world, device = 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    model, ckpt_args = load_model(args.ckpt, device)
+    try:
+        model, ckpt_args = irepa.load_sit(args.ckpt, device, args.model)
+    except ValueError as e:
+        sys.exit(f"sample.py: error: {e}")
     K, class_names = model.num_classes, ckpt_args.get("class_names")
     latents = None
     if ckpt_args.get("vae"):                                      # a latent-space model: decode with the SD-VAE

@@ -655,7 +655,7 @@ def vae_home(tmp_path_factory):
                folder / vae.STATS_FILE)
     return str(home)
 
-LATENT = ['--setting', 'latent', '--model', 'SiT-T/2', '--image-size', '32', '--encoder', 'hog', '--irepa',
+LATENT = ['--setting', 'latent', '--model', 'SiT-T/2', '--image-size', '64', '--encoder', 'hog', '--irepa',
           '--global-batch-size', '4', '--num-workers', '0', '--log-every', '1']
 
 def test_latent_training_resume_and_sampling(tmp_path, vae_home, monkeypatch):
@@ -665,13 +665,21 @@ def test_latent_training_resume_and_sampling(tmp_path, vae_home, monkeypatch):
     ck = load_last(run)
     a = ck['args']
     assert (a['vae'], a['input_size'], a['in_channels'], a['proj_coeff'], a['spnorm_gamma']) == (
-        'sd-vae-ft-mse', 4, 4, 1.0, 0.6)                                     # 32 px -> 4x4x4 latents; iREPA LDM recipe
+        'sd-vae-ft-mse', 8, 4, 1.0, 0.6)                                     # 64 px -> 8x8x4 latents; iREPA LDM recipe
     assert ck['model']['x_embedder.proj.weight'].shape[1] == 4
     resumed = irepa.main(['--resume', run, '--max-steps', '2'])
     assert load_last(resumed)['step'] == 2
     out = sample.main(['--ckpt', run, '--num-steps', '2', '--num-samples', '2', '--out', str(tmp_path / 's')])
     arr = np.load(os.path.join(out, 'samples.npz'))['arr_0']
-    assert arr.shape == (2, 32, 32, 3) and arr.dtype == np.uint8             # decoded back to pixels
+    assert arr.shape == (2, 64, 64, 3) and arr.dtype == np.uint8             # decoded back to pixels
+    import metrics                                                          # SiT's features of VAE-encoded images
+    for i in range(4):
+        os.makedirs(tmp_path / 'imgs' / 'c', exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+            tmp_path / 'imgs' / 'c' / f'{i}.png')
+    vals = metrics.main(['--ckpt', irepa.latest_checkpoint(run), '--data-path', str(tmp_path / 'imgs'),
+                         '--num-workers', '0', '--batch-size', '2'])
+    assert 'SiT h (block 2, t=0.5)' in vals and len(vals['SiT h (block 2, t=0.5)']['lds']) == 4
 
 def test_latents_are_a_normalised_posterior_sample(vae_home, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', vae_home)
@@ -704,3 +712,51 @@ def test_resume_keeps_the_runs_schedule_and_refuses_changes(tmp_path):
         irepa.main(['--resume', run, '--max-steps', '4', '--model', 'SiT-T/2'])
     irepa.main(['--resume', run, '--max-steps', '4', '--lr', '1e-3'])        # the same value is no change
     assert load_last(run)['step'] == 4
+
+@pytest.mark.parametrize('projector', ['conv', 'mlp', 'linear'])
+def test_official_checkpoint_format_loads_and_samples(tmp_path, vae_home, monkeypatch, projector):
+    """ldm/train.py saves {'model', 'ema', 'opt', 'args': argparse.Namespace, 'steps'} with the projector wrapped as
+    projectors.0.projection_layer.*; a 'linear' projector is a per-token linear map (here a 1x1 conv)."""
+    import argparse
+    import sample
+    monkeypatch.setenv('TORCH_HOME', vae_home)
+    torch.manual_seed(0)
+    ours = irepa.SiT_models['SiT-T/2'](input_size=4, in_channels=4, num_classes=10, encoder_depth=2, z_dim=8,
+                                       projector='mlp' if projector == 'mlp' else 'conv',
+                                       proj_kernel=1 if projector == 'linear' else 3)
+    for p in ours.parameters():
+        p.data.normal_(0, 0.02)                                            # not the zero init: outputs must match
+    sd = {k.replace('projectors.0.', 'projectors.0.projection_layer.'): v for k, v in ours.state_dict().items()}
+    if projector == 'linear':
+        sd['projectors.0.projection_layer.weight'] = sd['projectors.0.projection_layer.weight'].flatten(1)
+    ns = argparse.Namespace(model='SiT-T/2', resolution=32, encoder_depth=2, enc_type='dinov2-vit-b',
+                            projection_layer_type=projector, proj_kwargs_kernel_size=1, qk_norm=False)
+    torch.save({'model': sd, 'ema': sd, 'opt': {}, 'args': ns, 'steps': 7}, tmp_path / '0000007.pt')
+    model, args = irepa.load_sit(str(tmp_path / '0000007.pt'))
+    assert (args['model'], args['input_size'], args['in_channels'], args['num_classes'], args['vae']) == (
+        'SiT-T/2', 4, 4, 10, 'sd-vae-ft-mse')
+    x, t, y = torch.randn(2, 4, 4, 4), torch.rand(2), torch.tensor([1, 10])
+    out, zs = model(x, t, y)
+    ref_out, ref_zs = ours.eval()(x, t, y)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(zs, ref_zs)
+    if projector == 'conv':
+        out = sample.main(['--ckpt', str(tmp_path / '0000007.pt'), '--num-steps', '2', '--num-samples', '2',
+                           '--out', str(tmp_path / 's')])
+        assert np.load(os.path.join(out, 'samples.npz'))['arr_0'].shape == (2, 32, 32, 3)
+
+class NotATensor:
+    pass
+
+def test_load_sit_refuses_truncated_and_foreign_files(tmp_path):
+    good = tmp_path / 'good.pt'
+    torch.save(dict(ema=tiny().state_dict(), args=dict(model='SiT-T/4', image_size=16, num_classes=5, encoder_depth=2)),
+               good)
+    (tmp_path / 'cut.pt').write_bytes(good.read_bytes()[:1000])
+    torch.save({'ema': {}, 'args': NotATensor()}, tmp_path / 'pickle.pt')
+    torch.save({'state_dict': {}}, tmp_path / 'other.pt')
+    for name, msg in [('missing.pt', 'no checkpoint at'), ('cut.pt', 'truncated or not a torch checkpoint'),
+                      ('pickle.pt', 'truncated or not a torch checkpoint'), ('other.pt', 'not an irepa.py or official')]:
+        with pytest.raises(ValueError, match=msg) as e:
+            irepa.load_sit(str(tmp_path / name))
+        assert '\n' not in str(e.value)

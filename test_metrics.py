@@ -253,3 +253,35 @@ def test_cli_correlate_measures_missing_columns(tmp_path, monkeypatch, capsys):
     hog = metrics.main(['--encoder', 'hog'] + args)['hog raw']                  # the same images, measured directly
     assert f"{hog['lds'].mean():.4f}" in table
     assert res['lds'][1] < 0                                                     # less structure, worse fid
+
+
+def test_mask_to_grid_keeps_thin_objects_and_follows_the_crop():
+    # a 1 px vertical line in a 144 x 128 (W x H) mask: the image's crop keeps columns 8..135; the line at
+    # column 80 lies in crop column 72 -> token column 72 // 16 = 4 of an 8 x 8 grid, in every row
+    m = np.zeros((128, 144), np.uint8)
+    m[:, 80] = 1
+    grid = metrics.mask_to_grid(Image.fromarray(m), 8).view(8, 8)
+    assert grid[:, 4].all() and grid.sum() == 8
+    m = np.zeros((128, 144), np.uint8)
+    m[0, 4] = 255                                                                # outside the crop: dropped
+    assert not metrics.mask_to_grid(Image.fromarray(m), 8).any()
+
+
+def test_official_mask_filter():
+    masks = torch.zeros(3, 256, dtype=torch.bool)
+    masks[0, :64] = True                                                         # 64 object, 192 background: kept
+    masks[1, :63] = True                                                         # 63 object: dropped
+    masks[2, :200] = True                                                        # 56 background: dropped
+    assert metrics.keep_masks(masks).tolist() == [True, False, False]
+    assert metrics.keep_masks(masks, min_tokens=10).tolist() == [True, True, True]
+
+
+def test_cli_srss_uses_only_images_that_pass_the_filter(tmp_path, capsys):
+    data = make_folder(tmp_path / 'data')
+    masks = make_masks(data, tmp_path / 'masks')
+    tiny_obj = np.zeros((64, 72), np.uint8)
+    tiny_obj[30:33, 30:33] = 1                                                   # one or two tokens of 64
+    Image.fromarray(tiny_obj).save(masks / 'c0' / '0.png')
+    vals = metrics.main(['--data-path', str(data), '--masks', str(masks), '--num-images', '6'] + COMMON)
+    assert '5 of 6 images' in capsys.readouterr().out
+    assert all(len(v) == 5 for ms in vals.values() for v in ms.values())

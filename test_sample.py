@@ -180,7 +180,7 @@ def run_cli(*argv, torchrun=False):
 
 
 def test_sample_function_is_deterministic(tiny_ckpt):
-    model, args = sample.load_model(tiny_ckpt, "cpu")
+    model, args = irepa.load_sit(tiny_ckpt, "cpu")
     state = torch.get_rng_state()
     a = sample.sample(model, [0, 1, 2], mode='sde', num_steps=4, cfg_scale=1.5, seed=3, batch_size=2)
     b = sample.sample(model, [0, 1, 2], mode='sde', num_steps=4, cfg_scale=1.5, seed=3, batch_size=2)
@@ -214,7 +214,7 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path):
     junk = tmp_path / "junk.pt"
     torch.save({'state_dict': {}}, junk)
     cases = [(["--ckpt", tmp_path / "missing.pt"], "no checkpoint"),
-             (["--ckpt", junk], "not an irepa.py checkpoint"),
+             (["--ckpt", junk], "not an irepa.py or official iREPA/REPA checkpoint"),
              (["--ckpt", tiny_ckpt, "--cfg-scale", 0.5], "--cfg-scale"),
              (["--ckpt", tiny_ckpt, "--class-labels", 3, 4], "out of range")]
     for argv, msg in cases:
@@ -230,7 +230,7 @@ def test_torchrun_two_ranks_write_one_npz(tiny_ckpt, tmp_path):
     assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8
     assert sorted(os.listdir(tmp_path)) == ["grid.png", "samples.npz"]     # per-rank parts cleaned up
     # rank r sampled the r-th contiguous share with seed 1 * 2 + r; labels are drawn from the global seed
-    model, _ = sample.load_model(tiny_ckpt, "cpu")
+    model, _ = irepa.load_sit(tiny_ckpt, "cpu")
     labels = torch.randint(4, (5,), generator=torch.Generator().manual_seed(1))
     ref = np.concatenate([sample.sample(model, labels[:3], num_steps=3, seed=2, batch_size=2),
                           sample.sample(model, labels[3:], num_steps=3, seed=3, batch_size=2)])

@@ -1,0 +1,194 @@
+"""Tests for experiments/: the CIFAR ResNets of hubconf.py (upstream state-dict format, option-A shortcut, the
+encoder's token layout, torch.hub) and the Frechet distance of cifar10.py (closed forms, the `fd` command)."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, 'experiments'))
+import cifar10  # noqa: E402
+import hubconf  # noqa: E402
+
+SHARED = os.path.join(HERE, '..', 'shared', 'data')
+
+
+def save_upstream(model, path):
+    """A state dict in akamaster's format: saved from DataParallel, hence the 'module.' prefix."""
+    torch.save({'state_dict': {'module.' + k: v for k, v in model.state_dict().items()}, 'best_prec1': 0.0}, path)
+
+
+def random_weights(model, seed=0):
+    """Seeded random weights and non-trivial BatchNorm statistics (so a buffer that fails to load would show)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.reset_parameters()
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.num_features))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features))
+    return model.eval()
+
+# -----------------------------------------------------------------------------
+# Frechet distance
+
+def test_fd_closed_form_commuting_covariances():
+    # S1 = Q diag(a) Q^T, S2 = Q diag(b) Q^T commute: tr sqrt(S1 S2) = sum sqrt(a b), so
+    # FD = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2
+    rng = np.random.default_rng(0)
+    D = 16
+    Q, _ = np.linalg.qr(rng.standard_normal((D, D)))
+    a, b = rng.uniform(0.1, 3, D), rng.uniform(0.1, 3, D)
+    mu1, mu2 = rng.standard_normal(D), rng.standard_normal(D)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    for R in (np.eye(D), Q):                                                    # diagonal, then rotated
+        S1, S2 = R @ np.diag(a) @ R.T, R @ np.diag(b) @ R.T
+        assert cifar10.frechet_distance(mu1, S1, mu2, S2) == pytest.approx(expected, rel=1e-9)
+    # scalar covariances: FD = |dmu|^2 + D (s1 - s2)^2
+    assert cifar10.frechet_distance(np.zeros(4), 4 * np.eye(4), np.ones(4), np.eye(4)) == pytest.approx(4 + 4 * 1)
+
+
+def test_fd_of_a_feature_set_with_itself_is_zero():
+    feats = np.random.default_rng(1).standard_normal((500, 64)) @ np.random.default_rng(2).standard_normal((64, 64))
+    mu, sigma = cifar10.gaussian_stats(feats)
+    assert sigma.shape == (64, 64) and np.allclose(sigma, np.cov(feats.T))
+    assert abs(cifar10.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+    # a shift by d adds exactly |d|^2
+    mu2, sigma2 = cifar10.gaussian_stats(feats + 0.5)
+    assert cifar10.frechet_distance(mu, sigma, mu2, sigma2) == pytest.approx(64 * 0.25, abs=1e-5)
+
+# -----------------------------------------------------------------------------
+# The CIFAR ResNets
+
+def test_option_a_shortcut_by_hand():
+    block = hubconf.BasicBlock(16, 32, stride=2)
+    x = torch.randn(2, 16, 8, 8)
+    expected = torch.zeros(2, 32, 4, 4)
+    for c in range(16):                                                         # input channels land in 8..23
+        for i in range(4):
+            for j in range(4):
+                expected[:, 8 + c, i, j] = x[:, c, 2 * i, 2 * j]
+    assert torch.equal(block.shortcut(x), expected)
+    # with a zero residual branch the block is ReLU(shortcut)
+    block.conv2.weight.data.zero_()
+    block.bn2.bias.data.zero_()
+    assert torch.equal(block.eval()(x), expected.relu())
+    # same width and stride 1: identity, no parameters in the shortcut
+    same = hubconf.BasicBlock(16, 16)
+    assert torch.equal(same.shortcut(x), x)
+    assert sum(p.numel() for p in same.parameters()) == 2 * (16 * 16 * 9 + 2 * 16)
+
+
+@pytest.mark.parametrize('entry, n, params', [('resnet20_stage3', 3, 269_722), ('resnet56', 9, 853_018)])
+def test_loads_upstream_state_dict_by_name(tmp_path, entry, n, params):
+    src = random_weights(hubconf.ResNet(n))
+    path = str(tmp_path / 'w.th')
+    save_upstream(src, path)
+    keys = torch.load(path)['state_dict'].keys()
+    assert {'module.conv1.weight', 'module.bn1.running_var', 'module.layer1.0.conv1.weight',
+            'module.layer3.0.bn2.bias', 'module.linear.weight'} <= set(keys)
+    model = getattr(hubconf, entry)(weights=path)
+    assert sum(p.numel() for p in model.parameters()) == params                 # akamaster's table: 0.27M / 0.85M
+    assert not model.training
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(model(x), src(x))
+    # strict: a missing weight is an error
+    bad = {'state_dict': {k: v for k, v in torch.load(path)['state_dict'].items() if 'linear' not in k}}
+    torch.save(bad, path)
+    with pytest.raises(RuntimeError, match='linear'):
+        getattr(hubconf, entry)(weights=path)
+
+
+@pytest.mark.parametrize('entry, file_name', [('resnet20_stage3', 'resnet20-12fca82f.th'),
+                                              ('resnet56', 'resnet56-4bfd9763.th')])
+def test_real_weight_files(entry, file_name):
+    path = os.path.join(SHARED, file_name)
+    if not os.path.isfile(path):
+        pytest.skip(f'{path} not present')
+    model = getattr(hubconf, entry)(weights=path)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == {'resnet20_stage3': 269_722, 'resnet56': 853_018}[entry]
+    assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
+
+
+@pytest.mark.parametrize('stage, C, h', [(3, 64, 8), (2, 32, 16)])
+def test_encoder_tokens_raster_order(stage, C, h):
+    enc = random_weights(hubconf.ResNet(3, token_stage=stage))
+    assert (enc.embed_dim, enc.patch_size * h, getattr(enc, 'pos_embed', None)) == (C, 32, None)
+    x = torch.randn(2, 3, 32, 32)
+    tokens = enc.forward_features(x)['x_norm_patchtokens']
+    fmap = enc.stages(x)[stage - 1]                                             # (B, C, h, h)
+    assert tokens.shape == (2, h * h, C) and fmap.shape == (2, C, h, h)
+    for r in range(h):
+        for c in range(h):
+            assert torch.equal(tokens[:, r * h + c], fmap[:, :, r, c])
+    assert (tokens >= 0).all()                                                  # after the last ReLU
+
+
+def test_torch_hub_load_local(tmp_path, monkeypatch):
+    path = str(tmp_path / 'r20.th')
+    save_upstream(random_weights(hubconf.ResNet(3)), path)
+    monkeypatch.chdir(HERE)
+    enc = torch.hub.load('experiments', 'resnet20_stage3', source='local', weights=path)
+    assert enc.forward_features(torch.randn(1, 3, 32, 32))['x_norm_patchtokens'].shape == (1, 64, 64)
+    enc2 = torch.hub.load('experiments', 'resnet20_stage2', source='local', weights=path)
+    assert (enc2.embed_dim, enc2.patch_size) == (32, 2)
+
+# -----------------------------------------------------------------------------
+# The `fd` and `check` commands, on tiny data with random-weight networks
+
+@pytest.fixture
+def tiny_cifar(tmp_path, monkeypatch):
+    """ROOT/{train,test}/<class>/*.png of 32x32 noise; reference / held-out sets shrunk; random-weight ResNets."""
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 12), ('test', 4)):
+        for cls in ('a', 'b'):
+            os.makedirs(tmp_path / 'data' / split / cls)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    tmp_path / 'data' / split / cls / f'{i}.png')
+    monkeypatch.setattr(cifar10, 'REF_SIZE', 16)
+    monkeypatch.setattr(cifar10, 'HELD_OUT', 6)
+    monkeypatch.setattr(hubconf, 'load_weights', lambda model, weights, file_name: random_weights(model))
+    return tmp_path
+
+
+def test_fd_command(tiny_cifar, capsys):
+    samples = np.random.default_rng(1).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    np.savez(tiny_cifar / 'samples.npz', arr_0=samples)
+    argv = ['--out-dir', str(tiny_cifar / 'out'), 'fd', str(tiny_cifar / 'samples.npz'),
+            '--data-path', str(tiny_cifar / 'data')]
+    cifar10.main(argv)
+    first = float(capsys.readouterr().out.strip().splitlines()[-1])
+    assert np.isfinite(first) and first > 0
+    assert os.path.isfile(tiny_cifar / 'out' / 'ref_stats.npz')
+    cifar10.main(argv)                                                          # the cached reference: same FD
+    out = capsys.readouterr().out
+    assert 'reference:' not in out and float(out.strip().splitlines()[-1]) == first
+
+
+def test_fd_command_errors(tiny_cifar, capsys):
+    data = str(tiny_cifar / 'data')
+    np.savez(tiny_cifar / 'float.npz', arr_0=np.zeros((4, 32, 32, 3), np.float32))
+    np.savez(tiny_cifar / 'nchw.npz', arr_0=np.zeros((4, 3, 32, 32), np.uint8))
+    np.savez(tiny_cifar / 'ok.npz', arr_0=np.zeros((4, 32, 32, 3), np.uint8))
+    for file, data_path, msg in ((tiny_cifar / 'missing.npz', data, 'no such file'),
+                                 (tiny_cifar / 'float.npz', data, 'expected uint8 (N, 32, 32, 3)'),
+                                 (tiny_cifar / 'nchw.npz', data, 'expected uint8 (N, 32, 32, 3)'),
+                                 (tiny_cifar / 'ok.npz', str(tiny_cifar / 'nowhere'), 'has no train/ folder')):
+        with pytest.raises(SystemExit) as e:
+            cifar10.main(['fd', str(file), '--data-path', data_path])
+        assert str(e.value).startswith('cifar10.py: error:') and msg in str(e.value) and '\n' not in str(e.value)
+
+
+def test_check_command(tiny_cifar, capsys):
+    cifar10.main(['--out-dir', str(tiny_cifar / 'out'), 'check', '--data-path', str(tiny_cifar / 'data')])
+    out = capsys.readouterr().out
+    assert 'ResNet-56 test accuracy' in out and 'ResNet-20 test accuracy' in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith('FD of 6 held-out train images vs the 16-image reference: ')
+    assert float(last.split(': ')[1].split()[0]) >= 0
