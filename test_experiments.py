@@ -1,5 +1,7 @@
 """Tests for experiments/: the CIFAR ResNets of hubconf.py (upstream state-dict format, option-A shortcut, the
 encoder's token layout, torch.hub) and the Frechet distance of cifar10.py (closed forms, the `fd` command)."""
+import glob
+import json
 import os
 import sys
 
@@ -192,3 +194,33 @@ def test_check_command(tiny_cifar, capsys):
     last = out.strip().splitlines()[-1]
     assert last.startswith('FD of 6 held-out train images vs the 16-image reference: ')
     assert float(last.split(': ')[1].split()[0]) >= 0
+
+
+def test_quick_run_writes_every_output_and_resumes(tiny_cifar, monkeypatch, capsys):
+    """`run --quick`: every arm x seed trained by irepa.py, FD along the way, LDS/CDS, the report. The hub encoder
+    (a fresh import of hubconf.py through torch.hub) reads random weights from $CIFAR_RESNET_DIR."""
+    wdir = tiny_cifar / 'weights'
+    os.makedirs(wdir)
+    for n, name in ((3, 'resnet20-12fca82f.th'), (9, 'resnet56-4bfd9763.th')):
+        torch.save({'state_dict': {'module.' + k: v for k, v in random_weights(hubconf.ResNet(n)).state_dict().items()}},
+                   wdir / name)
+    monkeypatch.setenv('CIFAR_RESNET_DIR', str(wdir))
+    out = tiny_cifar / 'out'
+    argv = ['--out-dir', str(out), 'run', '--data-path', str(tiny_cifar / 'data'), '--quick']
+    cifar10.main(argv)
+    names = {f'{arm}-s{seed}.json' for arm in cifar10.ARMS for seed in cifar10.SEEDS} | {'targets.json'}
+    assert set(os.listdir(out / 'results')) == names
+    for arm in cifar10.ARMS:
+        assert os.path.isfile(out / f'grid_{arm}.png')
+    r = json.load(open(out / 'results' / 'iREPA-ResNet20-s1.json'))
+    assert set(r['fd']) == {'2', '4'} and all(np.isfinite(v) for v in r['fd'].values()) and 'lds' in r
+    ck = torch.load(glob.glob(str(out / 'runs' / 'iREPA-ResNet20-s1' / '*' / 'checkpoints' / '0000004.pt'))[0],
+                    weights_only=False)
+    assert (ck['args']['encoder'], ck['args']['projector'], ck['args']['seed'], ck['args']['setting']) == (
+        'resnet20_stage3', 'conv', 1, 'cifar10')
+    report = open(out / 'results.md').read()
+    assert '| iREPA-ResNet20 | resnet20_stage3 |' in report and '| resnet20_stage3 |' in report
+    assert Image.open(out / 'fd_curve.png').size == (640, 420)
+    capsys.readouterr()
+    cifar10.main(argv)                                                          # finished pieces are skipped
+    assert 'FD' not in capsys.readouterr().out.replace('wrote', '')

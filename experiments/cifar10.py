@@ -9,14 +9,24 @@ sees 32 px images at their native size. The reference is 10,000 train images (a 
 Data: CIFAR-10 as class folders of JPEGs, ROOT/{train,test}/<class>/*.jpg:
     mkdir -p /tmp/cifar && tar -xzf ../shared/data/cifar10.tar.gz -C /tmp/cifar     # ROOT = /tmp/cifar/cifar10_jpg
 
+    python experiments/cifar10.py run --data-path ROOT              # the whole experiment (~4 h on 2 cores, resumable)
+    python experiments/cifar10.py run --data-path ROOT --quick      # every piece end to end in about a minute
     python experiments/cifar10.py check --data-path ROOT            # ResNet-56/-20 test accuracy, FD noise floor
     python experiments/cifar10.py fd samples.npz --data-path ROOT   # FD of sample.py's npz; the last line is the FD
 
+`run` trains every arm x seed with irepa.py's own training code (the same recipe, `--setting cifar10`, for all),
+scores the EMA model by FD at 3 points along training, measures LDS/CDS at the end, and writes results.md,
+fd_curve.png and a sample grid per arm to --out-dir. Killed at any point, a rerun skips finished pieces (their
+results/<arm>-s<seed>.json) and resumes unfinished runs from their checkpoints (under results/cifar10/).
 The reference statistics are computed once and cached in --out-dir (default experiments/cifar10/ref_stats.npz).
 """
 import argparse
+import glob
 import hashlib
+import json
+import math
 import os
+import subprocess
 import sys
 import time
 
@@ -28,6 +38,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]                                    # irepa.py (repo root), hubconf.py
 import hubconf  # noqa: E402
 import irepa    # noqa: E402
+import metrics  # noqa: E402
+import sample   # noqa: E402
 
 REF_SIZE = 10_000       # train images in the FD reference
 HELD_OUT = 2_000        # further train images (not in the reference): the real-data FD, i.e. the noise floor
@@ -166,6 +178,216 @@ def cmd_check(args):
     print(f"FD of {len(held)} held-out train images vs the {REF_SIZE}-image reference: {fd:.4f} "
           f"({len(held) / dt:.0f} img/s, loading included)")
 
+# -----------------------------------------------------------------------------
+# 4. The experiment: every arm and seed trained by irepa.py with one recipe, scored along the way
+
+# arm -> (encoder, iREPA?). HOG is weight-free (pure spatial structure); ResNet-20's last stage is a small
+# pretrained CNN target (the CPU-size analogue of the paper's section 3 VGG / CNN targets).
+ARMS = {'vanilla': ('none', False),
+        'REPA-HOG': ('hog', False), 'iREPA-HOG': ('hog', True),
+        'REPA-ResNet20': ('resnet20_stage3', False), 'iREPA-ResNet20': ('resnet20_stage3', True)}
+SEEDS = (0, 1)
+
+# One recipe for every arm. Scale chosen for the 4-hour CPU budget: SiT-T/4 (depth 6, width 192; an 8x8 token
+# grid at 32 px, the grid of ResNet-20's last stage; aligned after block 2) trains at ~0.35 s per batch of 64 in
+# bf16 on 2 cores, so 3,000 steps (~4 epochs) and three FD evaluations take ~20 min per run, 10 runs.
+# lr 1e-3 and EMA 0.999 suit a tiny model and a short run (the demo's values, scaled to batch 64).
+irepa.RECIPES['cifar10'] = dict(irepa.RECIPES['demo'], model='SiT-T/4', image_size=32, global_batch_size=64, lr=1e-3,
+                                ema_decay=0.999, hflip=True, max_steps=3000, ckpt_every=1000, log_every=100,
+                                sampler=dict(mode='ode', heun=True, num_steps=12, cfg_scale=1.0))
+FULL = dict(steps=(1000, 2000, 3000), fd_samples=2000, metric_images=1000)
+QUICK = dict(steps=(2, 4), fd_samples=20, metric_images=20)
+METRIC_T = 0.5          # noise level of SiT's hidden states for LDS / CDS (t = 0 data, t = 1 noise)
+
+def save_json(path, obj):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + '.tmp', path)                                             # atomic: a kill leaves the old one
+
+def fd_of(model, net, ref, n, seed):
+    """FD of n samples of the EMA model (the recipe's sampler, no CFG, labels balanced) vs the reference,
+    and the samples (uint8 (n, 32, 32, 3))."""
+    s = irepa.RECIPES['cifar10']['sampler']
+    images = sample.sample(model, torch.arange(n) % model.num_classes, mode=s['mode'], heun=s['heun'],
+                           num_steps=s['num_steps'], seed=seed, batch_size=500)
+    feats = fd_features(net, torch.from_numpy(images).permute(0, 3, 1, 2))
+    return frechet_distance(*gaussian_stats(feats), *ref), images
+
+def spatial_metrics(feats):
+    """Mean LDS and CDS (official definitions, metrics.py) of (N, T, D) tokens."""
+    return dict(lds=float(metrics.lds(feats).mean()), cds=float(metrics.cds(feats).mean()))
+
+def test_images(args, n):
+    test = image_folder(args.data_path, 'test')
+    idx = np.random.default_rng(SEED).permutation(len(test))[:n]
+    return load_images(test, idx)
+
+def run_arm(args, arm, seed, cfg, net, ref):
+    """Train one arm and seed up to each evaluation step (resuming its checkpoints), record the FD there, and at
+    the end the spatial structure of SiT's aligned hidden states. Results: out_dir/results/<arm>-s<seed>.json."""
+    path = os.path.join(args.out_dir, 'results', f'{arm}-s{seed}.json')
+    res = json.load(open(path)) if os.path.isfile(path) else dict(arm=arm, seed=seed, fd={}, train_s=0.0, eval_s=0.0)
+    if 'lds' in res:
+        return res
+    encoder, use_irepa = ARMS[arm]
+    root = os.path.join(args.runs_dir, f'{arm}-s{seed}')
+    for step in cfg['steps']:
+        if str(step) in res['fd']:
+            continue
+        runs = glob.glob(os.path.join(root, '*', 'checkpoints'))
+        ckpt = os.path.join(runs[0], f'{step:07d}.pt') if runs else None
+        if ckpt is None or not os.path.isfile(ckpt):
+            t0 = time.time()
+            argv = (['--resume', os.path.dirname(runs[0])] if runs else
+                    ['--setting', 'cifar10', '--encoder', encoder, '--irepa' if use_irepa else '--no-irepa',
+                     '--hub-dir', HERE, '--data-path', os.path.join(args.data_path, 'train'), '--seed', str(seed),
+                     '--results-dir', root, '--ckpt-every', str(cfg['steps'][0])])
+            run_dir = irepa.main(argv + ['--max-steps', str(step)])
+            res['train_s'] += time.time() - t0
+            ckpt = os.path.join(run_dir, 'checkpoints', f'{step:07d}.pt')
+        t0 = time.time()
+        model, _ = irepa.load_sit(ckpt)
+        res['fd'][str(step)], images = fd_of(model, net, ref, cfg['fd_samples'], seed)
+        if step == cfg['steps'][-1]:
+            np.save(os.path.join(args.runs_dir, f'{arm}-s{seed}-samples.npy'), images[:80])   # 8 per class
+        res['eval_s'] += time.time() - t0
+        print(f"{arm} seed {seed} step {step}: FD {res['fd'][str(step)]:.3f}", flush=True)
+        save_json(path, res)
+    # the end: LDS / CDS of SiT's hidden state after block encoder_depth on test images at t = METRIC_T
+    model, _ = irepa.load_sit(irepa.latest_checkpoint(glob.glob(os.path.join(root, '*'))[0]))
+    images, labels = test_images(args, cfg['metric_images'])
+    x = images.float() / 127.5 - 1
+    g = torch.Generator().manual_seed(SEED)
+    t = torch.full((len(x),), METRIC_T)
+    x_t, _ = irepa.interpolant(x, torch.randn(x.shape, generator=g), t)
+    with irepa.autocast('cpu'):
+        h, _ = model.align_features(x_t, t, labels)
+    res.update(spatial_metrics(h.float()))
+    save_json(path, res)
+    return res
+
+def target_metrics(args, cfg):
+    """LDS / CDS of each alignment target on test images, raw and after iREPA's spatial normalisation."""
+    path = os.path.join(args.out_dir, 'results', 'targets.json')
+    if os.path.isfile(path):
+        return json.load(open(path))
+    images, _ = test_images(args, cfg['metric_images'])
+    gamma, out = irepa.RECIPES['cifar10']['spnorm_gamma'], {}
+    for name in sorted({enc for enc, _ in ARMS.values() if enc != 'none'}):
+        encoder = irepa.load_encoder(name, 8, None if name == 'hog' else HERE)
+        with torch.no_grad(), irepa.autocast('cpu'):
+            z = torch.cat([encoder(images[i:i + 250].float()).float() for i in range(0, len(images), 250)])
+        out[name] = dict(raw=spatial_metrics(z), spatial_norm=spatial_metrics(irepa.spatial_norm(z, gamma)))
+    save_json(path, out)
+    return out
+
+def mean_sd(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return '-'
+    return f"{np.mean(values):.3g} ± {np.std(values, ddof=1):.2g}" if len(values) > 1 else f"{values[0]:.3g}"
+
+def write_report(args, cfg, results, targets, wall):
+    """results.md (per seed, and mean ± sd over seeds), fd_curve.png and a sample grid per arm."""
+    steps = [str(s) for s in cfg['steps']]
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                            cwd=HERE).stdout.strip() or 'unknown'
+    rec = irepa.RECIPES['cifar10']
+    lines = ["# CIFAR-10: vanilla SiT vs REPA vs iREPA (produced by experiments/cifar10.py)", "",
+             f"Recipe for every run: {rec['model']} at 32 px, batch {rec['global_batch_size']}, lr {rec['lr']}, "
+             f"EMA {rec['ema_decay']}, {steps[-1]} steps, horizontal flips, proj-coeff {rec['proj_coeff']}, gamma "
+             f"{rec['spnorm_gamma']}. FD: {cfg['fd_samples']} EMA samples (Heun ODE, {rec['sampler']['num_steps']} "
+             f"steps, no CFG, balanced labels) vs {REF_SIZE} train images, ResNet-56 features; real held-out images "
+             f"score ~0.08. LDS / CDS: {cfg['metric_images']} test images; SiT's hidden state after block "
+             f"{irepa.SiT_sizes['T']['encoder_depth']} at t = {METRIC_T}.", "",
+             "## FD (lower is better), mean ± sd over seeds", "",
+             "| arm | target | " + " | ".join(f"FD @ {s}" for s in steps) + " | LDS (SiT) | CDS (SiT) |",
+             "|---|---|" + "---|" * (len(steps) + 2)]
+    for arm, (enc, _) in ARMS.items():
+        rs = [r for r in results if r['arm'] == arm]
+        lines.append(f"| {arm} | {enc} | " + " | ".join(mean_sd([r['fd'].get(s) for r in rs]) for s in steps) +
+                     f" | {mean_sd([r.get('lds') for r in rs])} | {mean_sd([r.get('cds') for r in rs])} |")
+    lines += ["", "## Every run", "", "| arm | seed | " + " | ".join(f"FD @ {s}" for s in steps) +
+              " | LDS | CDS | train (s) | eval (s) |", "|---|---|" + "---|" * (len(steps) + 4)]
+    for r in results:
+        lines.append(f"| {r['arm']} | {r['seed']} | " + " | ".join(f"{r['fd'][s]:.3f}" if s in r['fd'] else '-'
+                                                                   for s in steps) +
+                     f" | {r.get('lds', float('nan')):.3f} | {r.get('cds', float('nan')):.4f} | "
+                     f"{r['train_s']:.0f} | {r['eval_s']:.0f} |")
+    lines += ["", "## The targets' own spatial structure (the paper's predictor)", "",
+              "| target | LDS raw | CDS raw | LDS spatial norm | CDS spatial norm |", "|---|---|---|---|---|"]
+    for name, m in targets.items():
+        lines.append(f"| {name} | {m['raw']['lds']:.3f} | {m['raw']['cds']:.4f} | {m['spatial_norm']['lds']:.3f} | "
+                     f"{m['spatial_norm']['cds']:.4f} |")
+    lines += ["", f"Wall time of this invocation: {wall / 60:.1f} min; summed over runs: "
+              f"{sum(r['train_s'] + r['eval_s'] for r in results) / 60:.1f} min (2 CPU cores).",
+              f"Command: `python experiments/cifar10.py run --data-path ROOT{' --quick' if args.quick else ''}` "
+              f"at commit {commit}."]
+    open(os.path.join(args.out_dir, 'results.md'), 'w').write('\n'.join(lines) + '\n')
+    fd_curve(results, cfg['steps'], os.path.join(args.out_dir, 'fd_curve.png'))
+    classes = image_folder(args.data_path, 'test').classes
+    for arm in ARMS:
+        path = os.path.join(args.runs_dir, f'{arm}-s{SEEDS[0]}-samples.npy')
+        if os.path.isfile(path):
+            images = np.load(path)                                              # labels 0, 1, ..., K-1, 0, 1, ...
+            sample.save_grid(images, os.path.join(args.out_dir, f'grid_{arm}.png'), class_names=classes,
+                             labels=list(np.arange(len(images)) % len(classes)), nrow=len(classes))
+
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+def fd_curve(results, steps, path, W=640, H=420, m=60):
+    """FD vs training step, one line per arm (the mean over seeds) with the seeds' range as a bar."""
+    from PIL import Image, ImageDraw
+    im = Image.new('RGB', (W, H), 'white')
+    d = ImageDraw.Draw(im)
+    vals = [v for r in results for v in r['fd'].values()]
+    if not vals:
+        return im.save(path)
+    lo, hi = math.log(min(vals)), math.log(max(vals))
+    hi = hi if hi > lo else lo + 1
+    X = lambda s: m + (W - 2 * m) * (s - steps[0]) / max(1, steps[-1] - steps[0])
+    Y = lambda v: H - m - (H - 2 * m) * (math.log(v) - lo) / (hi - lo)      # log scale
+    d.line([(m, m), (m, H - m), (W - m, H - m)], fill='black')
+    for s in steps:
+        d.text((X(s) - 12, H - m + 6), str(s), fill='black')
+    for k in range(5):
+        v = math.exp(lo + (hi - lo) * k / 4)
+        d.text((4, Y(v) - 6), f"{v:.2f}", fill='black')
+    d.text((W // 2 - 60, H - 22), "training step", fill='black')
+    d.text((m, 14), "FD (ResNet-56 features, log scale) vs step; bars: seed range", fill='black')
+    for i, arm in enumerate(ARMS):
+        pts, c = [], COLOURS[i % len(COLOURS)]
+        for s in steps:
+            v = [r['fd'][str(s)] for r in results if r['arm'] == arm and str(s) in r['fd']]
+            if v:
+                x = X(s) + 3 * (i - 2)
+                pts.append((x, Y(np.mean(v))))
+                d.line([(x, Y(min(v))), (x, Y(max(v)))], fill=c, width=2)
+        if len(pts) > 1:
+            d.line(pts, fill=c, width=2)
+        d.text((W - m - 110, m + 14 * i), arm, fill=c)
+    im.save(path)
+
+def cmd_run(args):
+    cfg = QUICK if args.quick else FULL
+    if args.quick:
+        irepa.RECIPES['cifar10'].update(max_steps=cfg['steps'][-1], ckpt_every=cfg['steps'][0], log_every=1,
+                                        global_batch_size=8, sampler=dict(mode='ode', heun=True, num_steps=2))
+    if args.runs_dir is None:
+        args.runs_dir = os.path.join(args.out_dir, 'runs') if args.quick else os.path.join('results', 'cifar10')
+    os.makedirs(os.path.join(args.out_dir, 'results'), exist_ok=True)
+    os.makedirs(args.runs_dir, exist_ok=True)
+    t0 = time.time()
+    net = hubconf.resnet56()
+    ref = reference_stats(net, image_folder(args.data_path, 'train'), args.out_dir)
+    targets = target_metrics(args, cfg)
+    results = []
+    for seed in SEEDS:                                                          # seed-major: both seeds of every
+        for arm in ARMS:                                                        # arm only at the very end
+            results.append(run_arm(args, arm, seed, cfg, net, ref))
+            write_report(args, cfg, results, targets, time.time() - t0)
+    print(f"wrote {args.out_dir}/results.md, fd_curve.png and grid_<arm>.png ({(time.time() - t0) / 60:.1f} min)")
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="CIFAR-10: vanilla SiT vs REPA vs iREPA, scored by a ResNet-56 FD.")
     parser.add_argument("--out-dir", default=os.path.join(HERE, 'cifar10'), help="outputs and the cached reference")
@@ -174,6 +396,11 @@ def main(argv=None):
     p.add_argument('file', help="ADM-style npz (arr_0), e.g. sample.py's samples.npz")
     p.add_argument('--data-path', required=True, help="CIFAR-10 root holding train/<class>/*.jpg")
     p.set_defaults(func=cmd_fd)
+    p = sub.add_parser('run', help="train and score every arm x seed (resumable); --quick: every piece in a minute")
+    p.add_argument('--data-path', required=True, help="CIFAR-10 root holding train/ and test/")
+    p.add_argument('--quick', action='store_true', help="tiny steps and sample counts: a smoke test of every piece")
+    p.add_argument('--runs-dir', default=None, help="training runs (default results/cifar10; --quick: out-dir/runs)")
+    p.set_defaults(func=cmd_run)
     p = sub.add_parser('check', help="ResNet-56 / ResNet-20 test accuracy and the FD of real held-out images")
     p.add_argument('--data-path', required=True, help="CIFAR-10 root holding train/ and test/")
     p.set_defaults(func=cmd_check)

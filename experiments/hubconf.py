@@ -88,9 +88,10 @@ class ResNet(nn.Module):
 
 def load_weights(model, weights, file_name):
     """weights: a path to an akamaster checkpoint ({'state_dict': {'module.' + name: tensor}}, saved from
-    DataParallel), or None: ../shared/data/<file_name> next to the repo when present, else the upstream
+    DataParallel), or None: $CIFAR_RESNET_DIR/<file_name>, or ../shared/data/<file_name> next to the repo, when
+    present, else the upstream
     URL (sha256-checked, cached in $TORCH_HOME/hub/checkpoints/)."""
-    local = os.path.join(LOCAL, file_name)
+    local = os.path.join(os.environ.get('CIFAR_RESNET_DIR', LOCAL), file_name)     # the env var: another folder
     if weights is None and not os.path.isfile(local):
         ckpt = torch.hub.load_state_dict_from_url(URL + file_name, map_location='cpu', check_hash=True)
     else:
