@@ -1,53 +1,76 @@
 """
-bench.py -- time irepa.py's training step: forward + backward + AdamW + EMA, after warm-up.
+bench.py -- time irepa.py's training step (data on device -> target -> forward + backward -> clip -> AdamW -> EMA)
+in fp32 and in bf16 autocast, interleaved in one run, and print the medians and the speed-up.
 
-    python bench.py                                              # SiT-B/2 + iREPA (HOG) at 32 px, on cuda/mps/cpu
-    python bench.py --model SiT-XL/16 --image-size 256 --encoder dinov2_vitb14 --batch-size 32 --compile
-Prints ms/step, img/s, peak memory and, on CUDA, the model FLOPs utilisation (MFU) against bf16 peak.
+    python bench.py                                              # SiT-B/4 + iREPA (HOG) at 32 px, batch 32
+    python bench.py --model SiT-S/4 --batch-size 64
+    python bench.py --model SiT-XL/2 --image-size 256 --vae --encoder dinov2_vitb14 --batch-size 32 --compile   # GPU
+With --vae the step includes the SD-VAE encoding of the images (the latent setting, random VAE weights) and the
+VAE's share is printed on its own. On CUDA: peak memory and the model FLOPs utilisation (MFU) against bf16 peak.
 """
 import argparse
+import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 
 import irepa
 
 p = argparse.ArgumentParser()
-p.add_argument('--model', default='SiT-B/2', choices=list(irepa.SiT_models))
+p.add_argument('--model', default='SiT-B/4', choices=list(irepa.SiT_models))
 p.add_argument('--image-size', type=int, default=32)
 p.add_argument('--encoder', default='hog', choices=list(irepa.ENCODERS) + ['none'])
 p.add_argument('--hub-dir', default=None)
+p.add_argument('--vae', action='store_true', help="latent setting: SD-VAE encode in the step (random weights)")
 p.add_argument('--batch-size', type=int, default=32)
-p.add_argument('--steps', type=int, default=10)
-p.add_argument('--warmup', type=int, default=3)
+p.add_argument('--repeats', type=int, default=5, help="timed steps per precision, interleaved")
+p.add_argument('--warmup', type=int, default=2)
 p.add_argument('--compile', action='store_true')
+p.add_argument('--precisions', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16'])
 p.add_argument('--peak-tflops', type=float, default=989.0, help="bf16 dense peak of the GPU (H100 SXM: 989)")
 args = p.parse_args()
 
-device = torch.device('cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu')
+device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 cfg = irepa.SiT_models[args.model].keywords
-grid = args.image_size // cfg['patch_size']
+down = 8 if args.vae else 1
+grid = args.image_size // down // cfg['patch_size']
 enc = None if args.encoder == 'none' else irepa.load_encoder(args.encoder, grid, args.hub_dir, device)
-model = irepa.SiT_models[args.model](input_size=args.image_size, num_classes=1000, projector='conv',
-                                     z_dim=enc.embed_dim if enc else None).to(device)
-ema = irepa.SiT_models[args.model](input_size=args.image_size, num_classes=1000, projector='conv',
-                                   z_dim=enc.embed_dim if enc else None).to(device).requires_grad_(False)
+vae = None
+if args.vae:
+    import vae as sdvae
+    vae = sdvae.AutoencoderKL().to(device).eval().requires_grad_(False)
+kw = dict(input_size=args.image_size // down, in_channels=4 if args.vae else 3, num_classes=1000, projector='conv',
+          z_dim=enc.embed_dim if enc else None)
+model = irepa.SiT_models[args.model](**kw).to(device)
+ema = irepa.SiT_models[args.model](**kw).to(device).requires_grad_(False)
 opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, weight_decay=0,
                         fused=device.type == 'cuda')
 fwd = torch.compile(model) if args.compile else model
-autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
 B = args.batch_size
 img = torch.randint(0, 256, (B, 3, args.image_size, args.image_size), device=device, dtype=torch.uint8)
 y = torch.randint(0, 1000, (B,), device=device)
+sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
 
-def step():
+def step(bf16):
+    """One training step as irepa.main runs it; returns the seconds spent in the VAE."""
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     x = img.float() / 127.5 - 1
+    t_vae = 0.0
+    if vae is not None:                                                 # fp32, as in training
+        sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            mean, logvar = vae.encode(x)
+            x = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * 0.18215
+        sync()
+        t_vae = time.perf_counter() - t0
     z = None
     if enc is not None:
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), amp:
             z = irepa.spatial_norm(enc(img.float()).float())
-    with autocast:
+    with amp:
         d, a = irepa.flow_matching_loss(fwd, x, y, torch.randn_like(x), torch.rand(B, device=device), z)
         loss = d + 0.5 * a if a is not None else d
     loss.backward()
@@ -56,26 +79,36 @@ def step():
     opt.zero_grad(set_to_none=True)
     with torch.no_grad():
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1e-4)
+    return t_vae
 
-sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-for _ in range(args.warmup):
-    step()
-sync()
+times, vae_times = {p: [] for p in args.precisions}, {p: [] for p in args.precisions}
+for i in range(args.warmup + args.repeats):
+    for prec in args.precisions:                                        # interleaved: drift hits both alike
+        sync()
+        t0 = time.perf_counter()
+        tv = step(prec == 'bf16')
+        sync()
+        if i >= args.warmup:
+            times[prec].append(time.perf_counter() - t0)
+            vae_times[prec].append(tv)
 if device.type == 'cuda':
-    torch.cuda.reset_peak_memory_stats()
-t0 = time.perf_counter()
-for _ in range(args.steps):
-    step()
-sync()
-dt = (time.perf_counter() - t0) / args.steps
+    peak_mem = torch.cuda.max_memory_allocated() / 2 ** 30
 
 # model FLOPs per image for training: 3 x forward; forward = 2 x matmul params x tokens + attention 4 x depth x T^2 x D
 T, D, depth = grid * grid, cfg['hidden_size'], cfg['depth']
 matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
 flops = 3 * (2 * matmul_params * T + 4 * depth * T * T * D) * B
-line = (f"{args.model} {args.image_size}px {args.encoder} iREPA | batch {B} | {device.type} | {dt * 1000:.1f} ms/step | "
-        f"{B / dt:.1f} img/s")
+print(f"{args.model} {args.image_size}px{' latent' if args.vae else ''} {args.encoder} iREPA | batch {B} | "
+      f"{device.type} ({torch.get_num_threads()} threads) | median of {args.repeats}")
+for prec in args.precisions:
+    dt = statistics.median(times[prec])
+    line = f"  {prec}: {dt * 1000:8.1f} ms/step | {B / dt:7.1f} img/s"
+    if vae is not None:
+        line += f" | VAE encode {statistics.median(vae_times[prec]) * 1000:.1f} ms ({statistics.median(vae_times[prec]) / dt:.0%})"
+    if device.type == 'cuda':
+        line += f" | MFU {flops / dt / (args.peak_tflops * 1e12) * 100:.1f}%"
+    print(line)
+if len(args.precisions) == 2:
+    print(f"  bf16 speed-up: {statistics.median(times['fp32']) / statistics.median(times['bf16']):.2f}x")
 if device.type == 'cuda':
-    line += (f" | peak mem {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB | "
-             f"MFU {flops / dt / (args.peak_tflops * 1e12) * 100:.1f}%")
-print(line)
+    print(f"  peak memory {peak_mem:.2f} GiB")

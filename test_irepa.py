@@ -129,6 +129,10 @@ def test_attention_matches_explicit_softmax():
     q, k, v = attn.qkv(x).view(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
     a = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1) @ v
     torch.testing.assert_close(attn(x), attn.proj(a.transpose(1, 2).reshape(2, 5, 16)))
+    with torch.autocast('cpu', dtype=torch.bfloat16):                      # the explicit CPU bf16 path
+        low = attn(x)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), attn(x), atol=0.03, rtol=0.03)
 
 # -----------------------------------------------------------------------------
 # Projectors and spatial normalisation
