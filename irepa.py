@@ -9,12 +9,17 @@ arXiv 2512.10794) improves REPA (arXiv 2410.06940) with two changes, both switch
 Time convention, used everywhere in this repo (sample.py too): t = 0 is data, t = 1 is noise,
     x_t = (1 - t) * x + t * eps,   target velocity v = eps - x.
 
+Three settings, one code path (`--setting`, recipes in section 8; explicit flags win):
+    latent  the paper's main setting: SiT-XL/2 on 32x32x4 SD-VAE latents of 256 px images, REPA's recipe (default)
+    pixel   SiT-B/16 on 256 px pixels with JiT's recipe (x-prediction, logit-normal t, warm-up; iREPA Table 10)
+    demo    tiny SiT on 16 px procedural shapes, HOG target, iREPA: CPU, offline, ~3.5 minutes
+
 Run it:
-    python irepa.py --demo                                  # CPU, offline, ~5 minutes: train + sample a grid
-    python irepa.py --model SiT-S/2 --image-size 32 --encoder hog --irepa --data-path cifar10_jpg/train
-    torchrun --nproc_per_node=8 irepa.py --model SiT-XL/16 --pred x --encoder dinov2_vitb14 --irepa \
-        --data-path /path/to/imagenet/train                 # paper scale, pixel space, 256 px
+    python irepa.py --setting demo && python sample.py --ckpt results/demo/SiT-T-2-hog-irepa     # CPU, a grid
+    torchrun --nproc_per_node=8 irepa.py --encoder dinov2_vitb14 --irepa --data-path /path/to/imagenet/train
+    torchrun --nproc_per_node=8 irepa.py --setting pixel --encoder dinov2_vitb14 --irepa --data-path ...
     multi-node: torchrun --nnodes=N --node_rank=R --master_addr=... --nproc_per_node=8 irepa.py ...
+bf16 autocast on CUDA and on CPUs with bf16 instructions; IREPA_PRECISION=fp32 in the environment forces fp32.
 """
 import argparse
 import glob
@@ -36,7 +41,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 # -----------------------------------------------------------------------------
-# 1. SiT: the diffusion transformer (DiT architecture, SiT interpolant; SPEC section 2)
+# 1. SiT: the diffusion transformer (DiT, arXiv 2212.09748; SiT, arXiv 2401.08740; official SiT models.py)
 #    Parameter names follow the official SiT/REPA code so their checkpoints load by name.
 
 def modulate(x, shift, scale):
@@ -145,7 +150,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 # -----------------------------------------------------------------------------
-# 2. Projectors: REPA's MLP and iREPA's conv (SPEC section 4, paper section 4)
+# 2. Projectors: REPA's MLP and iREPA's conv (REPA section 3.2; iREPA section 4, official ldm/models/sit.py)
 
 def tokens_to_grid(x):
     """(B, T, D) raster-order tokens -> (B, D, H, W) with H = W = sqrt(T)."""
@@ -319,7 +324,7 @@ def load_sit(path, device='cpu', model=None):
     return sit.to(device).eval(), args
 
 # -----------------------------------------------------------------------------
-# 4. Frozen encoders: patch tokens (B, T, D) on SiT's token grid (SPEC section 7)
+# 4. Frozen encoders: patch tokens (B, T, D) on SiT's token grid (REPA section 4.1; official vision_encoder.py)
 #    Input: images (B, 3, H, W) as floats in 0..255 -- the same images SiT sees, before the [-1, 1] scaling.
 
 DINOV2 = [f'dinov2_vit{s}14{r}' for s in 'sblg' for r in ('', '_reg')]
@@ -423,7 +428,7 @@ def load_encoder(name, grid_size, hub_repo=None, device='cpu'):
     return enc.to(device).eval().requires_grad_(False)
 
 # -----------------------------------------------------------------------------
-# 5. iREPA's spatial normalisation of the encoder targets (SPEC section 5, paper eq. in section 4)
+# 5. iREPA's spatial normalisation of the encoder targets (iREPA section 4; official ldm/utils.py spatial_zscore, jit/spnorm.py)
 
 def spatial_norm(z, gamma=0.6, eps=1e-6):
     """z (B, T, D) -> (z - gamma * mean_T z) / (std_T z + eps), statistics over the token axis.
@@ -434,7 +439,7 @@ def spatial_norm(z, gamma=0.6, eps=1e-6):
     return (z - gamma * mean) / (std + eps)
 
 # -----------------------------------------------------------------------------
-# 6. Flow matching and alignment losses (SPEC sections 1 and 6)
+# 6. Flow matching and alignment losses (SiT section 2; REPA eq. 8; JiT's denoiser.py for x-prediction)
 
 def interpolant(x, noise, t):
     """Linear path: t = 0 data, t = 1 noise. Returns x_t and the target velocity d x_t / dt."""
@@ -476,7 +481,7 @@ def sample_time(u, n, logit_normal=None):
     return torch.sigmoid(mean + std * n)
 
 # -----------------------------------------------------------------------------
-# 7. Data: class-per-folder images with the ADM center crop, or procedural shapes (SPEC section 9)
+# 7. Data: class-per-folder images with the ADM center crop, or procedural shapes (ADM / DiT's center crop)
 
 def center_crop_arr(pil_image, image_size):
     """ADM: halve with BOX while the short side is >= 2S, BICUBIC so the short side is S, crop the centre."""
@@ -497,10 +502,14 @@ class ImageFolder(torch.utils.data.Dataset):
     def __init__(self, root, image_size):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"--data-path {root} is not a folder")
-        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        self.samples = [(os.path.join(dp, f), label) for label, c in enumerate(self.classes)
-                        for dp, _, files in sorted(os.walk(os.path.join(root, c)), key=lambda w: w[0])
-                        for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+        images = {d.name: [os.path.join(dp, f) for dp, _, files in sorted(os.walk(d.path), key=lambda w: w[0])
+                           for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith('.')]
+                  for d in os.scandir(root) if d.is_dir() and not d.name.startswith('.')}   # hidden: not a class
+        empty = sorted(c for c, files in images.items() if not files)
+        if empty:
+            warnings.warn(f"{root}: folder(s) without images are not classes: {', '.join(empty)}")
+        self.classes = sorted(c for c, files in images.items() if files)
+        self.samples = [(path, label) for label, c in enumerate(self.classes) for path in images[c]]
         if not self.samples:
             raise FileNotFoundError(f"no images in {root}: expected root/<class name>/<image>{IMG_EXTENSIONS}")
         self.image_size, self.bad = image_size, set()
@@ -584,10 +593,10 @@ RECIPES = {
                   hflip=True, ema_decay=0.9999, spnorm_gamma=0.8, proj_coeff=0.5, global_batch_size=256,
                   max_steps=200_000, ckpt_every=50_000, log_every=100, num_workers=4,
                   sampler=dict(mode='ode', heun=True, num_steps=50, cfg_scale=1.0)),   # JiT: Heun 50, no CFG
-    # The CPU demo: tiny SiT on 16 px procedural shapes with a HOG target and iREPA, ~4 minutes on 2 cores.
+    # The CPU demo: tiny SiT on 16 px procedural shapes with a HOG target and iREPA, ~3.5 minutes on 2 cores (bf16).
     'demo': dict(vae=None, model='SiT-T/2', image_size=16, encoder='hog', irepa=True, pred='v', time_dist=None,
                  lr=2e-3, betas=(0.9, 0.999), warmup_epochs=0, clip_grad=1.0, hflip=False, ema_decay=0.995,
-                 spnorm_gamma=0.6, proj_coeff=0.5, global_batch_size=32, max_steps=600, ckpt_every=600,
+                 spnorm_gamma=0.6, proj_coeff=0.5, global_batch_size=32, max_steps=1200, ckpt_every=1200,
                  log_every=50, num_workers=0, results_dir='results/demo',
                  sampler=dict(mode='ode', heun=True, num_steps=25, cfg_scale=4.0)),
 }
@@ -596,7 +605,7 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument('--setting', default='latent', choices=list(RECIPES),
-                   help="latent: SD-VAE latents, REPA's recipe (the paper's); pixel: JiT's recipe; demo: CPU, 4 min")
+                   help="latent: SD-VAE latents, REPA's recipe (the paper's); pixel: JiT's recipe; demo: CPU, 3.5 min")
     g = p.add_argument_group('what to train (defaults: the setting\'s recipe)')
     g.add_argument('--model', choices=list(SiT_models))
     g.add_argument('--image-size', type=int)
@@ -706,6 +715,18 @@ def latest_checkpoint(run_dir):
     ckpts = sorted(glob.glob(os.path.join(run_dir, 'checkpoints', '*.pt')))
     return ckpts[-1] if ckpts else None
 
+def load_latest_checkpoint(run_dir):
+    """The newest checkpoint of a run that loads; a truncated or corrupt one (a disk fault, a copy cut short) is
+    skipped with a warning naming it, and leftovers of a save that was killed (*.tmp) are removed."""
+    for tmp in glob.glob(os.path.join(run_dir, 'checkpoints', '*.tmp')):
+        os.remove(tmp)
+    for path in sorted(glob.glob(os.path.join(run_dir, 'checkpoints', '*.pt')), reverse=True):
+        try:
+            return torch.load(path, map_location='cpu', weights_only=False)
+        except Exception as e:
+            warnings.warn(f"skipping unreadable checkpoint {path} ({type(e).__name__}); trying the one before")
+    fail(f"--resume {run_dir}: no readable checkpoint in {os.path.join(run_dir, 'checkpoints')}")
+
 def fail(msg):
     """A one-line error for bad input, instead of a traceback from deep inside."""
     sys.exit(f"irepa.py: error: {msg}")
@@ -751,16 +772,34 @@ def resume_args(args, given, run_args):
     return argparse.Namespace(**{k: getattr(args, k) if k in given and k in RESUME_FLAGS else run_args.get(k, v)
                                  for k, v in vars(args).items()})
 
+def check_ranges(args):
+    """Every numeric setting in range, and the output folder usable, before anything heavy starts."""
+    checks = [('image_size', args.image_size >= 1, '>= 1'), ('global_batch_size', args.global_batch_size >= 1, '>= 1'),
+              ('grad_accum', args.grad_accum >= 1, '>= 1'), ('lr', 0 < args.lr < math.inf, '> 0'),
+              ('max_steps', args.max_steps >= 1, '>= 1'), ('ckpt_every', args.ckpt_every >= 1, '>= 1'),
+              ('log_every', args.log_every >= 1, '>= 1'), ('num_workers', args.num_workers >= 0, '>= 0'),
+              ('seed', args.seed >= 0, '>= 0'), ('proj_coeff', 0 <= args.proj_coeff < math.inf, '>= 0'),
+              ('ema_decay', 0 <= args.ema_decay < 1, 'in [0, 1)'), ('spnorm_gamma', 0 <= args.spnorm_gamma <= 1, 'in [0, 1]')]
+    for name, ok, want in checks:
+        if not ok:
+            fail(f"--{name.replace('_', '-')} must be {want}, got {getattr(args, name)}")
+    if not args.resume:
+        try:
+            os.makedirs(args.results_dir, exist_ok=True)
+        except OSError as e:
+            fail(f"--results-dir {args.results_dir}: cannot create it ({e.strerror})")
+        if not os.access(args.results_dir, os.W_OK):
+            fail(f"--results-dir {args.results_dir} is not writable")
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args(argv)
     ckpt = None
     if args.resume:
-        if latest_checkpoint(args.resume) is None:
-            fail(f"--resume {args.resume}: no checkpoint in {os.path.join(args.resume, 'checkpoints')}")
-        ckpt = torch.load(latest_checkpoint(args.resume), map_location='cpu', weights_only=False)
+        ckpt = load_latest_checkpoint(args.resume)
         args = resume_args(args, given_flags(argv), ckpt['args'])
     # -- check the invariants before anything heavy starts
+    check_ranges(args)
     size_cfg = SiT_models[args.model].keywords                                  # patch_size, depth, encoder_depth, ...
     patch, depth = size_cfg['patch_size'], size_cfg['depth']
     if args.encoder not in ENCODERS + ('none',) and not args.hub_dir:
@@ -772,8 +811,6 @@ def main(argv=None):
              + (" x 8 (the VAE's downsampling)" if args.vae else ""))
     if args.encoder_depth is not None and not 1 <= args.encoder_depth <= depth:
         fail(f"--encoder-depth {args.encoder_depth} is outside 1..{depth}, the blocks of {args.model}")
-    if args.grad_accum < 1:
-        fail(f"--grad-accum must be >= 1, got {args.grad_accum}")
     rank, world, device = setup_distributed()
     if args.global_batch_size % (world * args.grad_accum):
         fail(f"--global-batch-size {args.global_batch_size} is not divisible by world size {world} "
@@ -931,14 +968,14 @@ def main(argv=None):
                 tot, fm, al, gn = (loss_sums / n).tolist()
                 if not math.isfinite(tot):
                     fail(f"loss is {tot} at step {step}; stopping. The last good checkpoint is in {run_dir}/checkpoints "
-                         f"(try a lower --lr)")
+                         f"(a new run with a lower --lr may help)")
                 dt = (time.time() - t0) / (step - last_step)
                 log(f"step {step}/{args.max_steps} | loss {tot:.4f} (fm {fm:.4f}, align {al:.4f}) | grad {gn:.3f} | "
                     f"{dt * 1000:.0f} ms | {args.global_batch_size / dt:.0f} img/s")
                 loss_sums.zero_()
                 t0, last_step = time.time(), step
             if step % args.ckpt_every == 0 or step == args.max_steps:
-                if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+                if not all(torch.isfinite(p).all() for p in [*raw_model.parameters(), *ema.parameters()]):
                     fail(f"non-finite weights at step {step}; not saving. The last good checkpoint is in {run_dir}/checkpoints")
                 if master:
                     path = os.path.join(run_dir, 'checkpoints', f"{step:07d}.pt")

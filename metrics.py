@@ -41,7 +41,7 @@ import irepa
 METRICS = ('lds', 'cds', 'srss', 'rmsc')
 
 # -----------------------------------------------------------------------------
-# 1. The four metrics (paper Appendix B, SPEC section 11). x: (B, T, D) tokens of an H x H grid in raster order.
+# 1. The four metrics (iREPA Appendix B; official metrics/spatial_metrics.py). x: (B, T, D) tokens of an H x H grid in raster order.
 #    Pairs are ordered (t, t') with t != t'; the cosine kernel is symmetric, so every mean equals the mean over
 #    unordered pairs. A token is never paired with itself. Each metric returns per-image values (B,).
 

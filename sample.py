@@ -50,7 +50,7 @@ def velocity(model, x, t, y, dtype, cfg_scale, guidance_low, guidance_high, t_gu
     return v
 
 # -----------------------------------------------------------------------------
-# Samplers (SPEC section 10, REPA's samplers.py): float64 state, the model sees the input's dtype.
+# Samplers (REPA's samplers.py, SiT's Euler-Maruyama): float64 state, the model sees the input's dtype.
 
 @torch.no_grad()
 def euler_sampler(model, x, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0):

@@ -532,15 +532,27 @@ def test_torchrun_two_cpu_ranks_equals_one_process(tmp_path, fp32):
     (['--grad-accum', '3'], 'not divisible by world size 1 x --grad-accum 3'),
     (['--grad-accum', '0'], '--grad-accum must be >= 1'),
     (['--encoder-depth', '7'], '--encoder-depth 7 is outside 1..6'),
-    (['--resume', 'NOCKPT'], 'no checkpoint in'),
+    (['--resume', 'NOCKPT'], 'no readable checkpoint in'),
+    (['--lr', '0'], '--lr must be > 0, got 0.0'),
+    (['--lr', 'nan'], '--lr must be > 0, got nan'),
+    (['--max-steps', '0'], '--max-steps must be >= 1'),
+    (['--ckpt-every', '0'], '--ckpt-every must be >= 1'),
+    (['--log-every', '-5'], '--log-every must be >= 1'),
+    (['--num-workers', '-1'], '--num-workers must be >= 0'),
+    (['--global-batch-size', '0'], '--global-batch-size must be >= 1'),
+    (['--image-size', '0'], '--image-size must be >= 1'),
+    (['--proj-coeff', '-1'], '--proj-coeff must be >= 0'),
+    (['--seed', '-3'], '--seed must be >= 0'),
+    (['--results-dir', 'AFILE'], 'cannot create it'),
     (['--encoder', 'dinov2_vitb14', '--hub-dir', 'HUB', '--image-size', '32'], 'gives 4 tokens but SiT-T/4 at 32 px'),
     (['--encoder', 'dinov2_vits14', '--hub-dir', 'NOHUB'], 'could not load encoder'),
 ])
 def test_bad_input_gives_a_clear_error(tmp_path, hub_dir, capsys, extra, message):
     (tmp_path / 'empty' / 'c').mkdir(parents=True)
     (tmp_path / 'nockpt').mkdir()
+    (tmp_path / 'afile').write_text('not a folder')
     subs = {'EMPTY': str(tmp_path / 'empty'), 'NOCKPT': str(tmp_path / 'nockpt'), 'HUB': hub_dir,
-            'NOHUB': str(tmp_path)}
+            'NOHUB': str(tmp_path), 'AFILE': str(tmp_path / 'afile' / 'sub')}
     with pytest.raises(SystemExit) as e:
         run_train(tmp_path / 'r', '--encoder', 'none', *[subs.get(a, a) for a in extra])
     err = str(e.value.code) + capsys.readouterr().err
@@ -764,3 +776,26 @@ def test_load_sit_refuses_truncated_and_foreign_files(tmp_path):
         with pytest.raises(ValueError, match=msg) as e:
             irepa.load_sit(str(tmp_path / name))
         assert '\n' not in str(e.value)
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint_and_removes_leftovers(tmp_path):
+    run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '2', '--ckpt-every', '1')
+    newest = os.path.join(run, 'checkpoints', '0000002.pt')
+    with open(newest, 'r+b') as f:
+        f.truncate(500)                                                    # a copy cut short
+    open(os.path.join(run, 'checkpoints', '0000003.pt.tmp'), 'w').write('killed mid-save')
+    with pytest.warns(UserWarning, match='skipping unreadable checkpoint .*0000002.pt'):
+        irepa.main(['--resume', run, '--max-steps', '3'])
+    assert sorted(os.listdir(os.path.join(run, 'checkpoints'))) == ['0000001.pt', '0000002.pt', '0000003.pt']
+    assert 'resuming at step 1' in open(os.path.join(run, 'log.txt')).read()
+    assert load_last(run)['step'] == 3
+
+def test_image_folder_ignores_hidden_and_empty_folders(tmp_path):
+    for c in ('b', 'a', '.cache', 'empty'):
+        (tmp_path / c).mkdir()
+    for c in ('a', 'b', '.cache'):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / c / 'x.png')
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'a' / '.hidden.png')
+    with pytest.warns(UserWarning, match='without images are not classes: empty'):
+        ds = irepa.ImageFolder(str(tmp_path), 8)
+    assert ds.classes == ['a', 'b'] and len(ds) == 2
