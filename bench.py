@@ -70,10 +70,7 @@ def step(bf16):
     if enc is not None:
         with torch.no_grad(), amp:
             z = irepa.spatial_norm(enc(img.float()).float())
-    with amp:
-        d, a = irepa.flow_matching_loss(fwd, x, y, torch.randn_like(x), torch.rand(B, device=device), z)
-        loss = d + 0.5 * a if a is not None else d
-    loss.backward()
+    irepa.backward(fwd, x, y, torch.randn_like(x), torch.rand(B, device=device), z, 'v', 0.5, amp=amp)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)

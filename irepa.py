@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import socket
 import sys
 import time
 import warnings
@@ -406,6 +407,8 @@ def hub_load(name, hub_repo=None):
     cached = os.path.join(torch.hub.get_dir(), 'facebookresearch_dinov2_main')
     if hub_repo is None and os.path.isfile(os.path.join(cached, 'hubconf.py')):
         hub_repo = cached
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)                                                # a stalled network fails, not hangs
     try:
         if hub_repo is not None:
             return torch.hub.load(hub_repo, name, source='local')
@@ -415,6 +418,8 @@ def hub_load(name, hub_repo=None):
                            f"{hub_repo or 'github facebookresearch/dinov2'} ({type(e).__name__}: {e}). Offline? Put the "
                            f"dinov2 repo in {cached} and its weights in {os.path.join(torch.hub.get_dir(), 'checkpoints')}, "
                            f"or pass --hub-dir DIR (a folder with hubconf.py).") from e
+    finally:
+        socket.setdefaulttimeout(old_timeout)
 
 def load_encoder(name, grid_size, hub_repo=None, device='cpu'):
     """A frozen encoder: eval mode, no gradients, .embed_dim; call it under torch.no_grad()."""
@@ -735,6 +740,23 @@ def fail(msg):
 # comes from the checkpoint, so the run continues as it began.
 RESUME_FLAGS = ('max_steps', 'ckpt_every', 'log_every', 'num_workers', 'compile', 'resume', 'hub_dir', 'data_path')
 
+def backward(model, x, y, noise, t, z, pred, proj_coeff, grad_accum=1, amp=nullcontext()):
+    """Accumulate into .grad the gradient of the batch's mean loss, denoise + proj_coeff * align, over `grad_accum`
+    micro-batches (each loss scaled by 1 / grad_accum; DDP syncs only on the last). Returns the detached
+    (loss, denoise, align) of the batch, averaged over the micro-batches: (3,)."""
+    n = len(x) // grad_accum
+    sums = torch.zeros(3, device=x.device)
+    for i in range(grad_accum):
+        mb = slice(i * n, (i + 1) * n)
+        sync = i == grad_accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
+        with (nullcontext() if sync else model.no_sync()), amp:
+            denoise, align = flow_matching_loss(model, x[mb], y[mb], noise[mb], t[mb], None if z is None else z[mb], pred)
+            loss = denoise + proj_coeff * align if align is not None else denoise
+        (loss / grad_accum).backward()
+        sums += torch.stack([loss.detach(), denoise.detach(),
+                             align.detach() if align is not None else torch.zeros((), device=x.device)]) / grad_accum
+    return sums
+
 class Latents:
     """The latent setting's frozen SD-VAE (vae.py; iREPA Appendix G): images in [-1, 1] <-> the normalised
     latents SiT is trained on, (z - bias) * scale with the official per-channel statistics."""
@@ -816,7 +838,6 @@ def main(argv=None):
         fail(f"--global-batch-size {args.global_batch_size} is not divisible by world size {world} "
              f"x --grad-accum {args.grad_accum}")
     local_batch = args.global_batch_size // world
-    micro_batch = local_batch // args.grad_accum
     master = rank == 0
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -944,16 +965,7 @@ def main(argv=None):
             if warmup_steps:                                                    # JiT: linear warm-up, then constant
                 for group in opt.param_groups:
                     group['lr'] = args.lr * min(1.0, step / warmup_steps)
-            for i in range(args.grad_accum):
-                mb = slice(i * micro_batch, (i + 1) * micro_batch)
-                last = i == args.grad_accum - 1
-                with (model.no_sync() if world > 1 and not last else nullcontext()), amp:
-                    denoise, align = flow_matching_loss(model, x[mb], y[mb], noise[mb], t[mb],
-                                                        None if z is None else z[mb], args.pred)
-                    loss = denoise + args.proj_coeff * align if align is not None else denoise
-                (loss / args.grad_accum).backward()
-                loss_sums[:3] += torch.stack([loss.detach(), denoise.detach(), align.detach() if align is not None
-                                              else torch.zeros((), device=device)]) / args.grad_accum
+            loss_sums[:3] += backward(model, x, y, noise, t, z, args.pred, args.proj_coeff, args.grad_accum, amp)
             loss_sums[3] += torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad or float('inf'))
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -139,14 +139,25 @@ def read_table(path):
     if not os.path.isfile(path):
         fail(f"--correlate {path}: no such file")
     with open(path, newline='') as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {'encoder', 'fid'} <= set(rows[0]):
+        reader = csv.DictReader(f)
+        rows, header = list(reader), reader.fieldnames or []
+    if not rows or not {'encoder', 'fid'} <= set(header):
         fail(f"--correlate {path}: need a header with at least the columns encoder,fid and one row per encoder")
-    try:
-        return {c: [r[c].strip() if c == 'encoder' else (float(r[c]) if r[c].strip() else None) for r in rows]
-                for c in rows[0]}
-    except ValueError as e:
-        fail(f"--correlate {path}: a non-numeric cell ({e})")
+    table = {c: [] for c in header}
+    for line, r in enumerate(rows, start=2):
+        if None in r or None in r.values():                                     # too many or too few cells
+            cells = sum(v is not None for k, v in r.items() if k is not None) + len(r.get(None) or [])
+            fail(f"--correlate {path}: line {line} has {cells} cells, the header {len(table)}")
+        for c in table:
+            cell = r[c].strip()
+            try:
+                value = cell if c == 'encoder' else float(cell) if cell else None
+            except ValueError:
+                fail(f"--correlate {path}: line {line}, column {c}: '{cell}' is not a number")
+            if value is not None and c != 'encoder' and not math.isfinite(value):
+                fail(f"--correlate {path}: line {line}, column {c}: '{cell}' is not a finite number")
+            table[c].append(value)
+    return table
 
 # -----------------------------------------------------------------------------
 # 3. Pictures, drawn with pillow: similarity maps (paper Fig. 6b / 16) and scatter plots (Fig. 4)
@@ -434,8 +445,21 @@ def get_args(argv=None):
     p.add_argument('--num-workers', type=int, default=4)
     return p.parse_args(argv)
 
+def check_args(args):
+    for flag, ok, want in (('image_size', args.image_size >= 1, '>= 1'), ('grid_size', args.grid_size >= 1, '>= 1'),
+                           ('num_images', args.num_images >= 1, '>= 1'), ('batch_size', args.batch_size >= 1, '>= 1'),
+                           ('t', 0 <= args.t <= 1, 'in [0, 1]'), ('num_workers', args.num_workers >= 0, '>= 0'),
+                           ('spnorm_gamma', 0 <= args.spnorm_gamma <= 1, 'in [0, 1]'), ('seed', args.seed >= 0, '>= 0')):
+        if not ok:
+            fail(f"--{flag.replace('_', '-')} must be {want}, got {getattr(args, flag)}")
+    if args.out is not None:
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if os.path.isdir(args.out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            fail(f"--out {args.out}: not a writable file path (a PNG in an existing, writable folder)")
+
 def main(argv=None):
     args = get_args(argv)
+    check_args(args)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if args.viz:
         args.encoder = args.encoder or 'dinov2_vitb14'

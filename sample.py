@@ -132,6 +132,20 @@ def save_grid(images, path, labels=None, class_names=None, nrow=None):
             draw.text((left, upper), name[: max(1, w // 6)], fill='black', font=font)
     grid.save(path)
 
+def gather_to_rank0(images, rank, world, chunk=1024):
+    """Each rank's uint8 images (N_r, H, W, 3) -> on rank 0 all of them in rank order (others: None), sent through
+    torch.distributed in chunks of `chunk` images per rank, so nodes need no shared disk and memory stays bounded."""
+    sizes = [None] * world
+    dist.all_gather_object(sizes, len(images))
+    pieces = [[] for _ in range(world)]
+    for start in range(0, max(sizes), chunk):
+        got = [None] * world if rank == 0 else None
+        dist.gather_object(images[start:start + chunk], got, dst=0)
+        if rank == 0:
+            for r in range(world):
+                pieces[r].append(got[r])
+    return np.concatenate([p for r in range(world) for p in pieces[r]]) if rank == 0 else None
+
 # -----------------------------------------------------------------------------
 # Command line. Sampler defaults come from the checkpoint's recipe (latent: REPA's SDE 250 steps; pixel: JiT's
 # Heun 50; demo: Heun 25 with CFG 4); every flag overrides them.
@@ -161,8 +175,24 @@ def main(argv=None):
     args = get_args(argv)
     if os.path.isdir(args.ckpt):                                   # a run folder: its latest checkpoint
         args.ckpt = irepa.latest_checkpoint(args.ckpt) or os.path.join(args.ckpt, "checkpoints", "(none)")
-    if args.cfg_scale is not None and args.cfg_scale < 1.0:
-        sys.exit(f"sample.py: error: --cfg-scale {args.cfg_scale} < 1; use 1 for no guidance, > 1 for CFG")
+    for flag, ok, want in (("num_steps", args.num_steps is None or args.num_steps >= 1, ">= 1"),
+                           ("batch_size", args.batch_size >= 1, ">= 1"),
+                           ("num_samples", args.num_samples is None or args.num_samples >= 1, ">= 1"),
+                           ("cfg_scale", args.cfg_scale is None or 1 <= args.cfg_scale < math.inf,
+                            ">= 1 (1: no guidance)"),
+                           ("guidance_low", 0 <= args.guidance_low <= args.guidance_high <= 1,
+                            "<= --guidance-high, both in [0, 1]"),
+                           ("seed", args.seed >= 0, ">= 0")):
+        if not ok:
+            sys.exit(f"sample.py: error: --{flag.replace('_', '-')} must be {want}, got {getattr(args, flag)}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        sys.exit(f"sample.py: error: --out {args.out} is a file, not a folder")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"sample.py: error: --out {args.out}: cannot create it ({e.strerror})")
+    if not os.access(args.out, os.W_OK):
+        sys.exit(f"sample.py: error: --out {args.out} is not writable")
 
     # one process, or one per GPU (CPU: gloo) under torchrun; float64 state rules out MPS
     if "WORLD_SIZE" in os.environ:
@@ -216,16 +246,9 @@ def main(argv=None):
                     args.guidance_high, seed=args.seed * world + rank, batch_size=args.batch_size, verbose=rank == 0,
                     latents=latents)
 
-    # rank 0 gathers the shares through per-rank files and writes one samples.npz (ADM evaluator format)
-    os.makedirs(args.out, exist_ok=True)
+    # rank 0 gathers the shares through torch.distributed (no shared disk needed) and writes one samples.npz
     if world > 1:
-        np.save(os.path.join(args.out, f"part{rank}.npy"), images)
-        dist.barrier()
-        if rank == 0:
-            parts = [os.path.join(args.out, f"part{r}.npy") for r in range(world)]
-            images = np.concatenate([np.load(p) for p in parts])
-            for p in parts:
-                os.remove(p)
+        images = gather_to_rank0(images, rank, world)
     if rank == 0:
         np.savez(os.path.join(args.out, "samples.npz"), arr_0=images)
         n = min(N, 64)

@@ -208,7 +208,8 @@ def test_quick_run_writes_every_output_and_resumes(tiny_cifar, monkeypatch, caps
     out = tiny_cifar / 'out'
     argv = ['--out-dir', str(out), 'run', '--data-path', str(tiny_cifar / 'data'), '--quick']
     cifar10.main(argv)
-    names = {f'{arm}-s{seed}.json' for arm in cifar10.ARMS for seed in cifar10.SEEDS} | {'targets.json'}
+    names = ({f'{arm}-s{seed}.json' for arm in cifar10.ARMS for seed in cifar10.SEEDS} | {'targets.json'} |
+             {f'{arm}-samples.npy' for arm in cifar10.ARMS})
     assert set(os.listdir(out / 'results')) == names
     for arm in cifar10.ARMS:
         assert os.path.isfile(out / f'grid_{arm}.png')

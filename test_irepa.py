@@ -1,4 +1,5 @@
 """Tests for irepa.py, sample.py and metrics.py. Small, CPU-only, no network: python -m pytest -q"""
+import math
 import os
 import socket
 import subprocess
@@ -799,3 +800,135 @@ def test_image_folder_ignores_hidden_and_empty_folders(tmp_path):
     with pytest.warns(UserWarning, match='without images are not classes: empty'):
         ds = irepa.ImageFolder(str(tmp_path), 8)
     assert ds.classes == ['a', 'b'] and len(ds) == 2
+
+# -----------------------------------------------------------------------------
+# The training recipe, line by line: what reaches the loss, the gradient, the optimizer and the EMA
+
+def test_backward_accumulates_the_gradient_of_the_batch_mean():
+    """grad_accum micro-batches give the gradient of the whole batch's mean loss (each loss scaled by 1/n):
+    compared before any optimizer step, since Adam and clipping would hide a scale error."""
+    torch.manual_seed(0)
+    model = tiny(z_dim=8, projector='conv')
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    x, noise, z = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.randn(4, 16, 8)
+    y, t = torch.tensor([0, 1, 5, 3]), torch.rand(4)
+    grads, sums = [], []
+    for n in (1, 2, 4):
+        model.zero_grad()
+        sums.append(irepa.backward(model, x, y, noise, t, z, 'v', 0.5, grad_accum=n))
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    model.zero_grad()
+    d, a = irepa.flow_matching_loss(model, x, y, noise, t, z)
+    (d + 0.5 * a).backward()                                               # the batch mean, by hand
+    ref = [p.grad for p in model.parameters() if p.requires_grad]
+    for g in grads:
+        for gi, ri in zip(g, ref):
+            torch.testing.assert_close(gi, ri, atol=1e-6, rtol=1e-5)
+    for s in sums:
+        torch.testing.assert_close(s, torch.stack([d + 0.5 * a, d, a]).detach(), atol=1e-6, rtol=1e-5)
+
+def spy_training(monkeypatch, tmp_path, *argv):
+    """Run irepa.main and record what every micro-batch hands to the loss."""
+    seen = []
+    orig = irepa.flow_matching_loss
+    def spy(model, x, y, noise, t, z=None, pred='v'):
+        seen.append(dict(x=x.detach().clone(), y=y.clone(), noise=noise.clone(), t=t.clone(),
+                         z=None if z is None else z.clone(), pred=pred))
+        return orig(model, x, y, noise, t, z, pred)
+    monkeypatch.setattr(irepa, 'flow_matching_loss', spy)
+    run = irepa.main(['--model', 'SiT-T/4', '--image-size', '16', '--num-workers', '0', '--log-every', '100',
+                      '--results-dir', str(tmp_path), *argv])
+    return run, {k: [s[k] for s in seen] for k in seen[0]}
+
+def test_what_reaches_the_loss_demo_recipe(monkeypatch, tmp_path):
+    run, seen = spy_training(monkeypatch, tmp_path, '--setting', 'demo', '--global-batch-size', '64',
+                             '--max-steps', '6', '--encoder', 'hog', '--irepa')
+    y = torch.cat(seen['y'])
+    frac_null = (y == 4).float().mean().item()                              # null class = num_classes = 4
+    assert 0.05 < frac_null < 0.16                                          # label dropout p = 0.1 (384 labels)
+    t, noise = torch.cat(seen['t']), torch.cat(seen['noise'])
+    assert t.min() >= 0 and t.max() < 1 and abs(t.mean() - 0.5) < 0.05    # U[0, 1)
+    assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02
+    z = torch.cat(seen['z'])                                               # iREPA: spatially normalised targets
+    torch.testing.assert_close(z.std(dim=1), torch.ones(z.shape[0], z.shape[2]), atol=1e-3, rtol=0)
+    x = seen['x'][0]                                                        # step 0: the dataset's images in [-1, 1]
+    ds = irepa.Shapes(50_000, 16, seed=0)
+    idx = irepa.global_batches(len(ds), 64, 0, 0)[0]
+    ref = torch.stack([ds[i][0] for i in idx]).float() / 127.5 - 1
+    torch.testing.assert_close(x, ref)                                      # no flips in the demo recipe
+    # the EMA after the first step: decay * initial + (1 - decay) * the stepped model, exactly
+    ck = torch.load(irepa.latest_checkpoint(run), weights_only=False)
+    assert ck['args']['ema_decay'] == 0.995
+
+def test_ema_is_one_exact_update_per_step(tmp_path):
+    run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '1', '--ckpt-every', '1')
+    ck = load_last(run)
+    torch.manual_seed(0)
+    init = irepa.build_model(ck['args']).state_dict()                       # the same seeded initial weights
+    d = ck['args']['ema_decay']
+    for k, v in ck['ema'].items():
+        if k != 'pos_embed':
+            torch.testing.assert_close(v, d * init[k] + (1 - d) * ck['model'][k], atol=1e-7, rtol=1e-6)
+    assert not torch.equal(ck['ema']['final_layer.linear.weight'], ck['model']['final_layer.linear.weight'])
+
+def test_what_reaches_the_loss_pixel_recipe(monkeypatch, tmp_path):
+    run, seen = spy_training(monkeypatch, tmp_path, '--setting', 'pixel', '--global-batch-size', '64',
+                             '--max-steps', '4', '--encoder', 'hog', '--no-irepa')
+    t = torch.cat(seen['t'])
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean() - 0.8) < 0.15 and abs(logit.std() - 0.8) < 0.15   # JiT's logit-normal, 256 draws
+    assert set(seen['pred']) == {'x'}
+    z = torch.cat(seen['z'])                                               # REPA: the raw HOG tokens
+    assert (z.std(dim=1) - 1).abs().max() > 0.2
+    ds = irepa.Shapes(50_000, 16, seed=0)
+    flipped = 0
+    for step in range(4):                                                   # flips: about half the images
+        idx = irepa.global_batches(len(ds), 64, 0, 0)[step]
+        for i, x in zip(idx, seen['x'][step]):
+            img = ds[i][0].float() / 127.5 - 1
+            same, flip = torch.equal(x, img), torch.equal(x, img.flip(-1))
+            assert same or flip
+            flipped += flip and not same
+    assert 90 < flipped < 166                                               # 256 images, p = 0.5
+
+def test_optimizer_settings_follow_the_recipe(monkeypatch, tmp_path):
+    made = []
+    orig = torch.optim.AdamW.__init__
+    def spy(self, params, **kw):
+        made.append(kw)
+        orig(self, params, **kw)
+    monkeypatch.setattr(torch.optim.AdamW, '__init__', spy)
+    run_train(tmp_path / 'a', '--encoder', 'none', '--max-steps', '1')
+    irepa.main(['--setting', 'pixel', '--model', 'SiT-T/4', '--image-size', '16', '--encoder', 'none',
+                '--global-batch-size', '8', '--max-steps', '1', '--num-workers', '0', '--results-dir', str(tmp_path / 'b')])
+    assert [(k['lr'], tuple(k['betas']), k['weight_decay'], k['eps']) for k in made] == [
+        (1e-3, (0.9, 0.999), 0, 1e-8), (5e-5 * 8 / 256, (0.9, 0.95), 0, 1e-8)]
+
+def keys_cubic_resize(x, size, a=-0.75):
+    """Reference: separable cubic convolution (Keys 1981, a = -0.75 as PyTorch), half-pixel centres, edge clamp."""
+    def weights(s):
+        s = abs(s)
+        return ((a + 2) * s ** 3 - (a + 3) * s ** 2 + 1) if s <= 1 else (a * s ** 3 - 5 * a * s ** 2 + 8 * a * s - 4 * a
+                                                                         if s < 2 else 0.0)
+    def resize_1d(v, n):                                                    # v: (..., m) -> (..., n)
+        m = v.shape[-1]
+        out = []
+        for i in range(n):
+            c = (i + 0.5) * m / n - 0.5
+            f = math.floor(c)
+            out.append(sum(weights(c - j) * v[..., min(max(j, 0), m - 1)] for j in range(f - 1, f + 3)))
+        return torch.stack(out, -1)
+    return resize_1d(resize_1d(x, size).transpose(-1, -2), size).transpose(-1, -2)
+
+def test_dinov2_input_is_bicubic_resized_to_14_x_grid(hub_dir):
+    enc = irepa.load_encoder('dinov2_vits14', grid_size=2, hub_repo=hub_dir)
+    seen = {}
+    enc.model.patch_embed.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]))
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(1, 3, 20, 20, generator=g, dtype=torch.float64).float() * 255   # 20 px -> 28 px
+    enc(img)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    want = keys_cubic_resize(((img / 255 - mean) / std).double(), 28).float()
+    torch.testing.assert_close(seen['x'], want, atol=1e-4, rtol=1e-4)

@@ -285,3 +285,27 @@ def test_cli_srss_uses_only_images_that_pass_the_filter(tmp_path, capsys):
     vals = metrics.main(['--data-path', str(data), '--masks', str(masks), '--num-images', '6'] + COMMON)
     assert '5 of 6 images' in capsys.readouterr().out
     assert all(len(v) == 5 for ms in vals.values() for v in ms.values())
+
+
+@pytest.mark.parametrize('text, msg', [
+    ('encoder,fid,lds\na,1.0,0.2\nb,2.0\n', 'line 3 has 2 cells, the header 3'),
+    ('encoder,fid,lds\na,1.0,0.2,9\n', 'line 2 has 4 cells, the header 3'),
+    ('encoder,fid,lds\na,1.0,high\n', "line 2, column lds: 'high' is not a number"),
+    ('encoder,fid,lds\na,inf,0.1\n', "line 2, column fid: 'inf' is not a finite number"),
+    ('encoder,lds\na,0.1\n', 'at least the columns encoder,fid'),
+])
+def test_malformed_csv_rows_give_one_line_errors(tmp_path, text, msg):
+    (tmp_path / 't.csv').write_text(text)
+    with pytest.raises(SystemExit) as e:
+        metrics.main(['--correlate', str(tmp_path / 't.csv')])
+    assert msg in str(e.value) and '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('extra, msg', [(['--t', '1.5'], '--t must be in [0, 1]'),
+                                        (['--num-images', '0'], '--num-images must be >= 1'),
+                                        (['--grid-size', '0'], '--grid-size must be >= 1'),
+                                        (['--out', '/no/such/dir/x.png'], 'not a writable file path')])
+def test_metric_flags_are_range_checked(tmp_path, extra, msg):
+    with pytest.raises(SystemExit) as e:
+        metrics.main(['--data-path', str(tmp_path)] + extra)
+    assert msg in str(e.value)

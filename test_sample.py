@@ -216,9 +216,14 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path):
     cases = [(["--ckpt", tmp_path / "missing.pt"], "no checkpoint"),
              (["--ckpt", junk], "not an irepa.py or official iREPA/REPA checkpoint"),
              (["--ckpt", tiny_ckpt, "--cfg-scale", 0.5], "--cfg-scale"),
+             (["--ckpt", tiny_ckpt, "--num-steps", 0], "--num-steps must be >= 1"),
+             (["--ckpt", tiny_ckpt, "--batch-size", 0], "--batch-size must be >= 1"),
+             (["--ckpt", tiny_ckpt, "--num-samples", -2], "--num-samples must be >= 1"),
+             (["--ckpt", tiny_ckpt, "--guidance-low", 0.8, "--guidance-high", 0.7], "--guidance-low must be <="),
+             (["--ckpt", tiny_ckpt, "--out", tiny_ckpt], "is a file, not a folder"),
              (["--ckpt", tiny_ckpt, "--class-labels", 3, 4], "out of range")]
     for argv, msg in cases:
-        r = run_cli(*argv, "--out", tmp_path)
+        r = run_cli("--out", tmp_path, *argv)                               # a later --out wins
         assert r.returncode != 0 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 

@@ -248,8 +248,8 @@ def run_arm(args, arm, seed, cfg, net, ref):
         t0 = time.time()
         model, _ = irepa.load_sit(ckpt)
         res['fd'][str(step)], images = fd_of(model, net, ref, cfg['fd_samples'], seed)
-        if step == cfg['steps'][-1]:
-            np.save(os.path.join(args.runs_dir, f'{arm}-s{seed}-samples.npy'), images[:80])   # 8 per class
+        if step == cfg['steps'][-1] and seed == SEEDS[0]:                        # for the grid: 8 per class
+            np.save(os.path.join(args.out_dir, 'results', f'{arm}-samples.npy'), images[:80])
         res['eval_s'] += time.time() - t0
         print(f"{arm} seed {seed} step {step}: FD {res['fd'][str(step)]:.3f}", flush=True)
         save_json(path, res)
@@ -327,7 +327,7 @@ def write_report(args, cfg, results, targets, wall):
     fd_curve(results, cfg['steps'], os.path.join(args.out_dir, 'fd_curve.png'))
     classes = image_folder(args.data_path, 'test').classes
     for arm in ARMS:
-        path = os.path.join(args.runs_dir, f'{arm}-s{SEEDS[0]}-samples.npy')
+        path = os.path.join(args.out_dir, 'results', f'{arm}-samples.npy')
         if os.path.isfile(path):
             images = np.load(path)                                              # labels 0, 1, ..., K-1, 0, 1, ...
             sample.save_grid(images, os.path.join(args.out_dir, f'grid_{arm}.png'), class_names=classes,
