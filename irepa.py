@@ -791,8 +791,12 @@ def resume_args(args, given, run_args):
             fail(f"--resume continues the run as it began, but --{k.replace('_', '-')} {getattr(args, k)} differs from "
                  f"the run's {run_args[k]}; only --{', --'.join(f.replace('_', '-') for f in RESUME_FLAGS[:-1])} may "
                  f"change (start a new run to change the rest)")
-    return argparse.Namespace(**{k: getattr(args, k) if k in given and k in RESUME_FLAGS else run_args.get(k, v)
-                                 for k, v in vars(args).items()})
+    return argparse.Namespace(**{k: getattr(args, k) if k in given and k in RESUME_FLAGS
+                                 else run_args.get(k, LEGACY.get(k, v)) for k, v in vars(args).items()})
+
+# What checkpoints of versions before the recipes trained with, for keys their args lack: pixel space, REPA's optimizer.
+LEGACY = dict(setting='pixel', vae=None, time_dist=None, betas=(0.9, 0.999), warmup_epochs=0, clip_grad=1.0,
+              hflip=False, spnorm_gamma=0.6, sampler=None)
 
 def check_ranges(args):
     """Every numeric setting in range, and the output folder usable, before anything heavy starts."""

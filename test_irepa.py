@@ -932,3 +932,22 @@ def test_dinov2_input_is_bicubic_resized_to_14_x_grid(hub_dir):
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     want = keys_cubic_resize(((img / 255 - mean) / std).double(), 28).float()
     torch.testing.assert_close(seen['x'], want, atol=1e-4, rtol=1e-4)
+
+def test_checkpoints_of_older_versions_resume_and_sample(tmp_path):
+    """Before the recipes, checkpoints had no setting, vae, time_dist, betas, ... in their args: they resume as the
+    pixel-space runs they were, and sample."""
+    import sample
+    run = run_train(tmp_path, '--encoder', 'hog', '--irepa', '--max-steps', '1')
+    path = irepa.latest_checkpoint(run)
+    ck = torch.load(path, weights_only=False)
+    for k in ('setting', 'vae', 'time_dist', 'betas', 'warmup_epochs', 'clip_grad', 'sampler', 'input_size',
+              'in_channels', 'precision', 'base_lr'):
+        ck['args'].pop(k, None)
+    torch.save(ck, path)
+    irepa.main(['--resume', run, '--max-steps', '2'])
+    new = load_last(run)
+    assert new['step'] == 2 and new['args']['vae'] is None and new['args']['setting'] == 'pixel'
+    assert tuple(new['args']['betas']) == (0.9, 0.999) and new['args']['clip_grad'] == 1.0
+    torch.save(ck, path)                                                    # the old file itself samples
+    out = sample.main(['--ckpt', path, '--num-steps', '2', '--num-samples', '2', '--out', str(tmp_path / 's')])
+    assert np.load(os.path.join(out, 'samples.npz'))['arr_0'].shape == (2, 16, 16, 3)
