@@ -15,7 +15,7 @@ Three settings, one code path (`--setting`, recipes in section 8; explicit flags
     demo    tiny SiT on 16 px procedural shapes, HOG target, iREPA: CPU, offline, ~3.5 minutes
 
 Run it:
-    python irepa.py --setting demo && python sample.py --ckpt results/demo/SiT-T-2-hog-irepa     # CPU, a grid
+    python irepa.py --setting demo && python sample.py --ckpt results/demo-SiT-T-2-hog-irepa    # CPU, a grid
     torchrun --nproc_per_node=8 irepa.py --encoder dinov2_vitb14 --irepa --data-path /path/to/imagenet/train
     torchrun --nproc_per_node=8 irepa.py --setting pixel --encoder dinov2_vitb14 --irepa --data-path ...
     multi-node: torchrun --nnodes=N --node_rank=R --master_addr=... --nproc_per_node=8 irepa.py ...
@@ -602,7 +602,7 @@ RECIPES = {
     'demo': dict(vae=None, model='SiT-T/2', image_size=16, encoder='hog', irepa=True, pred='v', time_dist=None,
                  lr=2e-3, betas=(0.9, 0.999), warmup_epochs=0, clip_grad=1.0, hflip=False, ema_decay=0.995,
                  spnorm_gamma=0.6, proj_coeff=0.5, global_batch_size=32, max_steps=1200, ckpt_every=1200,
-                 log_every=50, num_workers=0, results_dir='results/demo',
+                 log_every=50, num_workers=0,
                  sampler=dict(mode='ode', heun=True, num_steps=25, cfg_scale=4.0)),
 }
 
@@ -798,6 +798,15 @@ def resume_args(args, given, run_args):
 LEGACY = dict(setting='pixel', vae=None, time_dist=None, betas=(0.9, 0.999), warmup_epochs=0, clip_grad=1.0,
               hflip=False, spnorm_gamma=0.6, sampler=None)
 
+def method(args):
+    """What is trained, in words: 'vanilla' (plain SiT), 'repa' or 'irepa'."""
+    return 'vanilla' if args.encoder == 'none' else 'irepa' if args.irepa else 'repa'
+
+def run_name(args):
+    """<setting>-<model>-<encoder>-<method>, e.g. latent-SiT-XL-2-dinov2_vitb14-irepa, demo-SiT-T-2-vanilla."""
+    target = '' if args.encoder == 'none' else f"{args.encoder}-"
+    return f"{args.setting}-{args.model.replace('/', '-')}-{target}{method(args)}"
+
 def check_ranges(args):
     """Every numeric setting in range, and the output folder usable, before anything heavy starts."""
     checks = [('image_size', args.image_size >= 1, '>= 1'), ('global_batch_size', args.global_batch_size >= 1, '>= 1'),
@@ -885,7 +894,8 @@ def main(argv=None):
                     input_size=args.image_size // down, in_channels=4 if args.vae else 3,
                     encoder_depth=args.encoder_depth if args.encoder_depth is not None else size_cfg['encoder_depth'],
                     z_dim=encoder.embed_dim if encoder is not None else None,
-                    projector='conv' if args.irepa else 'mlp', world_size=world, precision=precision(device))
+                    projector='conv' if args.irepa else 'mlp', method=method(args), world_size=world,
+                    precision=precision(device))
     torch.manual_seed(args.seed)                                                # the same initial weights on every rank
     model = build_model(run_args).to(device)
     torch.manual_seed(args.seed * world + rank)                                 # a seed per rank (REPA)
@@ -902,8 +912,7 @@ def main(argv=None):
         opt.load_state_dict(ckpt['opt'])
         step = ckpt['step']
     else:
-        run_name = f"{args.model.replace('/', '-')}-{args.encoder}-{'irepa' if args.irepa else 'repa'}"
-        run_dir = os.path.join(args.results_dir, run_name)
+        run_dir = os.path.join(args.results_dir, run_name(args))
         if master and os.path.exists(run_dir):
             i = 1
             while os.path.exists(f"{run_dir}-{i}"):
@@ -921,6 +930,8 @@ def main(argv=None):
         f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type} x {world} | "
         f"precision {run_args['precision']} | "
         f"encoder {args.encoder} | {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M params")
+    log(f"run: {args.setting} setting, {args.model}, {method(args)}"
+        + (f" with the {args.encoder} target" if args.encoder != 'none' else '') + f" | {run_dir}")
     log(f"args: {json.dumps(run_args)}")
     log(f"run dir {run_dir} | {len(dataset)} images, {len(dataset.classes)} classes | "
         f"{'resuming at' if step else 'starting at'} step {step}")

@@ -470,6 +470,10 @@ def test_train_none_repa_irepa(tmp_path, mode):
     run_dir = run_train(tmp_path, '--max-steps', '3', *extra[mode])
     ck = load_last(run_dir)
     assert ck['step'] == 3 and ck['args']['class_names'] == irepa.Shapes.classes
+    name = {'none': 'vanilla', 'repa': 'hog-repa', 'irepa': 'hog-irepa'}[mode]
+    assert os.path.basename(run_dir) == f'demo-SiT-T-4-{name}'                # run folders say what was trained
+    assert ck['args']['method'] == {'none': 'vanilla'}.get(mode, mode)
+    assert f"run: demo setting, SiT-T/4, {ck['args']['method']}" in open(os.path.join(run_dir, 'log.txt')).read()
     keys = set(ck['model'])
     assert ('projectors.0.0.weight' in keys) == (mode == 'repa')           # REPA: MLP projector
     assert ('projectors.0.weight' in keys) == (mode == 'irepa')            # iREPA: conv projector
@@ -516,7 +520,7 @@ def test_torchrun_two_cpu_ranks_equals_one_process(tmp_path, fp32):
     args = TRAIN + ['--encoder', 'hog', '--irepa', '--max-steps', '3']
     r = torchrun(*args, '--results-dir', str(tmp_path / 'ddp'))
     assert r.returncode == 0, r.stderr[-3000:]
-    ddp = load_last(os.path.join(tmp_path, 'ddp', 'SiT-T-4-hog-irepa'))
+    ddp = load_last(os.path.join(tmp_path, 'ddp', 'demo-SiT-T-4-hog-irepa'))
     assert ddp['args']['world_size'] == 2
     one = load_last(run_train(tmp_path / 'one', '--encoder', 'hog', '--irepa', '--max-steps', '3'))
     for k in one['model']:

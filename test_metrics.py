@@ -309,3 +309,12 @@ def test_metric_flags_are_range_checked(tmp_path, extra, msg):
     with pytest.raises(SystemExit) as e:
         metrics.main(['--data-path', str(tmp_path)] + extra)
     assert msg in str(e.value)
+
+
+def test_corrupt_mask_image_is_a_one_line_error(tmp_path):
+    data = make_folder(tmp_path / 'data')
+    masks = make_masks(data, tmp_path / 'masks')
+    (masks / 'c1' / '1.png').write_bytes(b'not a png')
+    with pytest.raises(SystemExit) as e:
+        metrics.main(['--data-path', str(data), '--masks', str(masks)] + COMMON)
+    assert 'cannot read mask' in str(e.value) and '1.png' in str(e.value) and '\n' not in str(e.value)
