@@ -188,7 +188,7 @@ class SiT(nn.Module):
     out has x's shape (the velocity for pred='v', the clean image for pred='x');
     zs (B, T, z_dim) is the projected hidden state after block `encoder_depth`, or None if z_dim is None."""
     def __init__(self, input_size=32, patch_size=2, in_channels=3, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, encoder_depth=8, z_dim=None,
+                 mlp_ratio=4.0, num_classes=1000, encoder_depth=8, z_dim=None,
                  projector='mlp', pred='v', proj_kernel=3):
         super().__init__()
         assert input_size % patch_size == 0, f"image size {input_size} is not divisible by patch size {patch_size}"
@@ -196,7 +196,7 @@ class SiT(nn.Module):
         assert projector in ('mlp', 'conv') and pred in ('v', 'x')
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.grid_size = input_size // patch_size
-        self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob
+        self.num_classes = num_classes
         self.encoder_depth, self.pred = encoder_depth, pred
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -826,36 +826,21 @@ def check_ranges(args):
         if not os.access(args.results_dir, os.W_OK):
             fail(f"--results-dir {args.results_dir} is not writable")
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = get_args(argv)
-    ckpt = None
-    if args.resume:
-        ckpt = load_latest_checkpoint(args.resume)
-        args = resume_args(args, given_flags(argv), ckpt['args'])
-    # -- check the invariants before anything heavy starts
-    check_ranges(args)
+def check_model(args):
+    """The model-shape invariants, before anything heavy starts. Returns the size's config (patch, depth, ...)."""
     size_cfg = SiT_models[args.model].keywords                                  # patch_size, depth, encoder_depth, ...
     patch, depth = size_cfg['patch_size'], size_cfg['depth']
     if args.encoder not in ENCODERS + ('none',) and not args.hub_dir:
         fail(f"unknown encoder '{args.encoder}'; choose one of: {', '.join(ENCODERS)}, none, "
              f"or an entry of the hubconf.py in --hub-dir")
-    down = 8 if args.vae else 1                                                 # SD-VAE: 8x smaller, 4 channels
-    if args.image_size % (down * patch):
+    if args.image_size % (8 ** bool(args.vae) * patch):                          # the SD-VAE downsamples by 8
         fail(f"--image-size {args.image_size} is not divisible by the patch size of {args.model}"
              + (" x 8 (the VAE's downsampling)" if args.vae else ""))
     if args.encoder_depth is not None and not 1 <= args.encoder_depth <= depth:
         fail(f"--encoder-depth {args.encoder_depth} is outside 1..{depth}, the blocks of {args.model}")
-    rank, world, device = setup_distributed()
-    if args.global_batch_size % (world * args.grad_accum):
-        fail(f"--global-batch-size {args.global_batch_size} is not divisible by world size {world} "
-             f"x --grad-accum {args.grad_accum}")
-    local_batch = args.global_batch_size // world
-    master = rank == 0
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    return size_cfg
 
-    # -- data, and the VAE that turns it into latents (latent setting)
+def open_dataset(args, ckpt):
     try:
         dataset = (ImageFolder(args.data_path, args.image_size) if args.data_path
                    else Shapes(50_000, args.image_size, seed=args.seed))
@@ -866,15 +851,14 @@ def main(argv=None):
     if ckpt is not None and list(dataset.classes) != ckpt['args']['class_names']:
         fail(f"the classes in {args.data_path} differ from the run's ({len(dataset.classes)} vs "
              f"{len(ckpt['args']['class_names'])}); --data-path may move the data, not change it")
-    steps_per_epoch = len(dataset) // args.global_batch_size
+    return dataset
 
-    # -- the frozen networks: the VAE (latent setting) and the alignment encoder, with its grid check.
-    #    Rank 0 loads first, so that a download happens once.
-    grid = args.image_size // down // patch
-    encoder = None
+def frozen_networks(args, grid, device, world, master):
+    """The SD-VAE (latent setting) and the alignment encoder, or None; rank 0 loads first, so a download happens
+    once. The encoder's token grid must be SiT's."""
     if world > 1 and not master:
         dist.barrier()
-    latents = load_latents(args, device)
+    latents, encoder = load_latents(args, device), None
     if args.encoder != 'none':
         try:
             encoder = load_encoder(args.encoder, grid, args.hub_dir, device)
@@ -888,10 +872,72 @@ def main(argv=None):
         if T != grid * grid:
             fail(f"encoder {args.encoder} gives {T} tokens but {args.model} at {args.image_size} px has a "
                  f"{grid}x{grid} grid; change --image-size or --model so the grids match")
+    return latents, encoder
 
-    # -- model, EMA, optimizer
+def new_run_dir(args, master, world):
+    """results_dir/<run name>, with -1, -2, ... if taken; chosen by rank 0."""
+    run_dir = os.path.join(args.results_dir, run_name(args))
+    if master and os.path.exists(run_dir):
+        i = 1
+        while os.path.exists(f"{run_dir}-{i}"):
+            i += 1
+        run_dir = f"{run_dir}-{i}"
+    if world > 1:
+        obj = [run_dir]
+        dist.broadcast_object_list(obj, src=0)
+        run_dir = obj[0]
+    return run_dir
+
+LABEL_DROP = 0.1        # labels replaced by the null class in training, for classifier-free guidance (DiT, SiT, REPA)
+
+def make_batch(img, y, step, args, run_args, rank, world, gen, latents, encoder, amp):
+    """One step's training inputs for this rank: (x, y, noise, t, z). All randomness of a step is drawn for the whole
+    global batch from a generator seeded by the step, and each rank takes its slice: any world size or --grad-accum
+    trains the same, and resume is exact. (Each rank draws the whole global batch: cheap next to the model.)"""
+    GB, C, S = args.global_batch_size, run_args['in_channels'], run_args['input_size']
+    mine = slice(rank * (GB // world), (rank + 1) * (GB // world))
+    gen.manual_seed(args.seed * 2 ** 32 + step)
+    u, drop, flip = torch.rand(3, GB, device=img.device, generator=gen)[:, mine]
+    n = torch.randn(GB, device=img.device, generator=gen)[mine]
+    noise = torch.randn((GB, C, S, S), device=img.device, generator=gen)[mine]   # (B, C, S, S)
+    t = sample_time(u, n, args.time_dist)
+    if args.hflip:                                                              # drawn either way: same stream
+        img = torch.where((flip < 0.5).view(-1, 1, 1, 1), img.flip(-1), img)
+    y = torch.where(drop < LABEL_DROP, run_args['num_classes'], y)              # the null class = num_classes
+    x = img.float() / 127.5 - 1                                                 # SiT (or the VAE) sees [-1, 1]
+    if latents is not None:                                                     # a posterior sample, normalised
+        x = latents.encode(x, torch.randn((GB, C, S, S), device=img.device, generator=gen)[mine])
+    z = None
+    if encoder is not None:
+        with torch.no_grad(), amp:
+            z = encoder(img.float()).float()                                    # the encoder sees the 0..255 image
+        if args.irepa:
+            z = spatial_norm(z, args.spnorm_gamma)                              # iREPA: on the targets only
+    return x, y, noise, t, z
+
+def main(argv=None):
+    # -- setup: settings (a resume takes the run's own), invariants, processes, data, frozen networks, model
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, ckpt = get_args(argv), None
+    if args.resume:
+        ckpt = load_latest_checkpoint(args.resume)
+        args = resume_args(args, given_flags(argv), ckpt['args'])
+    check_ranges(args)
+    size_cfg = check_model(args)
+    rank, world, device = setup_distributed()
+    if args.global_batch_size % (world * args.grad_accum):
+        fail(f"--global-batch-size {args.global_batch_size} is not divisible by world size {world} "
+             f"x --grad-accum {args.grad_accum}")
+    local_batch, master = args.global_batch_size // world, rank == 0
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    dataset = open_dataset(args, ckpt)
+    steps_per_epoch = len(dataset) // args.global_batch_size
+    input_size = args.image_size // 8 if args.vae else args.image_size        # SD-VAE: 8x smaller, 4 channels
+    latents, encoder = frozen_networks(args, input_size // size_cfg['patch_size'], device, world, master)
+
     run_args = dict(vars(args), num_classes=len(dataset.classes), class_names=list(dataset.classes),
-                    input_size=args.image_size // down, in_channels=4 if args.vae else 3,
+                    input_size=input_size, in_channels=4 if args.vae else 3,
                     encoder_depth=args.encoder_depth if args.encoder_depth is not None else size_cfg['encoder_depth'],
                     z_dim=encoder.embed_dim if encoder is not None else None,
                     projector='conv' if args.irepa else 'mlp', method=method(args), world_size=world,
@@ -903,29 +949,17 @@ def main(argv=None):
     ema.load_state_dict(model.state_dict())                                     # EMA starts as an exact copy
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=tuple(args.betas),
                             weight_decay=0, eps=1e-8, fused=device.type == 'cuda')
-    warmup_steps = args.warmup_epochs * steps_per_epoch
-    step = 0
-    if args.resume:
-        run_dir = args.resume
+    step, run_dir = 0, args.resume
+    if ckpt is not None:
         model.load_state_dict(ckpt['model'])
         ema.load_state_dict(ckpt['ema'])
         opt.load_state_dict(ckpt['opt'])
         step = ckpt['step']
     else:
-        run_dir = os.path.join(args.results_dir, run_name(args))
-        if master and os.path.exists(run_dir):
-            i = 1
-            while os.path.exists(f"{run_dir}-{i}"):
-                i += 1
-            run_dir = f"{run_dir}-{i}"
-        if world > 1:
-            obj = [run_dir]
-            dist.broadcast_object_list(obj, src=0)
-            run_dir = obj[0]
+        run_dir = new_run_dir(args, master, world)
     if master:
         os.makedirs(os.path.join(run_dir, 'checkpoints'), exist_ok=True)
     log = Logger(os.path.join(run_dir, 'log.txt'), master)
-    amp = autocast(device)
     log(f"provenance: torch {torch.__version__} | cuda {torch.version.cuda} | python {platform.python_version()} | "
         f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type} x {world} | "
         f"precision {run_args['precision']} | "
@@ -935,48 +969,28 @@ def main(argv=None):
     log(f"args: {json.dumps(run_args)}")
     log(f"run dir {run_dir} | {len(dataset)} images, {len(dataset.classes)} classes | "
         f"{'resuming at' if step else 'starting at'} step {step}")
-
     raw_model = model                                                           # saved without DDP/compile prefixes
     if args.compile:
         model = torch.compile(model)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
 
-    # -- the loop
-    gen = torch.Generator(device=device)
+    # -- the loop: batch -> gradient -> clip -> AdamW -> EMA; a log line every log_every steps, a checkpoint every
+    #    ckpt_every. The data position follows from the step, so a resume continues the same epoch.
+    amp, gen = autocast(device), torch.Generator(device=device)
+    warmup_steps = args.warmup_epochs * steps_per_epoch
     loss_sums = torch.zeros(4, device=device)                                   # total, denoise, align, grad norm
     t0, last_step = time.time(), step
     model.train()
     while step < args.max_steps:
-        epoch, start = divmod(step, steps_per_epoch)                            # data position follows from step
+        epoch, start = divmod(step, steps_per_epoch)
         batches = [b[rank * local_batch:(rank + 1) * local_batch]
                    for b in global_batches(len(dataset), args.global_batch_size, args.seed, epoch)[start:]]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
                                              pin_memory=device.type == 'cuda')
         for img, y in loader:
             img, y = img.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # All randomness of a step is drawn for the whole global batch from a generator seeded by the step,
-            # and each rank takes its slice: any world size or --grad-accum trains the same, and resume is exact.
-            # (Each rank draws the whole global batch of noise: cheap next to the forward pass.)
-            gen.manual_seed(args.seed * 2 ** 32 + step)
-            mine, GB, C, S = slice(rank * local_batch, (rank + 1) * local_batch), args.global_batch_size, \
-                run_args['in_channels'], run_args['input_size']
-            u, drop, flip = torch.rand(3, GB, device=device, generator=gen)[:, mine]
-            n = torch.randn(GB, device=device, generator=gen)[mine]
-            noise = torch.randn((GB, C, S, S), device=device, generator=gen)[mine]             # (B, C, S, S)
-            t = sample_time(u, n, args.time_dist)
-            if args.hflip:                                                      # drawn either way: same stream
-                img = torch.where((flip < 0.5).view(-1, 1, 1, 1), img.flip(-1), img)
-            y = torch.where(drop < raw_model.class_dropout_prob, raw_model.num_classes, y)  # CFG: null class, p = 0.1
-            x = img.float() / 127.5 - 1                                         # SiT (or the VAE) sees [-1, 1]
-            if latents is not None:                                             # a posterior sample, normalised
-                x = latents.encode(x, torch.randn((GB, C, S, S), device=device, generator=gen)[mine])
-            z = None
-            if encoder is not None:
-                with torch.no_grad(), amp:
-                    z = encoder(img.float()).float()                            # the encoder sees the 0..255 image
-                if args.irepa:
-                    z = spatial_norm(z, args.spnorm_gamma)
+            x, y, noise, t, z = make_batch(img, y, step, args, run_args, rank, world, gen, latents, encoder, amp)
             if warmup_steps:                                                    # JiT: linear warm-up, then constant
                 for group in opt.param_groups:
                     group['lr'] = args.lr * min(1.0, step / warmup_steps)
@@ -991,8 +1005,7 @@ def main(argv=None):
             if step % args.log_every == 0 or step == args.max_steps:
                 if world > 1:
                     dist.all_reduce(loss_sums)                                  # sum over ranks (gloo has no AVG)
-                n = (step - last_step) * world
-                tot, fm, al, gn = (loss_sums / n).tolist()
+                tot, fm, al, gn = (loss_sums / ((step - last_step) * world)).tolist()
                 if not math.isfinite(tot):
                     fail(f"loss is {tot} at step {step}; stopping. The last good checkpoint is in {run_dir}/checkpoints "
                          f"(a new run with a lower --lr may help)")
@@ -1002,6 +1015,7 @@ def main(argv=None):
                 loss_sums.zero_()
                 t0, last_step = time.time(), step
             if step % args.ckpt_every == 0 or step == args.max_steps:
+                # -- save: model, EMA, optimizer, args, step; atomically; never non-finite weights
                 if not all(torch.isfinite(p).all() for p in [*raw_model.parameters(), *ema.parameters()]):
                     fail(f"non-finite weights at step {step}; not saving. The last good checkpoint is in {run_dir}/checkpoints")
                 if master:

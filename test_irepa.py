@@ -218,7 +218,7 @@ def test_x_prediction_velocity():
 
 class Oracle(torch.nn.Module):
     """A perfect x-predictor for one known batch: returns the clean images whatever x_t is."""
-    pred, num_classes, class_dropout_prob = 'x', 5, 0.1
+    pred, num_classes = "x", 5
     def __init__(self, x):
         super().__init__()
         self.x = x
