@@ -275,6 +275,9 @@ def build_model(args):
                                      projector=args.get('projector', 'mlp'), pred=args.get('pred', 'v'),
                                      proj_kernel=args.get('proj_kernel', 3))
 
+# the official code's encoder names (ldm/vision_encoder.py) -> this file's; the others are not loadable here
+OFFICIAL_ENCODERS = {f'dinov2{r}-vit-{s}': f'dinov2_vit{s}14{"_" * bool(r)}{r}' for s in 'sblg' for r in ('', 'reg')}
+
 def official_checkpoint(ema, ns, model=None):
     """An official iREPA/REPA checkpoint (ldm/train.py: weights 'ema', argparse.Namespace 'args') -> (state dict,
     args dict) in this file's terms. Its size is read off the weights (or given as `model`); its projector is
@@ -289,7 +292,8 @@ def official_checkpoint(ema, ns, model=None):
         model = f'SiT-{size[0]}/{p}'
     args = dict(model=model, input_size=math.isqrt(ema['pos_embed'].shape[1]) * p, in_channels=C,
                 image_size=getattr(ns, 'resolution', 256), num_classes=ema['y_embedder.embedding_table.weight'].shape[0] - 1,
-                encoder_depth=getattr(ns, 'encoder_depth', 8), pred='v', vae='sd-vae-ft-mse', encoder=getattr(ns, 'enc_type', None),
+                encoder_depth=getattr(ns, 'encoder_depth', 8), pred='v', vae='sd-vae-ft-mse' if C == 4 else None,
+                encoder=OFFICIAL_ENCODERS.get(getattr(ns, 'enc_type', None), 'none'),
                 sampler=dict(mode='sde', num_steps=250, cfg_scale=1.0), official=True)
     if 'projectors.0.weight' in ema:                                           # conv (4-d) or linear (2-d) projector
         w = ema['projectors.0.weight']
@@ -727,7 +731,7 @@ def load_latest_checkpoint(run_dir):
         os.remove(tmp)
     for path in sorted(glob.glob(os.path.join(run_dir, 'checkpoints', '*.pt')), reverse=True):
         try:
-            return torch.load(path, map_location='cpu', weights_only=False)
+            return torch.load(path, map_location='cpu', weights_only=True)         # tensors and plain types
         except Exception as e:
             warnings.warn(f"skipping unreadable checkpoint {path} ({type(e).__name__}); trying the one before")
     fail(f"--resume {run_dir}: no readable checkpoint in {os.path.join(run_dir, 'checkpoints')}")
@@ -736,9 +740,11 @@ def fail(msg):
     """A one-line error for bad input, instead of a traceback from deep inside."""
     sys.exit(f"irepa.py: error: {msg}")
 
-# What --resume may change (the schedule, the machine, where the data and hub copies live); every other setting
+# What --resume may change (the schedule, the machine and how it splits the batch, where the data and hub copies
+# live); every other setting
 # comes from the checkpoint, so the run continues as it began.
-RESUME_FLAGS = ('max_steps', 'ckpt_every', 'log_every', 'num_workers', 'compile', 'resume', 'hub_dir', 'data_path')
+RESUME_FLAGS = ('max_steps', 'ckpt_every', 'log_every', 'num_workers', 'compile', 'hub_dir', 'data_path',
+                'grad_accum', 'resume')
 
 def backward(model, x, y, noise, t, z, pred, proj_coeff, grad_accum=1, amp=nullcontext()):
     """Accumulate into .grad the gradient of the batch's mean loss, denoise + proj_coeff * align, over `grad_accum`
@@ -783,9 +789,13 @@ def load_latents(args, device):
     except RuntimeError as e:
         fail(str(e))
 
+# What checkpoints of versions before the recipes trained with, for keys their args lack: pixel space, REPA's optimizer.
+LEGACY = dict(setting='legacy', vae=None, time_dist=None, betas=(0.9, 0.999), warmup_epochs=0, clip_grad=1.0,
+              hflip=False, spnorm_gamma=0.6, sampler=None)
+
 def resume_args(args, given, run_args):
     """The run's own settings, with the RESUME_FLAGS named on the command line. A flag that would change the
-    training itself is refused (a key that an older checkpoint lacks takes today's default)."""
+    training itself is refused. A key that an older checkpoint lacks takes its LEGACY value, else today's default."""
     for k in sorted(given - set(RESUME_FLAGS)):
         if k in run_args and run_args[k] != getattr(args, k):
             fail(f"--resume continues the run as it began, but --{k.replace('_', '-')} {getattr(args, k)} differs from "
@@ -794,9 +804,6 @@ def resume_args(args, given, run_args):
     return argparse.Namespace(**{k: getattr(args, k) if k in given and k in RESUME_FLAGS
                                  else run_args.get(k, LEGACY.get(k, v)) for k, v in vars(args).items()})
 
-# What checkpoints of versions before the recipes trained with, for keys their args lack: pixel space, REPA's optimizer.
-LEGACY = dict(setting='pixel', vae=None, time_dist=None, betas=(0.9, 0.999), warmup_epochs=0, clip_grad=1.0,
-              hflip=False, spnorm_gamma=0.6, sampler=None)
 
 def method(args):
     """What is trained, in words: 'vanilla' (plain SiT), 'repa' or 'irepa'."""
@@ -817,7 +824,8 @@ def check_ranges(args):
               ('ema_decay', 0 <= args.ema_decay < 1, 'in [0, 1)'), ('spnorm_gamma', 0 <= args.spnorm_gamma <= 1, 'in [0, 1]')]
     for name, ok, want in checks:
         if not ok:
-            fail(f"--{name.replace('_', '-')} must be {want}, got {getattr(args, name)}")
+            flag = f"--{name.replace('_', '-')}" if name not in ('ema_decay', 'spnorm_gamma') else f"the recipe's {name}"
+            fail(f"{flag} must be {want}, got {getattr(args, name)}")
     if not args.resume:
         try:
             os.makedirs(args.results_dir, exist_ok=True)

@@ -288,7 +288,7 @@ def open_images(args, image_size):
 def load_encoder(name, grid, hub_dir, device):
     try:
         return irepa.load_encoder(name, grid, hub_dir, device)
-    except RuntimeError as e:                                                       # DINOv2 offline without a hub copy
+    except (RuntimeError, ValueError) as e:                                        # offline without a hub copy; unknown
         fail(str(e))
 
 def load_sit(path, device):
@@ -435,7 +435,7 @@ def get_args(argv=None):
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--masks', default=None, help="folder of object masks, for SRSS")
     p.add_argument('--spnorm-gamma', type=float, default=0.6, help="iREPA gamma (paper range 0.6-0.8)")
-    p.add_argument('--ckpt', default=None, help="an irepa.py checkpoint: measure SiT's features (image size from it)")
+    p.add_argument('--ckpt', default=None, help="an irepa.py or official iREPA/REPA checkpoint: measure SiT's features (image size from it)")
     p.add_argument('--t', type=float, default=0.5, help="noise level of x_t for --ckpt (t=0 data, t=1 noise)")
     p.add_argument('--correlate', default=None, help="CSV: encoder,fid[,linear_probe,lds,cds,srss,rmsc]")
     p.add_argument('--viz', default=None, help="an image: plot cosine-similarity maps of one anchor token")

@@ -4,7 +4,7 @@ Euler / Heun ODE, with classifier-free guidance (CFG) and REPA's guidance interv
 it needs: the SiT is rebuilt from the checkpoint's args and the EMA weights are used.
 
 One process (CPU or one GPU), a labelled grid of a few classes:
-    python sample.py --ckpt results/000-SiT-B-2/checkpoints/0050000.pt --class-labels 0 1 2 3 --num-samples 16
+    python sample.py --ckpt results/latent-SiT-XL-2-dinov2_vitb14-irepa --class-labels 207 360 --num-samples 16
 50K samples for FID on 8 GPUs (rank r samples its share with seed = seed * world + r; rank 0 writes the npz):
     torchrun --nproc_per_node=8 sample.py --ckpt .../0400000.pt --num-samples 50000 --batch-size 125 \
         --mode sde --num-steps 250 --cfg-scale 1.8 --guidance-high 0.7
@@ -229,10 +229,9 @@ def main(argv=None):
         bad = [c for c in args.class_labels if not 0 <= c < K]
         if bad:
             sys.exit(f"sample.py: error: class labels {bad} out of range: this checkpoint has classes 0..{K - 1}")
-    elif args.num_samples is None and K <= 16:                    # few classes: 8 of each, a labelled column each
-        args.class_labels = list(range(K))
-    N = args.num_samples or (8 * K if args.class_labels and K <= 16 and len(args.class_labels) == K
-                             else len(args.class_labels) if args.class_labels else 64)
+    N = args.num_samples or (len(args.class_labels) if args.class_labels else 8 * K if K <= 16 else 64)
+    if args.class_labels is None and args.num_samples is None and K <= 16:
+        args.class_labels = list(range(K))                        # few classes: 8 of each, a labelled column each
     if args.class_labels:
         labels = np.resize(np.array(args.class_labels), N)
     else:

@@ -225,3 +225,10 @@ def test_quick_run_writes_every_output_and_resumes(tiny_cifar, monkeypatch, caps
     capsys.readouterr()
     cifar10.main(argv)                                                          # finished pieces are skipped
     assert 'FD' not in capsys.readouterr().out.replace('wrote', '')
+    # killed before its first checkpoint: the run folder exists without one; the rerun starts that run afresh
+    os.remove(out / 'results' / 'vanilla-s1.json')
+    for ck in glob.glob(str(out / 'runs' / 'vanilla-s1' / '*' / 'checkpoints' / '*.pt')):
+        os.remove(ck)
+    cifar10.main(argv)
+    assert set(json.load(open(out / 'results' / 'vanilla-s1.json'))['fd']) == {'2', '4'}
+    assert len(glob.glob(str(out / 'runs' / 'vanilla-s1' / '*'))) == 1

@@ -727,8 +727,9 @@ def test_resume_keeps_the_runs_schedule_and_refuses_changes(tmp_path):
     resumed = irepa.main(['--resume', run, '--max-steps', '3'])             # ckpt-every / log-every: the run's own
     assert sorted(os.listdir(os.path.join(resumed, 'checkpoints'))) == ['0000001.pt', '0000002.pt', '0000003.pt']
     assert len([l for l in open(os.path.join(run, 'log.txt')) if l.startswith('step ')]) == 3
-    with pytest.raises(SystemExit, match=r"--lr 0.5 differs from the run's 0.001"):
+    with pytest.raises(SystemExit, match=r"--lr 0.5 differs from the run's 0.001") as e:
         irepa.main(['--resume', run, '--max-steps', '4', '--lr', '0.5'])
+    assert '--data-path' in str(e.value) and '--grad-accum' in str(e.value) and '--resume,' not in str(e.value)
     with pytest.raises(SystemExit, match='--model SiT-T/2 differs'):
         irepa.main(['--resume', run, '--max-steps', '4', '--model', 'SiT-T/2'])
     irepa.main(['--resume', run, '--max-steps', '4', '--lr', '1e-3'])        # the same value is no change
@@ -756,6 +757,7 @@ def test_official_checkpoint_format_loads_and_samples(tmp_path, vae_home, monkey
     model, args = irepa.load_sit(str(tmp_path / '0000007.pt'))
     assert (args['model'], args['input_size'], args['in_channels'], args['num_classes'], args['vae']) == (
         'SiT-T/2', 4, 4, 10, 'sd-vae-ft-mse')
+    assert args['encoder'] == 'dinov2_vitb14'                              # the official name, translated
     x, t, y = torch.randn(2, 4, 4, 4), torch.rand(2), torch.tensor([1, 10])
     out, zs = model(x, t, y)
     ref_out, ref_zs = ours.eval()(x, t, y)
@@ -950,7 +952,7 @@ def test_checkpoints_of_older_versions_resume_and_sample(tmp_path):
     torch.save(ck, path)
     irepa.main(['--resume', run, '--max-steps', '2'])
     new = load_last(run)
-    assert new['step'] == 2 and new['args']['vae'] is None and new['args']['setting'] == 'pixel'
+    assert new['step'] == 2 and new['args']['vae'] is None and new['args']['setting'] == 'legacy'
     assert tuple(new['args']['betas']) == (0.9, 0.999) and new['args']['clip_grad'] == 1.0
     torch.save(ck, path)                                                    # the old file itself samples
     out = sample.main(['--ckpt', path, '--num-steps', '2', '--num-samples', '2', '--out', str(tmp_path / 's')])

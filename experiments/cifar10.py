@@ -14,7 +14,8 @@ Data: CIFAR-10 as class folders of JPEGs, ROOT/{train,test}/<class>/*.jpg:
     python experiments/cifar10.py check --data-path ROOT            # ResNet-56/-20 test accuracy, FD noise floor
     python experiments/cifar10.py fd samples.npz --data-path ROOT   # FD of sample.py's npz; the last line is the FD
 
-`run` trains every arm x seed with irepa.py's own training code (the same recipe, `--setting cifar10`, for all),
+`run` trains every arm x seed with irepa.py's own training code and one recipe for all (added below to irepa.RECIPES
+as 'cifar10', so it exists only when this script runs irepa.main),
 scores the EMA model by FD at 3 points along training, measures LDS/CDS at the end, and writes results.md,
 fd_curve.png and a sample grid per arm to --out-dir. Killed at any point, a rerun skips finished pieces (their
 results/<arm>-s<seed>.json) and resumes unfinished runs from their checkpoints (under results/cifar10/).
@@ -26,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -35,7 +37,8 @@ import scipy.linalg
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]                                    # irepa.py (repo root), hubconf.py
+ROOT = os.path.dirname(HERE)                                                    # the repository
+sys.path[:0] = [ROOT, HERE]                                    # irepa.py (repo root), hubconf.py
 import hubconf  # noqa: E402
 import irepa    # noqa: E402
 import metrics  # noqa: E402
@@ -222,6 +225,17 @@ def test_images(args, n):
     idx = np.random.default_rng(SEED).permutation(len(test))[:n]
     return load_images(test, idx)
 
+def find_run(root):
+    """The run folder under root that has a checkpoint, or None. A folder a kill left before its first checkpoint
+    is removed, so the run starts afresh under the same name."""
+    found = None
+    for d in sorted(glob.glob(os.path.join(root, '*'))):
+        if irepa.latest_checkpoint(d):
+            found = found or d
+        elif os.path.isdir(d):
+            shutil.rmtree(d)
+    return found
+
 def run_arm(args, arm, seed, cfg, net, ref):
     """Train one arm and seed up to each evaluation step (resuming its checkpoints), record the FD there, and at
     the end the spatial structure of SiT's aligned hidden states. Results: out_dir/results/<arm>-s<seed>.json."""
@@ -234,11 +248,11 @@ def run_arm(args, arm, seed, cfg, net, ref):
     for step in cfg['steps']:
         if str(step) in res['fd']:
             continue
-        runs = glob.glob(os.path.join(root, '*', 'checkpoints'))
-        ckpt = os.path.join(runs[0], f'{step:07d}.pt') if runs else None
+        run_dir = find_run(root)
+        ckpt = run_dir and os.path.join(run_dir, 'checkpoints', f'{step:07d}.pt')
         if ckpt is None or not os.path.isfile(ckpt):
             t0 = time.time()
-            argv = (['--resume', os.path.dirname(runs[0])] if runs else
+            argv = (['--resume', run_dir] if run_dir else
                     ['--setting', 'cifar10', '--encoder', encoder, '--irepa' if use_irepa else '--no-irepa',
                      '--hub-dir', HERE, '--data-path', os.path.join(args.data_path, 'train'), '--seed', str(seed),
                      '--results-dir', root, '--ckpt-every', str(cfg['steps'][0])])
@@ -254,7 +268,7 @@ def run_arm(args, arm, seed, cfg, net, ref):
         print(f"{arm} seed {seed} step {step}: FD {res['fd'][str(step)]:.3f}", flush=True)
         save_json(path, res)
     # the end: LDS / CDS of SiT's hidden state after block encoder_depth on test images at t = METRIC_T
-    model, _ = irepa.load_sit(irepa.latest_checkpoint(glob.glob(os.path.join(root, '*'))[0]))
+    model, _ = irepa.load_sit(irepa.latest_checkpoint(find_run(root)))
     images, labels = test_images(args, cfg['metric_images'])
     x = images.float() / 127.5 - 1
     g = torch.Generator().manual_seed(SEED)
@@ -297,8 +311,9 @@ def write_report(args, cfg, results, targets, wall):
              f"Recipe for every run: {rec['model']} at 32 px, batch {rec['global_batch_size']}, lr {rec['lr']}, "
              f"EMA {rec['ema_decay']}, {steps[-1]} steps, horizontal flips, proj-coeff {rec['proj_coeff']}, gamma "
              f"{rec['spnorm_gamma']}. FD: {cfg['fd_samples']} EMA samples (Heun ODE, {rec['sampler']['num_steps']} "
-             f"steps, no CFG, balanced labels) vs {REF_SIZE} train images, ResNet-56 features; real held-out images "
-             f"score ~0.08. LDS / CDS: {cfg['metric_images']} test images; SiT's hidden state after block "
+             f"steps, no CFG, balanced labels) vs {REF_SIZE} train images, ResNet-56 features; 2,000 real held-out "
+             f"images score 0.08 (`cifar10.py check`). LDS / CDS: {cfg['metric_images']} test images; SiT's hidden "
+             f"state after block "
              f"{irepa.SiT_sizes['T']['encoder_depth']} at t = {METRIC_T}.", "",
              "## FD (lower is better), mean ± sd over seeds", "",
              "| arm | target | " + " | ".join(f"FD @ {s}" for s in steps) + " | LDS (SiT) | CDS (SiT) |",
@@ -374,7 +389,7 @@ def cmd_run(args):
         irepa.RECIPES['cifar10'].update(max_steps=cfg['steps'][-1], ckpt_every=cfg['steps'][0], log_every=1,
                                         global_batch_size=8, sampler=dict(mode='ode', heun=True, num_steps=2))
     if args.runs_dir is None:
-        args.runs_dir = os.path.join(args.out_dir, 'runs') if args.quick else os.path.join('results', 'cifar10')
+        args.runs_dir = os.path.join(args.out_dir, 'runs') if args.quick else os.path.join(ROOT, 'results', 'cifar10')
     os.makedirs(os.path.join(args.out_dir, 'results'), exist_ok=True)
     os.makedirs(args.runs_dir, exist_ok=True)
     t0 = time.time()
