@@ -222,6 +222,9 @@ def test_quick_run_writes_every_output_and_resumes(tiny_cifar, monkeypatch, caps
     report = open(out / 'results.md').read()
     assert '| iREPA-ResNet20 | resnet20_stage3 |' in report and '| resnet20_stage3 |' in report
     assert Image.open(out / 'fd_curve.png').size == (640, 420)
+    os.remove(out / 'results.md')
+    cifar10.main(['--out-dir', str(out), 'report', '--data-path', str(tiny_cifar / 'data'), '--quick'])   # JSONs only
+    assert '10 of 10 runs finished' in open(out / 'results.md').read()
     capsys.readouterr()
     cifar10.main(argv)                                                          # finished pieces are skipped
     assert 'FD' not in capsys.readouterr().out.replace('wrote', '')

@@ -302,7 +302,7 @@ def mean_sd(values):
         return '-'
     return f"{np.mean(values):.3g} ± {np.std(values, ddof=1):.2g}" if len(values) > 1 else f"{values[0]:.3g}"
 
-def write_report(args, cfg, results, targets, wall):
+def write_report(args, cfg, results, targets):
     """results.md (per seed, and mean ± sd over seeds), fd_curve.png and a sample grid per arm."""
     steps = [str(s) for s in cfg['steps']]
     commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
@@ -335,8 +335,9 @@ def write_report(args, cfg, results, targets, wall):
     for name, m in targets.items():
         lines.append(f"| {name} | {m['raw']['lds']:.3f} | {m['raw']['cds']:.4f} | {m['spatial_norm']['lds']:.3f} | "
                      f"{m['spatial_norm']['cds']:.4f} |")
-    lines += ["", f"Wall time of this invocation: {wall / 60:.1f} min; summed over runs: "
-              f"{sum(r['train_s'] + r['eval_s'] for r in results) / 60:.1f} min (2 CPU cores).",
+    done = sum('lds' in r for r in results)
+    lines += ["", f"{done} of {len(ARMS) * len(SEEDS)} runs finished. Wall time summed over runs (training + FD "
+              f"evaluations): {sum(r['train_s'] + r['eval_s'] for r in results) / 60:.1f} min on 2 CPU cores.",
               f"Command: `python experiments/cifar10.py run --data-path ROOT{' --quick' if args.quick else ''}` "
               f"at commit {commit}."]
     open(os.path.join(args.out_dir, 'results.md'), 'w').write('\n'.join(lines) + '\n')
@@ -401,8 +402,16 @@ def cmd_run(args):
     for seed in SEEDS:                                                          # seed-major: both seeds of every
         for arm in ARMS:                                                        # arm only at the very end
             results.append(run_arm(args, arm, seed, cfg, net, ref))
-            write_report(args, cfg, results, targets, time.time() - t0)
+            write_report(args, cfg, results, targets)
     print(f"wrote {args.out_dir}/results.md, fd_curve.png and grid_<arm>.png ({(time.time() - t0) / 60:.1f} min)")
+
+def cmd_report(args):
+    """results.md, fd_curve.png and the grids from the results written so far, without training."""
+    cfg = QUICK if args.quick else FULL
+    results = [json.load(open(p)) for seed in SEEDS for arm in ARMS
+               for p in [os.path.join(args.out_dir, 'results', f'{arm}-s{seed}.json')] if os.path.isfile(p)]
+    write_report(args, cfg, results, target_metrics(args, cfg))
+    print(f"wrote {args.out_dir}/results.md, fd_curve.png and grid_<arm>.png from {len(results)} runs")
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="CIFAR-10: vanilla SiT vs REPA vs iREPA, scored by a ResNet-56 FD.")
@@ -417,6 +426,10 @@ def main(argv=None):
     p.add_argument('--quick', action='store_true', help="tiny steps and sample counts: a smoke test of every piece")
     p.add_argument('--runs-dir', default=None, help="training runs (default results/cifar10; --quick: out-dir/runs)")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser('report', help="results.md, fd_curve.png and grids from the results so far (no training)")
+    p.add_argument('--data-path', required=True, help="CIFAR-10 root holding train/ and test/")
+    p.add_argument('--quick', action='store_true', help="the results of a --quick run")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser('check', help="ResNet-56 / ResNet-20 test accuracy and the FD of real held-out images")
     p.add_argument('--data-path', required=True, help="CIFAR-10 root holding train/ and test/")
     p.set_defaults(func=cmd_check)
