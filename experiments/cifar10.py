@@ -9,7 +9,7 @@ sees 32 px images at their native size. The reference is 10,000 train images (a 
 Data: CIFAR-10 as class folders of JPEGs, ROOT/{train,test}/<class>/*.jpg:
     mkdir -p /tmp/cifar && tar -xzf ../shared/data/cifar10.tar.gz -C /tmp/cifar     # ROOT = /tmp/cifar/cifar10_jpg
 
-    python experiments/cifar10.py run --data-path ROOT              # the whole experiment (~3 h on 2 cores, resumable)
+    python experiments/cifar10.py run --data-path ROOT              # the whole experiment (~4 h on 2 cores, resumable)
     python experiments/cifar10.py run --data-path ROOT --quick      # every piece end to end in about a minute
     python experiments/cifar10.py check --data-path ROOT            # ResNet-56/-20 test accuracy, FD noise floor
     python experiments/cifar10.py fd samples.npz --data-path ROOT   # FD of sample.py's npz; the last line is the FD
@@ -193,8 +193,8 @@ SEEDS = (0, 1)
 
 # One recipe for every arm. Scale chosen for the 4-hour CPU budget: SiT-T/4 (depth 6, width 192; an 8x8 token
 # grid at 32 px, the grid of ResNet-20's last stage; aligned after block 2) trains at ~0.26 s per batch of 64 in
-# bf16 on 2 cores, so 3,000 steps (~4 epochs, 13 min) and three FD evaluations (~1.5 min each) take ~18 min per
-# run: 10 runs in ~3 h.
+# bf16 on 2 cores, so 3,000 steps (~4 epochs, 13 min) and three FD evaluations (~1.5-2 min each) take ~18 min per
+# run; REPA's 2048-wide MLP projector costs about as much as this tiny SiT (~29 min a run): 10 runs in ~4 h.
 # lr 1e-3 and EMA 0.999 suit a tiny model and a short run (the demo's values, scaled to batch 64).
 irepa.RECIPES['cifar10'] = dict(irepa.RECIPES['demo'], model='SiT-T/4', image_size=32, global_batch_size=64, lr=1e-3,
                                 ema_decay=0.999, hflip=True, max_steps=3000, ckpt_every=1000, log_every=100,
