@@ -814,6 +814,16 @@ def run_name(args):
     target = '' if args.encoder == 'none' else f"{args.encoder}-"
     return f"{args.setting}-{args.model.replace('/', '-')}-{target}{method(args)}"
 
+def output_dir_problem(path):
+    """Creates the output folder `path`; returns why it cannot be one (a one-line reason), or None."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{path} is a file, not a folder"
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        return f"{path}: cannot create it ({e.strerror})"
+    return None if os.access(path, os.W_OK) else f"{path} is not writable"
+
 def check_ranges(args):
     """Every numeric setting in range, and the output folder usable, before anything heavy starts."""
     checks = [('image_size', args.image_size >= 1, '>= 1'), ('global_batch_size', args.global_batch_size >= 1, '>= 1'),
@@ -826,13 +836,8 @@ def check_ranges(args):
         if not ok:
             flag = f"--{name.replace('_', '-')}" if name not in ('ema_decay', 'spnorm_gamma') else f"the recipe's {name}"
             fail(f"{flag} must be {want}, got {getattr(args, name)}")
-    if not args.resume:
-        try:
-            os.makedirs(args.results_dir, exist_ok=True)
-        except OSError as e:
-            fail(f"--results-dir {args.results_dir}: cannot create it ({e.strerror})")
-        if not os.access(args.results_dir, os.W_OK):
-            fail(f"--results-dir {args.results_dir} is not writable")
+    if not args.resume and output_dir_problem(args.results_dir):
+        fail(f"--results-dir {output_dir_problem(args.results_dir)}")
 
 def check_model(args):
     """The model-shape invariants, before anything heavy starts. Returns the size's config (patch, depth, ...)."""

@@ -185,14 +185,8 @@ def main(argv=None):
                            ("seed", args.seed >= 0, ">= 0")):
         if not ok:
             sys.exit(f"sample.py: error: --{flag.replace('_', '-')} must be {want}, got {getattr(args, flag)}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        sys.exit(f"sample.py: error: --out {args.out} is a file, not a folder")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        sys.exit(f"sample.py: error: --out {args.out}: cannot create it ({e.strerror})")
-    if not os.access(args.out, os.W_OK):
-        sys.exit(f"sample.py: error: --out {args.out} is not writable")
+    if irepa.output_dir_problem(args.out):
+        sys.exit(f"sample.py: error: --out {irepa.output_dir_problem(args.out)}")
 
     # one process, or one per GPU (CPU: gloo) under torchrun; float64 state rules out MPS
     if "WORLD_SIZE" in os.environ:
