@@ -306,7 +306,10 @@ def official_checkpoint(ema, ns, model=None):
 def load_sit(path, device='cpu', model=None):
     """The EMA SiT of a checkpoint, in eval mode, and the checkpoint's args (a dict). Reads this file's checkpoints
     and the official iREPA/REPA ones, unpickling nothing but tensors, plain types and argparse.Namespace.
-    Raises ValueError with a one-line reason for a missing, truncated or foreign file."""
+    `path` may be a run folder (its latest checkpoint). Raises ValueError with a one-line reason for a missing,
+    truncated or foreign file."""
+    if os.path.isdir(path):
+        path = latest_checkpoint(path) or os.path.join(path, 'checkpoints', '(none)')
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path}")
     torch.serialization.add_safe_globals([argparse.Namespace])
@@ -488,6 +491,20 @@ def sample_time(u, n, logit_normal=None):
         return u
     mean, std = logit_normal
     return torch.sigmoid(mean + std * n)
+
+@torch.no_grad()
+def noised_features(model, x, y, t, generator=None, latents=None):
+    """What the alignment loss sees, for analysis (metrics.py; iREPA Fig. 6c): SiT's hidden state h after block
+    encoder_depth (B, T, D) and its projection (B, T, D_enc, None without an encoder), fp32, for images x (B, 3, H, W)
+    in [-1, 1] noised to level t as in training (a latent SiT gets a posterior sample of the VAE first)."""
+    if latents is not None:
+        x = latents.encode(x, torch.randn((len(x), 4, x.shape[2] // 8, x.shape[3] // 8), device=x.device,
+                                          generator=generator))
+    t = torch.full((len(x),), float(t), device=x.device)
+    x_t, _ = interpolant(x, torch.randn(x.shape, device=x.device, generator=generator), t)
+    with autocast(x.device):
+        h, zs = model.align_features(x_t, t, y)
+    return h.float(), None if zs is None else zs.float()
 
 # -----------------------------------------------------------------------------
 # 7. Data: class-per-folder images with the ADM center crop, or procedural shapes (ADM / DiT's center crop)

@@ -9,8 +9,7 @@ L2-normalised tokens of an H x H grid, with Manhattan distance d between tokens:
     CDS   correlation decay slope       -slope of the least-squares line through mean cos at d = 1..8
     SRSS  semantic-region self-sim.     per object token: mean cos to object at d = 1 minus to background at d >= 6
     RMSC  RMS spatial contrast          sqrt(mean_t ||x_t - mean_t x||^2)
-Defaults are the official metrics code's. The paper's text uses r_near = r_far = H/2 for LDS, i.e.
-lds(x, near_dist=H // 2 - 1, far_dist=H // 2).
+Defaults are the official metrics code's (the paper's text, d < H/2 vs d >= H/2: lds(x, H // 2 - 1, H // 2)).
 
 Run it (encoders, checkpoints and image loading come from irepa.py):
     python metrics.py --encoder dinov2_vitb14 --data-path imagenet/val             # raw vs spatially normalised
@@ -18,11 +17,8 @@ Run it (encoders, checkpoints and image loading come from irepa.py):
     python metrics.py --ckpt results/run/checkpoints/0400000.pt --data-path imgs   # SiT's own features (Fig. 6c)
     python metrics.py --correlate encoders.csv --out fig4.png                      # metrics vs gFID (Fig. 4)
     python metrics.py --viz dog.jpg --encoder dinov2_vitb14 --anchor 8 5           # what spatial norm does (Fig. 6b)
-Images: root/<class>/<image> with the ADM center crop, as in training. Masks (e.g. from SAM2): one PNG per image
-at its relative path under --masks, extension .png (imgs/dog/1.jpg -> masks/dog/1.png), nonzero = object.
---ckpt measures at noise level --t (t = 0 data, t = 1 noise; x_t = (1 - t) x + t eps, as in irepa.py).
---correlate reads a CSV with columns encoder, fid and optionally linear_probe, lds, cds, srss, rmsc; metric
-columns it lacks are measured on --data-path for each encoder (which must then be one of irepa.ENCODERS).
+Images: root/<class>/<image>, ADM center crop. Masks (e.g. from SAM2): imgs/dog/1.jpg -> masks/dog/1.png, nonzero =
+object. --correlate CSV: encoder, fid [, linear_probe, lds, cds, srss, rmsc]; missing metrics are measured on --data-path.
 """
 import argparse
 import csv
@@ -41,9 +37,9 @@ import irepa
 METRICS = ('lds', 'cds', 'srss', 'rmsc')
 
 # -----------------------------------------------------------------------------
-# 1. The four metrics (iREPA Appendix B; official metrics/spatial_metrics.py). x: (B, T, D) tokens of an H x H grid in raster order.
-#    Pairs are ordered (t, t') with t != t'; the cosine kernel is symmetric, so every mean equals the mean over
-#    unordered pairs. A token is never paired with itself. Each metric returns per-image values (B,).
+# 1. The four metrics (iREPA Appendix B; official metrics/spatial_metrics.py). x: (B, T, D) tokens of an H x H grid
+#    in raster order. A token is never paired with itself; ordered and unordered pairs give the same means (the
+#    cosine is symmetric). Each metric returns per-image values (B,).
 
 def cosine_gram(x):
     """-> (B, T, T) cosines between the tokens, and (T, T) Manhattan distances between their grid positions."""
@@ -56,11 +52,6 @@ def cosine_gram(x):
     dist = (rc[:, None] - rc[None]).abs().sum(-1).to(x.device)                      # (T, T)
     return x @ x.transpose(1, 2), dist                                              # (B, T, T), (T, T)
 
-def pair_mean(gram, pairs):
-    """Mean of gram (B, T, T) over the pairs selected by a bool mask (T, T) or (B, T, T) -> (B,)."""
-    pairs = pairs.to(gram.dtype)
-    return (gram * pairs).sum((-2, -1)) / pairs.sum((-2, -1))
-
 def lds(x, near_dist=1, far_dist=6):
     """Local vs distant similarity: mean cos at d = 1..near_dist minus mean cos at d >= far_dist.
     Official code: 4-neighbours vs d >= 6. Paper text (d < H/2 vs d >= H/2): near_dist=H//2 - 1, far_dist=H//2."""
@@ -69,7 +60,7 @@ def lds(x, near_dist=1, far_dist=6):
     if not near.any() or not far.any():
         raise ValueError(f"a {math.isqrt(len(dist))}x{math.isqrt(len(dist))} grid has no pairs at distance "
                          f"1..{near_dist} or >= {far_dist}")
-    return pair_mean(gram, near) - pair_mean(gram, far)
+    return (gram * near).sum((1, 2)) / near.sum() - (gram * far).sum((1, 2)) / far.sum()          # (B,)
 
 def cds(x, dmax=8):
     """Correlation decay slope: correlogram g(d) = mean cos at distance exactly d, for d = 1..dmax that the grid
@@ -106,10 +97,7 @@ def rmsc(x):
 
 def all_metrics(x, masks=None):
     """{metric: (B,)} with the official defaults; SRSS only when masks are given."""
-    out = dict(lds=lds(x), cds=cds(x), rmsc=rmsc(x))
-    if masks is not None:
-        out['srss'] = srss(x, masks)
-    return out
+    return dict(lds=lds(x), cds=cds(x), rmsc=rmsc(x), **({} if masks is None else dict(srss=srss(x, masks))))
 
 # -----------------------------------------------------------------------------
 # 2. Summaries: mean with a 95% interval, and the correlation with gFID across encoders (paper Fig. 4)
@@ -118,10 +106,9 @@ def mean_ci(values):
     """Mean over images (NaNs left out) and the half-width of its 95% confidence interval (Student t) -> (mean, hw)."""
     v = np.asarray(values, dtype=np.float64)
     v = v[~np.isnan(v)]
-    if len(v) == 0:
-        return math.nan, math.nan
-    hw = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else math.nan
-    return v.mean(), hw
+    if len(v) < 2:
+        return (v.mean() if len(v) else math.nan), math.nan
+    return v.mean(), stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
 
 def correlate(table, target='fid'):
     """Pearson and Spearman r (and p-values) of linear_probe and each metric column against `target`, over the
@@ -135,32 +122,32 @@ def correlate(table, target='fid'):
     return out
 
 def read_table(path):
-    """CSV -> {column: list}; 'encoder' stays text, other cells become floats (an empty cell is None)."""
-    if not os.path.isfile(path):
-        fail(f"--correlate {path}: no such file")
-    with open(path, newline='') as f:
-        reader = csv.DictReader(f)
-        rows, header = list(reader), reader.fieldnames or []
-    if not rows or not {'encoder', 'fid'} <= set(header):
+    """CSV -> {column: list}; 'encoder' stays text, other cells become finite floats (an empty cell is None)."""
+    try:
+        with open(path, newline='') as f:
+            rows = [r for r in csv.reader(f) if r]                                  # blank lines skipped
+    except OSError as e:
+        fail(f"--correlate {path}: cannot read it ({e.strerror})")
+    header = [c.strip() for c in rows[0]] if rows else []
+    if len(rows) < 2 or not {'encoder', 'fid'} <= set(header):
         fail(f"--correlate {path}: need a header with at least the columns encoder,fid and one row per encoder")
     table = {c: [] for c in header}
-    for line, r in enumerate(rows, start=2):
-        if None in r or None in r.values():                                     # too many or too few cells
-            cells = sum(v is not None for k, v in r.items() if k is not None) + len(r.get(None) or [])
-            fail(f"--correlate {path}: line {line} has {cells} cells, the header {len(table)}")
-        for c in table:
-            cell = r[c].strip()
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            fail(f"--correlate {path}: line {line} has {len(row)} cells, the header {len(header)}")
+        for c, cell in zip(header, (cell.strip() for cell in row)):
             try:
                 value = cell if c == 'encoder' else float(cell) if cell else None
             except ValueError:
-                fail(f"--correlate {path}: line {line}, column {c}: '{cell}' is not a number")
-            if value is not None and c != 'encoder' and not math.isfinite(value):
+                value = math.nan
+            if isinstance(value, float) and not math.isfinite(value):
                 fail(f"--correlate {path}: line {line}, column {c}: '{cell}' is not a finite number")
             table[c].append(value)
     return table
 
 # -----------------------------------------------------------------------------
-# 3. Pictures, drawn with pillow: similarity maps (paper Fig. 6b / 16) and scatter plots (Fig. 4)
+# 3. Pictures, drawn with pillow: similarity maps (paper Fig. 6b / 16) and scatter plots (Fig. 4). Both figures are
+#    panels side by side under their titles (`figure`).
 
 PANEL, STRIP = 256, 20                                                              # panel side, text strip (px)
 
@@ -170,55 +157,55 @@ def colormap(v):
     v = np.clip(np.nan_to_num(np.asarray(v, dtype=np.float64)), 0, 1) * (len(stops) - 1)
     return np.stack([np.interp(v, np.arange(len(stops)), stops[:, c]) for c in range(3)], -1).astype(np.uint8)
 
-def similarity_figure(img, maps, anchor):
-    """img (S, S, 3) uint8 | one panel per {title: (H, W) cosine map}, nearest-upsampled, anchor token boxed in red.
-    Colour scale [0, 1] as in the paper (negative cosines show as 0). Size ((1 + len(maps)) * 256, 256 + 2 * 20)."""
-    H = next(iter(maps.values())).shape[0]
-    cell = PANEL / H
-    fig = Image.new('RGB', ((1 + len(maps)) * PANEL, PANEL + 2 * STRIP), 'white')
+def figure(panels, footer=0):
+    """[(title, PIL image)] side by side, each title in a strip above its panel, `footer` px of white below.
+    -> (figure, its ImageDraw)."""
+    w, h = panels[0][1].size
+    fig = Image.new('RGB', (w * len(panels), STRIP + h + footer), 'white')
     draw = ImageDraw.Draw(fig)
+    for i, (title, im) in enumerate(panels):
+        fig.paste(im, (i * w, STRIP))
+        draw.text((i * w + 4, 5), title, fill='black')
+    return fig, draw
+
+def similarity_figure(img, maps, anchor):
+    """img (S, S, 3) uint8 | one panel per {title: (H, W) cosine map}, nearest-upsampled, anchor token boxed in red,
+    with a colour bar: scale [0, 1] as in the paper (negative cosines show as 0). ((1 + len(maps)) * 256, 256 + 40)."""
+    cell = PANEL / next(iter(maps.values())).shape[0]
     panels = [('image', Image.fromarray(img).resize((PANEL, PANEL), Image.BICUBIC))]
     panels += [(title, Image.fromarray(colormap(m)).resize((PANEL, PANEL), Image.NEAREST)) for title, m in maps.items()]
-    for i, (title, im) in enumerate(panels):
-        fig.paste(im, (i * PANEL, STRIP))
-        draw.text((i * PANEL + 4, 5), title, fill='black')
-        x0, y0 = i * PANEL + anchor[1] * cell, STRIP + anchor[0] * cell
-        draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], outline='red', width=2)
-    bar = np.repeat(colormap(np.linspace(0, 1, PANEL - 60))[None], STRIP // 2, axis=0)    # colour bar, scale 0..1
-    fig.paste(Image.fromarray(bar), (PANEL + 30, PANEL + STRIP + 5))
+    y0, x0 = anchor[0] * cell, anchor[1] * cell
+    for _, im in panels:
+        ImageDraw.Draw(im).rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], outline='red', width=2)
+    fig, draw = figure(panels, footer=STRIP)
+    fig.paste(Image.fromarray(np.repeat(colormap(np.linspace(0, 1, PANEL - 60))[None], STRIP // 2, axis=0)),
+              (PANEL + 30, PANEL + STRIP + 5))                                      # the colour bar, cos 0 .. 1
     draw.text((PANEL + 4, PANEL + STRIP + 4), 'cos 0', fill='black')
     draw.text((2 * PANEL - 26, PANEL + STRIP + 4), '1', fill='black')
     return fig
 
-def scatter_panel(xs, ys, labels, xlabel, title, size=360):
-    """One labelled scatter plot (size x size): y = gFID against x, with its least-squares line."""
+def scatter(xs, ys, labels, xlabel, size=360):
+    """gFID (y) against one column (x), each point labelled, with the least-squares line: a (size, size - 20) panel.
+    Tick labels at the data's min, middle and max."""
     xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
-    im = Image.new('RGB', (size, size), 'white')
+    im = Image.new('RGB', (size, size - STRIP), 'white')
     draw = ImageDraw.Draw(im)
-    left, right, top, bottom = 50, size - 15, 30, size - 40                        # the plotting box
-    def limits(v):
-        pad = 0.1 * ((v.max() - v.min()) or 1.0)
-        return v.min() - pad, v.max() + pad
-    (x0, x1), (y0, y1) = limits(xs), limits(ys)
+    left, top, right, bottom = 50, 10, size - 15, size - STRIP - 40                 # the plotting box
+    (x0, x1), (y0, y1) = [(v.min() - 0.1 * (np.ptp(v) or 1), v.max() + 0.1 * (np.ptp(v) or 1)) for v in (xs, ys)]
     px = lambda x: left + (x - x0) / (x1 - x0) * (right - left)
     py = lambda y: bottom - (y - y0) / (y1 - y0) * (bottom - top)
     draw.rectangle([left, top, right, bottom], outline='black')
-    for v in np.linspace(xs.min(), xs.max(), 3):                                    # ticks at data min, mid, max
-        draw.line([px(v), bottom, px(v), bottom + 4], fill='black')
-        draw.text((px(v) - 12, bottom + 6), f"{v:.3g}", fill='black')
-    for v in np.linspace(ys.min(), ys.max(), 3):
-        draw.line([left - 4, py(v), left, py(v)], fill='black')
+    for u, v in zip(np.linspace(xs.min(), xs.max(), 3), np.linspace(ys.min(), ys.max(), 3)):
+        draw.text((px(u) - 12, bottom + 6), f"{u:.3g}", fill='black')
         draw.text((4, py(v) - 5), f"{v:.3g}", fill='black')
-    if xs.max() > xs.min():                                                         # least-squares line over the data
+    if np.ptp(xs) > 0:
         b, a = np.polyfit(xs, ys, 1)
-        lo, hi = xs.min(), xs.max()
-        draw.line([px(lo), py(a + b * lo), px(hi), py(a + b * hi)], fill=(150, 150, 150))
+        draw.line([px(xs.min()), py(a + b * xs.min()), px(xs.max()), py(a + b * xs.max())], fill=(150, 150, 150))
     for x, y, name in zip(xs, ys, labels):
         draw.ellipse([px(x) - 3, py(y) - 3, px(x) + 3, py(y) + 3], fill=(31, 119, 180))
-        w = draw.textlength(name)
+        w = draw.textlength(name)                                                   # near the right edge: label left
         draw.text((px(x) + 5 if px(x) + 5 + w < right else px(x) - 5 - w, py(y) - 12), name, fill='black')
-    draw.text((left, 8), title, fill='black')
-    draw.text(((left + right) // 2 - 3 * len(xlabel), size - 18), xlabel, fill='black')
+    draw.text(((left + right) // 2 - 3 * len(xlabel), bottom + 22), xlabel, fill='black')
     draw.text((left + 4, top + 4), 'gFID', fill='black')
     return im
 
@@ -227,18 +214,21 @@ def correlation_figure(table, results, target='fid'):
     panels = []
     for col, (n, r, p, rho, _) in results.items():
         rows = [(a, b, e) for a, b, e in zip(table[col], table[target], table['encoder']) if None not in (a, b)]
-        xs, ys, names = zip(*rows)
-        panels.append(scatter_panel(xs, ys, names, col, f"{col.upper()}: pearson r={r:.3f}, spearman {rho:.3f}"))
-    fig = Image.new('RGB', (sum(p.width for p in panels), panels[0].height), 'white')
-    for i, p in enumerate(panels):
-        fig.paste(p, (i * p.width, 0))
-    return fig
+        panels.append((f"{col.upper()}: pearson r={r:.3f}, spearman {rho:.3f}", scatter(*zip(*rows), col)))
+    return figure(panels)[0]
 
 # -----------------------------------------------------------------------------
 # 4. Features: the encoders' patch tokens, and SiT's hidden state at the alignment layer (Fig. 6c)
 
 def fail(msg):
     sys.exit(f"metrics.py: error: {msg}")
+
+def guarded(fn, *args):
+    """fn(*args), with irepa's errors for bad input (no images, unknown encoder, not a checkpoint, offline) as one line."""
+    try:
+        return fn(*args)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        fail(str(e))
 
 def mask_to_grid(mask, grid):
     """A mask image at the image's own size -> (T,) bool on the token grid, as the official metrics code does:
@@ -250,25 +240,6 @@ def mask_to_grid(mask, grid):
     m = m[(H - s) // 2:(H - s) // 2 + s, (W - s) // 2:(W - s) // 2 + s]            # the crop the image gets
     return F.adaptive_max_pool2d(m[None, None].float(), grid).flatten().bool()     # (T,) raster order
 
-def load_masks(dataset, indices, data_path, masks_dir, grid):
-    """(N, T) bool, one row per index: <masks>/<class>/<image stem>.png, resized to its image (nearest)."""
-    out, missing = [], []
-    for i in indices:
-        path = dataset.samples[i][0]
-        mpath = os.path.join(masks_dir, os.path.splitext(os.path.relpath(path, data_path))[0] + '.png')
-        if not os.path.isfile(mpath):
-            missing.append(mpath)
-            continue
-        try:
-            with Image.open(path) as im, Image.open(mpath) as m:
-                out.append(mask_to_grid(m.resize(im.size, Image.NEAREST), grid))
-        except OSError as e:
-            fail(f"cannot read mask {mpath} ({e})")
-    if missing:
-        fail(f"{len(missing)} of {len(indices)} images have no mask, e.g. {missing[0]} "
-             f"(expected <masks>/<class>/<image stem>.png for every image)")
-    return torch.stack(out)
-
 def keep_masks(masks, min_tokens=None):
     """The official image filter for SRSS: an image counts only with at least `min_tokens` object tokens and as
     many background tokens (default T / 4: 64 of 256 at 16x16, the official value). -> (N,) bool."""
@@ -276,93 +247,69 @@ def keep_masks(masks, min_tokens=None):
     fg = masks.sum(1)
     return (fg >= min_tokens) & (masks.shape[1] - fg >= min_tokens)
 
-def open_images(args, image_size):
-    """The evaluation images: a seeded random subset of --num-images from root/<class>/<image>."""
-    try:
-        dataset = irepa.ImageFolder(args.data_path, image_size)
-    except FileNotFoundError as e:
-        fail(str(e))
-    g = torch.Generator().manual_seed(args.seed)
-    return dataset, torch.randperm(len(dataset), generator=g)[:args.num_images].tolist()
-
-def load_encoder(name, grid, hub_dir, device):
-    try:
-        return irepa.load_encoder(name, grid, hub_dir, device)
-    except (RuntimeError, ValueError) as e:                                        # offline without a hub copy; unknown
-        fail(str(e))
-
-def load_sit(path, device):
-    """The EMA SiT of a checkpoint and its args; for a latent-space SiT also the SD-VAE that makes its input."""
-    try:
-        model, args = irepa.load_sit(path, device)
-        return model, args, irepa.Latents(device) if args.get('vae') else None
-    except (ValueError, RuntimeError) as e:
-        fail(str(e))
+def load_masks(args, dataset, indices, grid):
+    """<masks>/<class>/<image stem>.png of each image, resized to it (nearest), on the token grid, then the official
+    filter. -> (the indices kept, their (N, T) bool masks)."""
+    paths = [dataset.samples[i][0] for i in indices]
+    mpaths = [os.path.join(args.masks, os.path.splitext(os.path.relpath(p, args.data_path))[0] + '.png') for p in paths]
+    missing = [m for m in mpaths if not os.path.isfile(m)]
+    if missing:
+        fail(f"{len(missing)} of {len(indices)} images have no mask, e.g. {missing[0]} "
+             f"(expected <masks>/<class>/<image stem>.png for every image)")
+    masks = []
+    for path, mpath in zip(paths, mpaths):
+        try:
+            with Image.open(path) as im, Image.open(mpath) as m:
+                masks.append(mask_to_grid(m.resize(im.size, Image.NEAREST), grid))
+        except OSError as e:
+            fail(f"cannot read mask {mpath} ({e})")
+    masks = torch.stack(masks)
+    keep, need = keep_masks(masks), masks.shape[1] // 4
+    print(f"{int(keep.sum())} of {len(indices)} images have >= {need} object and background tokens "
+          f"(the official filter for SRSS); measuring those")
+    if not keep.any():
+        fail(f"no image has >= {need} object and background tokens in its mask (the official filter)")
+    return [i for i, k in zip(indices, keep.tolist()) if k], masks[keep]
 
 @torch.no_grad()
 def measure(args, encoder_name, device):
-    """Per-image metrics {row: {metric: (N,) array}} for the encoder's tokens, raw and after spatial
-    normalisation, and with --ckpt for SiT's hidden state h after block encoder_depth and its projection.
+    """Per-image metrics {row: {metric: (N,) array}} of the encoder's tokens, raw and after spatial normalisation,
+    and with --ckpt of SiT's hidden state h after block encoder_depth and its projection, at noise level --t.
     encoder_name None: the checkpoint's encoder with --ckpt, else dinov2_vitb14."""
-    model, ck, latents = load_sit(args.ckpt, device) if args.ckpt else (None, {}, None)
+    model, ck = guarded(irepa.load_sit, args.ckpt, device) if args.ckpt else (None, {})
+    latents = guarded(irepa.Latents, device) if ck.get('vae') else None           # a latent SiT: the VAE makes its input
     encoder_name = encoder_name or (ck.get('encoder', 'none') if model else 'dinov2_vitb14')
-    image_size = ck.get('image_size', model.input_size) if model else args.image_size
     grid = model.grid_size if model else args.grid_size
-    dataset, indices = open_images(args, image_size)
-    masks = None
-    if args.masks:
-        masks = load_masks(dataset, indices, args.data_path, args.masks, grid)
-        keep = keep_masks(masks)
-        if not keep.any():
-            fail(f"no image has >= {masks.shape[1] // 4} object and background tokens in its mask (the official filter)")
-        print(f"{int(keep.sum())} of {len(indices)} images have >= {masks.shape[1] // 4} object and background tokens "
-              f"(the official filter for SRSS); measuring those")
-        indices, masks = [i for i, k in zip(indices, keep.tolist()) if k], masks[keep]
-    hub_dir = args.hub_dir or ck.get('hub_dir')
-    encoder = None if encoder_name == 'none' else load_encoder(encoder_name, grid, hub_dir, device)
+    dataset = guarded(irepa.ImageFolder, args.data_path, ck.get('image_size', model.input_size) if model else args.image_size)
+    indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:args.num_images].tolist()
+    indices, masks = load_masks(args, dataset, indices, grid) if args.masks else (indices, None)
+    encoder = None if encoder_name == 'none' else guarded(irepa.load_encoder, encoder_name, grid,
+                                                          args.hub_dir or ck.get('hub_dir'), device)
     same_classes = model is not None and dataset.classes == ck.get('class_names')   # else the null (CFG) class
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=args.batch_size,
                                          num_workers=args.num_workers)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     vals, start = {}, 0
     for img, y in loader:
-        img, y = img.to(device), y.to(device)                                       # uint8 (B, 3, S, S)
-        rows = {}
+        img, y, rows = img.to(device), y.to(device), {}                            # uint8 (B, 3, S, S)
         if encoder is not None:
             with irepa.autocast(device):
                 z = encoder(img.float()).float()                                    # (B, T, D_enc), input 0..255
             rows[f"{encoder_name} raw"] = z
             rows[f"{encoder_name} spatial norm (gamma {args.spnorm_gamma})"] = irepa.spatial_norm(z, args.spnorm_gamma)
-        if model is not None:
-            x = img.float() / 127.5 - 1                                             # SiT (or the VAE) sees [-1, 1]
-            if latents is not None:                                                 # a posterior sample, as in training
-                x = latents.encode(x, torch.randn((len(x), 4, *[s // 8 for s in x.shape[2:]]), device=device,
-                                                  generator=gen))
-            t = torch.full((len(x),), args.t, device=device)
-            x_t, _ = irepa.interpolant(x, torch.randn(x.shape, device=device, generator=gen), t)  # t=0 data, 1 noise
-            y = y if same_classes else torch.full_like(y, model.num_classes)
-            with irepa.autocast(device):
-                h, zs = model.align_features(x_t, t, y)                             # (B, T, D), (B, T, D_enc) or None
-            h, zs = h.float(), None if zs is None else zs.float()
-            rows[f"SiT h (block {model.encoder_depth}, t={args.t})"] = h
+        if model is not None:                                                       # SiT (or the VAE) sees [-1, 1]
+            h, zs = irepa.noised_features(model, img.float() / 127.5 - 1, y if same_classes else
+                                          torch.full_like(y, model.num_classes), args.t, gen, latents)
+            rows[f"SiT h (block {model.encoder_depth}, t={args.t})"] = h           # (B, T, D)
             if zs is not None:
-                rows[f"SiT projector(h) ({ck.get('projector', 'mlp')})"] = zs
-        m = None if masks is None else masks[start:start + len(img)]
-        start += len(img)
+                rows[f"SiT projector(h) ({ck.get('projector', 'mlp')})"] = zs      # (B, T, D_enc)
         for name, feats in rows.items():
-            for k, v in all_metrics(feats, m).items():
+            for k, v in all_metrics(feats, None if masks is None else masks[start:start + len(img)]).items():
                 vals.setdefault(name, {}).setdefault(k, []).append(v.double().cpu().numpy())
+        start += len(img)
     if model is not None and not same_classes:
         print("note: the image folder's classes differ from the checkpoint's, so SiT was given the null class")
     return {name: {k: np.concatenate(v) for k, v in ms.items()} for name, ms in vals.items()}
-
-def print_table(vals, title):
-    print(title)
-    print(f"{'features':<44}" + ''.join(f"{m.upper():>20}" for m in METRICS))
-    for name, ms in vals.items():
-        cells = ["{:.4f} +- {:.4f}".format(*mean_ci(ms[k])) if k in ms else 'n/a' for k in METRICS]
-        print(f"{name:<44}" + ''.join(f"{c:>20}" for c in cells))
-    print("(mean +- half-width of the 95% confidence interval over images; SRSS needs --masks)")
 
 @torch.no_grad()
 def visualise(args, device):
@@ -372,19 +319,16 @@ def visualise(args, device):
             img = irepa.center_crop_arr(im.convert('RGB'), args.image_size)       # (S, S, 3) uint8
     except OSError as e:
         fail(f"--viz {args.viz}: cannot read the image ({e})")
-    H = args.grid_size
-    r, c = args.anchor if args.anchor else (H // 2, H // 2)
+    H, out = args.grid_size, args.out or 'similarity.png'
+    r, c = args.anchor or (H // 2, H // 2)
     if not (0 <= r < H and 0 <= c < H):
         fail(f"--anchor {r} {c} is outside the {H}x{H} token grid")
-    encoder = load_encoder(args.encoder, H, args.hub_dir, device)
+    encoder = guarded(irepa.load_encoder, args.encoder or 'dinov2_vitb14', H, args.hub_dir, device)
     with irepa.autocast(device):
-        z = encoder(torch.from_numpy(img).permute(2, 0, 1)[None].float().to(device)).float()   # (1, T, D)
-    maps = {}
-    for title, feats in [('raw tokens', z), (f'spatial norm, gamma {args.spnorm_gamma}',
-                                             irepa.spatial_norm(z, args.spnorm_gamma))]:
-        u = F.normalize(feats[0], dim=-1)                                           # (T, D)
-        maps[title] = (u @ u[r * H + c]).view(H, H).cpu().numpy()                   # (H, W) cosine to the anchor
-    out = args.out or 'similarity.png'
+        z = encoder(torch.from_numpy(img).permute(2, 0, 1)[None].float().to(device)).float()[0]   # (T, D)
+    cos_to_anchor = lambda u: (F.normalize(u, dim=-1) @ F.normalize(u[r * H + c], dim=-1)).view(H, H).cpu().numpy()
+    maps = {'raw tokens': cos_to_anchor(z), f'spatial norm, gamma {args.spnorm_gamma}':
+            cos_to_anchor(irepa.spatial_norm(z[None], args.spnorm_gamma)[0])}  # (H, W) each
     similarity_figure(img, maps, (r, c)).save(out)
     print(f"wrote {out}: anchor token (row {r}, col {c}) of the {H}x{H} grid")
     return out
@@ -392,23 +336,23 @@ def visualise(args, device):
 # -----------------------------------------------------------------------------
 # 5. Command line
 
+def print_table(vals, title):
+    print(f"{title}\n{'features':<44}" + ''.join(f"{m.upper():>20}" for m in METRICS))
+    for name, ms in vals.items():
+        print(f"{name:<44}" + ''.join(f"{'{:.4f} +- {:.4f}'.format(*mean_ci(ms[k])) if k in ms else 'n/a':>20}"
+                                      for k in METRICS))
+    print("(mean +- half-width of the 95% confidence interval over images; SRSS needs --masks)")
+
 def run_correlation(args, device):
     """Paper Fig. 4: each metric (and linear probing) against gFID across encoders; a table and a scatter PNG."""
-    table = read_table(args.correlate)
+    table, out = read_table(args.correlate), args.out or 'correlation.png'
     todo = [m for m in METRICS if m not in table and (m != 'srss' or args.masks)]
     if todo and args.data_path:                                                 # measure the missing columns
-        bad = [e for e in table['encoder'] if e not in irepa.ENCODERS]
-        if bad:
-            fail(f"cannot measure encoder(s) {', '.join(bad)}: not in irepa.ENCODERS; "
-                 f"put their metric values in the CSV")
-        for m in todo:
-            table[m] = []
-        for enc in table['encoder']:
-            raw = measure(args, enc, device)[f"{enc} raw"]
-            for m in todo:
-                table[m].append(mean_ci(raw[m])[0])
-    results = correlate(table)
-    if not results:
+        if bad := [e for e in table['encoder'] if e not in irepa.ENCODERS]:
+            fail(f"cannot measure encoder(s) {', '.join(bad)}: not in irepa.ENCODERS; put their metric values in the CSV")
+        raws = [measure(args, enc, device)[f"{enc} raw"] for enc in table['encoder']]
+        table.update({m: [mean_ci(raw[m])[0] for raw in raws] for m in todo})
+    if not (results := correlate(table)):
         fail("nothing to correlate: need >= 3 rows with fid and a linear_probe or metric column "
              "(or pass --data-path to measure the metrics)")
     print(f"{'encoder':<24}{'fid':>10}" + ''.join(f"{c:>14}" for c in results))
@@ -418,7 +362,6 @@ def run_correlation(args, device):
     print(f"\n{'vs fid':<14}{'n':>4}{'pearson r':>12}{'p':>11}{'spearman':>12}{'p':>11}")
     for col, (n, r, p, rho, p_rho) in results.items():
         print(f"{col:<14}{n:>4}{r:>12.3f}{p:>11.2e}{rho:>12.3f}{p_rho:>11.2e}")
-    out = args.out or 'correlation.png'
     correlation_figure(table, results).save(out)
     print(f"wrote {out}")
     return results
@@ -426,8 +369,7 @@ def run_correlation(args, device):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data-path', default=None, help="root/<class>/<image>")
-    p.add_argument('--encoder', default=None, choices=irepa.ENCODERS,
-                   help="default: the checkpoint's encoder with --ckpt, else dinov2_vitb14")
+    p.add_argument('--encoder', choices=irepa.ENCODERS, help="default: the --ckpt's encoder, else dinov2_vitb14")
     p.add_argument('--hub-dir', default=None, help="local torch.hub folder (with hubconf.py) for offline DINOv2")
     p.add_argument('--image-size', type=int, default=256)
     p.add_argument('--grid-size', type=int, default=16, help="token grid side (16: the paper's 16x16 at 256 px)")
@@ -435,7 +377,7 @@ def get_args(argv=None):
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--masks', default=None, help="folder of object masks, for SRSS")
     p.add_argument('--spnorm-gamma', type=float, default=0.6, help="iREPA gamma (paper range 0.6-0.8)")
-    p.add_argument('--ckpt', default=None, help="an irepa.py or official iREPA/REPA checkpoint: measure SiT's features (image size from it)")
+    p.add_argument('--ckpt', default=None, help="an irepa.py or official checkpoint (or run folder): SiT's features")
     p.add_argument('--t', type=float, default=0.5, help="noise level of x_t for --ckpt (t=0 data, t=1 noise)")
     p.add_argument('--correlate', default=None, help="CSV: encoder,fid[,linear_probe,lds,cds,srss,rmsc]")
     p.add_argument('--viz', default=None, help="an image: plot cosine-similarity maps of one anchor token")
@@ -445,32 +387,26 @@ def get_args(argv=None):
     p.add_argument('--num-workers', type=int, default=4)
     return p.parse_args(argv)
 
-def check_args(args):
+def main(argv=None):
+    args = get_args(argv)
     for flag, ok, want in (('image_size', args.image_size >= 1, '>= 1'), ('grid_size', args.grid_size >= 1, '>= 1'),
                            ('num_images', args.num_images >= 1, '>= 1'), ('batch_size', args.batch_size >= 1, '>= 1'),
                            ('t', 0 <= args.t <= 1, 'in [0, 1]'), ('num_workers', args.num_workers >= 0, '>= 0'),
                            ('spnorm_gamma', 0 <= args.spnorm_gamma <= 1, 'in [0, 1]'), ('seed', args.seed >= 0, '>= 0')):
         if not ok:
             fail(f"--{flag.replace('_', '-')} must be {want}, got {getattr(args, flag)}")
-    if args.out is not None:
-        folder = os.path.dirname(os.path.abspath(args.out))
-        if os.path.isdir(args.out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            fail(f"--out {args.out}: not a writable file path (a PNG in an existing, writable folder)")
-
-def main(argv=None):
-    args = get_args(argv)
-    check_args(args)
+    folder = os.path.dirname(os.path.abspath(args.out or '.'))
+    if args.out and (os.path.isdir(args.out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
+        fail(f"--out {args.out}: not a writable file path (a PNG in an existing, writable folder)")
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if args.viz:
-        args.encoder = args.encoder or 'dinov2_vitb14'
         return visualise(args, device)
     if args.correlate:
         return run_correlation(args, device)
     if not args.data_path:
         fail("pass --data-path (root/<class>/<image>), or use --correlate CSV / --viz IMAGE")
     vals = measure(args, args.encoder, device)
-    n = len(next(iter(vals.values()))['lds'])
-    print_table(vals, f"spatial structure metrics over {n} images from {args.data_path}")
+    print_table(vals, f"spatial structure metrics over {len(next(iter(vals.values()))['lds'])} images from {args.data_path}")
     return vals
 
 if __name__ == '__main__':

@@ -173,8 +173,6 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    if os.path.isdir(args.ckpt):                                   # a run folder: its latest checkpoint
-        args.ckpt = irepa.latest_checkpoint(args.ckpt) or os.path.join(args.ckpt, "checkpoints", "(none)")
     for flag, ok, want in (("num_steps", args.num_steps is None or args.num_steps >= 1, ">= 1"),
                            ("batch_size", args.batch_size >= 1, ">= 1"),
                            ("num_samples", args.num_samples is None or args.num_samples >= 1, ">= 1"),

@@ -135,6 +135,35 @@ def test_correlate_matches_scipy():
     assert res['linear_probe'][1] == pytest.approx(stats.pearsonr([0.7, 0.8, 0.5, 0.6], [20, 25, 19, 30])[0])
 
 
+def test_similarity_figure_shows_the_maps_and_the_anchor():
+    m = np.random.default_rng(0).random((8, 8)) * 2 - 1                          # cosines in [-1, 1]
+    fig = np.array(metrics.similarity_figure(np.zeros((64, 64, 3), np.uint8), {'a': m, 'b': m}, (3, 4)))
+    strip, cell = 20, 32                                                          # 256 px panel / 8 tokens
+    for panel in (1, 2):                                                          # token centres show colormap(cos)
+        centres = fig[strip + cell // 2:strip + 256:cell, panel * 256 + cell // 2:(panel + 1) * 256:cell]
+        want = metrics.colormap(np.clip(m, 0, 1))
+        want[3, 4] = centres[3, 4]                                                # the boxed token's centre is free
+        assert (centres == want).all()
+    for panel in (0, 1, 2):                                                       # red box on the anchor, row 3 col 4
+        x0, y0 = panel * 256 + 4 * cell, strip + 3 * cell
+        assert tuple(fig[y0 + 10, x0]) == (255, 0, 0) and tuple(fig[y0, x0 + 10]) == (255, 0, 0)
+        assert tuple(fig[y0 + 10, x0 - cell]) != (255, 0, 0)
+
+
+def test_scatter_puts_each_encoder_where_its_values_say():
+    xs, ys = [0.1, 0.2, 0.4], [9.0, 3.0, 6.0]                                    # a metric and gFID
+    im = np.array(metrics.scatter(xs, ys, ['', '', ''], 'lds'))
+    blue = np.argwhere((im == (31, 119, 180)).all(-1))                            # (row, col) of the dots' pixels
+    blue = blue[np.argsort(blue[:, 1])]
+    dots = np.split(blue, np.nonzero(np.diff(blue[:, 1]) > 5)[0] + 1)             # split at gaps along x
+    centres = [d.mean(0) for d in dots]
+    assert len(centres) == 3
+    (r0, c0), (r1, c1), (r2, c2) = centres
+    assert abs((c1 - c0) * 2 - (c2 - c1)) < 2                                     # x spacing follows 0.1 : 0.2 : 0.4
+    assert r1 > r2 > r0 and abs((r1 - r0) - 2 * (r1 - r2)) < 2                    # gFID up = row up; 6 : 3 spacing
+    assert ((im == (150, 150, 150)).all(-1)).sum() > 100                          # the least-squares line is drawn
+
+
 def test_pictures_have_the_right_size():
     fig = metrics.similarity_figure(np.zeros((64, 64, 3), np.uint8), {'raw': np.random.rand(8, 8),
                                                                      'norm': np.random.rand(8, 8) * 2 - 1}, (3, 4))
@@ -195,9 +224,10 @@ def test_cli_checkpoint_features(tmp_path, capsys):
     args = dict(model='SiT-T/4', image_size=32, num_classes=2, class_names=['c0', 'c1'], encoder='hog',
                 encoder_depth=2, z_dim=36, projector='conv', pred='v')
     model = irepa.build_model(args)
-    torch.save(dict(ema=model.state_dict(), args=args), tmp_path / 'ckpt.pt')
+    os.makedirs(tmp_path / 'run' / 'checkpoints')
+    torch.save(dict(ema=model.state_dict(), args=args), tmp_path / 'run' / 'checkpoints' / '0000010.pt')
     data = make_folder(tmp_path / 'data')
-    vals = metrics.main(['--ckpt', str(tmp_path / 'ckpt.pt'), '--data-path', str(data), '--t', '0.3',
+    vals = metrics.main(['--ckpt', str(tmp_path / 'run'), '--data-path', str(data), '--t', '0.3',
                          '--num-workers', '0', '--num-images', '4'])
     assert set(vals) == {'hog raw', 'hog spatial norm (gamma 0.6)', 'SiT h (block 2, t=0.3)', 'SiT projector(h) (conv)'}
     assert 'null class' not in capsys.readouterr().out                         # class names match: real labels
@@ -290,7 +320,7 @@ def test_cli_srss_uses_only_images_that_pass_the_filter(tmp_path, capsys):
 @pytest.mark.parametrize('text, msg', [
     ('encoder,fid,lds\na,1.0,0.2\nb,2.0\n', 'line 3 has 2 cells, the header 3'),
     ('encoder,fid,lds\na,1.0,0.2,9\n', 'line 2 has 4 cells, the header 3'),
-    ('encoder,fid,lds\na,1.0,high\n', "line 2, column lds: 'high' is not a number"),
+    ('encoder,fid,lds\na,1.0,high\n', "line 2, column lds: 'high' is not a finite number"),
     ('encoder,fid,lds\na,inf,0.1\n', "line 2, column fid: 'inf' is not a finite number"),
     ('encoder,lds\na,0.1\n', 'at least the columns encoder,fid'),
 ])
