@@ -325,6 +325,15 @@ def write_report(args, cfg, results, targets):
                                                                    for s in steps) +
                      f" | {r.get('lds', float('nan')):.3f} | {r.get('cds', float('nan')):.4f} | "
                      f"{r['train_s']:.0f} | {r['eval_s']:.0f} |")
+    # a seed fixes the data order and every step's t, noise and label drops: arm minus vanilla is a paired difference
+    last, base = steps[-1], {r['seed']: r['fd'].get(steps[-1]) for r in results if r['arm'] == 'vanilla'}
+    lines += ["", f"## FD @ {last} minus vanilla's, same seed (negative: better than vanilla)", "",
+              "| arm | " + " | ".join(f"seed {s}" for s in SEEDS) + " | mean |", "|---|" + "---|" * (len(SEEDS) + 1)]
+    for arm in list(ARMS)[1:]:
+        d = {r['seed']: r['fd'][last] - base[r['seed']] for r in results
+             if r['arm'] == arm and last in r['fd'] and base.get(r['seed']) is not None}
+        cells = [f"{d[s]:+.2f}" if s in d else '-' for s in SEEDS] + [f"{np.mean(list(d.values())):+.2f}" if d else '-']
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", "## The targets' own spatial structure (the paper's predictor)", "",
               "| target | LDS raw | CDS raw | LDS spatial norm | CDS spatial norm |", "|---|---|---|---|---|"]
     for name, m in targets.items():
