@@ -221,6 +221,9 @@ def test_quick_run_writes_every_output_and_resumes(tiny_cifar, monkeypatch, caps
         'resnet20_stage3', 'conv', 1, 'cifar10')
     report = open(out / 'results.md').read()
     assert '| iREPA-ResNet20 | resnet20_stage3 |' in report and '| resnet20_stage3 |' in report
+    fd = {(a, s): json.load(open(out / 'results' / f'{a}-s{s}.json'))['fd']['4'] for a in cifar10.ARMS for s in (0, 1)}
+    d = [fd['iREPA-ResNet20', s] - fd['vanilla', s] for s in (0, 1)]             # paired with vanilla, seed by seed
+    assert f"| iREPA-ResNet20 | {d[0]:+.2f} | {d[1]:+.2f} | {np.mean(d):+.2f} |" in report
     assert Image.open(out / 'fd_curve.png').size == (640, 420)
     os.remove(out / 'results.md')
     cifar10.main(['--out-dir', str(out), 'report', '--data-path', str(tiny_cifar / 'data'), '--quick'])   # JSONs only
