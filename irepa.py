@@ -497,9 +497,9 @@ def noised_features(model, x, y, t, generator=None, latents=None):
     """What the alignment loss sees, for analysis (metrics.py; iREPA Fig. 6c): SiT's hidden state h after block
     encoder_depth (B, T, D) and its projection (B, T, D_enc, None without an encoder), fp32, for images x (B, 3, H, W)
     in [-1, 1] noised to level t as in training (a latent SiT gets a posterior sample of the VAE first)."""
-    if latents is not None:
-        x = latents.encode(x, torch.randn((len(x), 4, x.shape[2] // 8, x.shape[3] // 8), device=x.device,
-                                          generator=generator))
+    if latents is not None:                                                     # eps shaped like SiT's input
+        x = latents.encode(x, torch.randn((len(x), model.in_channels, model.input_size, model.input_size),
+                                          device=x.device, generator=generator))
     t = torch.full((len(x),), float(t), device=x.device)
     x_t, _ = interpolant(x, torch.randn(x.shape, device=x.device, generator=generator), t)
     with autocast(x.device):
@@ -758,8 +758,7 @@ def fail(msg):
     sys.exit(f"irepa.py: error: {msg}")
 
 # What --resume may change (the schedule, the machine and how it splits the batch, where the data and hub copies
-# live); every other setting
-# comes from the checkpoint, so the run continues as it began.
+# live); every other setting comes from the checkpoint, so the run continues as it began.
 RESUME_FLAGS = ('max_steps', 'ckpt_every', 'log_every', 'num_workers', 'compile', 'hub_dir', 'data_path',
                 'grad_accum', 'resume')
 
@@ -821,7 +820,6 @@ def resume_args(args, given, run_args):
     return argparse.Namespace(**{k: getattr(args, k) if k in given and k in RESUME_FLAGS
                                  else run_args.get(k, LEGACY.get(k, v)) for k, v in vars(args).items()})
 
-
 def method(args):
     """What is trained, in words: 'vanilla' (plain SiT), 'repa' or 'irepa'."""
     return 'vanilla' if args.encoder == 'none' else 'irepa' if args.irepa else 'repa'
@@ -853,8 +851,8 @@ def check_ranges(args):
         if not ok:
             flag = f"--{name.replace('_', '-')}" if name not in ('ema_decay', 'spnorm_gamma') else f"the recipe's {name}"
             fail(f"{flag} must be {want}, got {getattr(args, name)}")
-    if not args.resume and output_dir_problem(args.results_dir):
-        fail(f"--results-dir {output_dir_problem(args.results_dir)}")
+    if not args.resume and (problem := output_dir_problem(args.results_dir)):
+        fail(f"--results-dir {problem}")
 
 def check_model(args):
     """The model-shape invariants, before anything heavy starts. Returns the size's config (patch, depth, ...)."""

@@ -183,8 +183,8 @@ def main(argv=None):
                            ("seed", args.seed >= 0, ">= 0")):
         if not ok:
             sys.exit(f"sample.py: error: --{flag.replace('_', '-')} must be {want}, got {getattr(args, flag)}")
-    if irepa.output_dir_problem(args.out):
-        sys.exit(f"sample.py: error: --out {irepa.output_dir_problem(args.out)}")
+    if problem := irepa.output_dir_problem(args.out):
+        sys.exit(f"sample.py: error: --out {problem}")
 
     # one process, or one per GPU (CPU: gloo) under torchrun; float64 state rules out MPS
     if "WORLD_SIZE" in os.environ:
