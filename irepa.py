@@ -754,8 +754,9 @@ def load_latest_checkpoint(run_dir):
     fail(f"--resume {run_dir}: no readable checkpoint in {os.path.join(run_dir, 'checkpoints')}")
 
 def fail(msg):
-    """A one-line error for bad input, instead of a traceback from deep inside."""
-    sys.exit(f"irepa.py: error: {msg}")
+    """A one-line error for bad input, instead of a traceback from deep inside; named after the script that runs
+    (irepa.py, sample.py, metrics.py), as argparse names its own errors."""
+    sys.exit(f"{os.path.basename(sys.argv[0])}: error: {msg}")
 
 # What --resume may change (the schedule, the machine and how it splits the batch, where the data and hub copies
 # live); every other setting comes from the checkpoint, so the run continues as it began.

@@ -24,7 +24,7 @@ import argparse
 import csv
 import math
 import os
-import sys
+import re
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 from scipy import stats
 
 import irepa
+from irepa import fail                                                          # a one-line error, no traceback
 
 METRICS = ('lds', 'cds', 'srss', 'rmsc')
 
@@ -58,8 +59,7 @@ def lds(x, near_dist=1, far_dist=6):
     gram, dist = cosine_gram(x)
     near, far = (dist >= 1) & (dist <= near_dist), dist >= far_dist
     if not near.any() or not far.any():
-        raise ValueError(f"a {math.isqrt(len(dist))}x{math.isqrt(len(dist))} grid has no pairs at distance "
-                         f"1..{near_dist} or >= {far_dist}")
+        raise ValueError(f"a grid of {len(dist)} tokens has no pairs at distance 1..{near_dist} or >= {far_dist}")
     return (gram * near).sum((1, 2)) / near.sum() - (gram * far).sum((1, 2)) / far.sum()          # (B,)
 
 def cds(x, dmax=8):
@@ -125,25 +125,18 @@ def read_table(path):
     """CSV -> {column: list}; 'encoder' stays text, other cells become finite floats (an empty cell is None)."""
     try:
         with open(path, newline='') as f:
-            rows = [r for r in csv.reader(f) if r]                                  # blank lines skipped
+            header, *rows = [[cell.strip() for cell in r] for r in csv.reader(f) if r] or [[]]  # blank lines skipped
     except OSError as e:
         fail(f"--correlate {path}: cannot read it ({e.strerror})")
-    header = [c.strip() for c in rows[0]] if rows else []
-    if len(rows) < 2 or not {'encoder', 'fid'} <= set(header):
+    if not rows or not {'encoder', 'fid'} <= set(header):
         fail(f"--correlate {path}: need a header with at least the columns encoder,fid and one row per encoder")
-    table = {c: [] for c in header}
-    for line, row in enumerate(rows[1:], start=2):
+    for line, row in enumerate(rows, start=2):
         if len(row) != len(header):
             fail(f"--correlate {path}: line {line} has {len(row)} cells, the header {len(header)}")
-        for c, cell in zip(header, (cell.strip() for cell in row)):
-            try:
-                value = cell if c == 'encoder' else float(cell) if cell else None
-            except ValueError:
-                value = math.nan
-            if isinstance(value, float) and not math.isfinite(value):
+        for c, cell in zip(header, row):
+            if c != 'encoder' and cell and not re.fullmatch(r'[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?', cell):
                 fail(f"--correlate {path}: line {line}, column {c}: '{cell}' is not a finite number")
-            table[c].append(value)
-    return table
+    return {c: [v if c == 'encoder' else float(v) if v else None for v in col] for c, col in zip(header, zip(*rows))}
 
 # -----------------------------------------------------------------------------
 # 3. Pictures, drawn with pillow: similarity maps (paper Fig. 6b / 16) and scatter plots (Fig. 4). Both figures are
@@ -158,8 +151,7 @@ def colormap(v):
     return np.stack([np.interp(v, np.arange(len(stops)), stops[:, c]) for c in range(3)], -1).astype(np.uint8)
 
 def figure(panels, footer=0):
-    """[(title, PIL image)] side by side, each title in a strip above its panel, `footer` px of white below.
-    -> (figure, its ImageDraw)."""
+    """[(title, PIL image)] side by side, each title in a strip above, `footer` px of white below -> (fig, its draw)."""
     w, h = panels[0][1].size
     fig = Image.new('RGB', (w * len(panels), STRIP + h + footer), 'white')
     draw = ImageDraw.Draw(fig)
@@ -220,9 +212,6 @@ def correlation_figure(table, results, target='fid'):
 # -----------------------------------------------------------------------------
 # 4. Features: the encoders' patch tokens, and SiT's hidden state at the alignment layer (Fig. 6c)
 
-def fail(msg):
-    sys.exit(f"metrics.py: error: {msg}")
-
 def guarded(fn, *args):
     """fn(*args), with irepa's errors for bad input (no images, unknown encoder, not a checkpoint, offline) as one line."""
     try:
@@ -252,10 +241,8 @@ def load_masks(args, dataset, indices, grid):
     filter. -> (the indices kept, their (N, T) bool masks)."""
     paths = [dataset.samples[i][0] for i in indices]
     mpaths = [os.path.join(args.masks, os.path.splitext(os.path.relpath(p, args.data_path))[0] + '.png') for p in paths]
-    missing = [m for m in mpaths if not os.path.isfile(m)]
-    if missing:
-        fail(f"{len(missing)} of {len(indices)} images have no mask, e.g. {missing[0]} "
-             f"(expected <masks>/<class>/<image stem>.png for every image)")
+    if missing := [m for m in mpaths if not os.path.isfile(m)]:
+        fail(f"{len(missing)} of {len(indices)} images have no mask, e.g. {missing[0]} (expected <masks>/<class>/<stem>.png)")
     masks = []
     for path, mpath in zip(paths, mpaths):
         try:

@@ -17,7 +17,6 @@ Sampling integrates from t = 1 (noise) down to t = 0 (data), so every dt below i
 import argparse
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -182,9 +181,9 @@ def main(argv=None):
                             "<= --guidance-high, both in [0, 1]"),
                            ("seed", args.seed >= 0, ">= 0")):
         if not ok:
-            sys.exit(f"sample.py: error: --{flag.replace('_', '-')} must be {want}, got {getattr(args, flag)}")
+            irepa.fail(f"--{flag.replace('_', '-')} must be {want}, got {getattr(args, flag)}")
     if problem := irepa.output_dir_problem(args.out):
-        sys.exit(f"sample.py: error: --out {problem}")
+        irepa.fail(f"--out {problem}")
 
     # one process, or one per GPU (CPU: gloo) under torchrun; float64 state rules out MPS
     if "WORLD_SIZE" in os.environ:
@@ -197,15 +196,10 @@ def main(argv=None):
         torch.cuda.set_device(device)
     try:
         model, ckpt_args = irepa.load_sit(args.ckpt, device, args.model)
-    except ValueError as e:
-        sys.exit(f"sample.py: error: {e}")
+        latents = irepa.Latents(device) if ckpt_args.get("vae") else None   # a latent model: decode with the SD-VAE
+    except (ValueError, RuntimeError) as e:
+        irepa.fail(str(e))
     K, class_names = model.num_classes, ckpt_args.get("class_names")
-    latents = None
-    if ckpt_args.get("vae"):                                      # a latent-space model: decode with the SD-VAE
-        try:
-            latents = irepa.Latents(device)
-        except RuntimeError as e:
-            sys.exit(f"sample.py: error: {e}")
     recipe = {**dict(mode="sde", num_steps=250, heun=False, cfg_scale=1.0), **(ckpt_args.get("sampler") or {})}
     args.mode = args.mode or recipe["mode"]
     if args.mode != recipe["mode"]:                               # another mode than the recipe's: its plain defaults
@@ -214,13 +208,13 @@ def main(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, recipe[k])
     if args.mode == "sde" and args.heun:
-        sys.exit("sample.py: error: --heun is for --mode ode")
+        irepa.fail("--heun is for --mode ode")
 
     # labels for all N samples, the same on every rank; each rank samples a contiguous share
     if args.class_labels is not None:
         bad = [c for c in args.class_labels if not 0 <= c < K]
         if bad:
-            sys.exit(f"sample.py: error: class labels {bad} out of range: this checkpoint has classes 0..{K - 1}")
+            irepa.fail(f"class labels {bad} out of range: this checkpoint has classes 0..{K - 1}")
     N = args.num_samples or (len(args.class_labels) if args.class_labels else 8 * K if K <= 16 else 64)
     if args.class_labels is None and args.num_samples is None and K <= 16:
         args.class_labels = list(range(K))                        # few classes: 8 of each, a labelled column each

@@ -563,6 +563,13 @@ def test_bad_input_gives_a_clear_error(tmp_path, hub_dir, capsys, extra, message
     err = str(e.value.code) + capsys.readouterr().err
     assert message in err and 'Traceback' not in err
 
+@pytest.mark.parametrize('script', ['irepa.py', 'sample.py', 'metrics.py'])
+def test_errors_are_one_line_named_after_the_running_script(monkeypatch, script):
+    monkeypatch.setattr(sys, 'argv', [f'/some/where/{script}', '--flag'])
+    with pytest.raises(SystemExit) as e:
+        irepa.fail('--lr must be > 0')
+    assert e.value.code == f'{script}: error: --lr must be > 0'
+
 def test_nan_loss_stops_with_a_message(tmp_path, monkeypatch):
     run_dir = run_train(tmp_path / 'ok', '--encoder', 'none', '--max-steps', '1')
     nan = lambda *a, **k: (torch.tensor(float('nan'), requires_grad=True), None)

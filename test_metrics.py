@@ -317,12 +317,21 @@ def test_cli_srss_uses_only_images_that_pass_the_filter(tmp_path, capsys):
     assert all(len(v) == 5 for ms in vals.values() for v in ms.values())
 
 
+def test_read_table_parses_numbers_and_keeps_empty_cells_as_none(tmp_path):
+    (tmp_path / 't.csv').write_text(' encoder , fid ,lds,cds\n\nd 1, 9.5 ,-1.5e-3,\nd2,+2,.5,3.\n')
+    assert metrics.read_table(tmp_path / 't.csv') == {'encoder': ['d 1', 'd2'], 'fid': [9.5, 2.0],
+                                                      'lds': [-0.0015, 0.5], 'cds': [None, 3.0]}
+
+
 @pytest.mark.parametrize('text, msg', [
     ('encoder,fid,lds\na,1.0,0.2\nb,2.0\n', 'line 3 has 2 cells, the header 3'),
     ('encoder,fid,lds\na,1.0,0.2,9\n', 'line 2 has 4 cells, the header 3'),
     ('encoder,fid,lds\na,1.0,high\n', "line 2, column lds: 'high' is not a finite number"),
     ('encoder,fid,lds\na,inf,0.1\n', "line 2, column fid: 'inf' is not a finite number"),
+    ('encoder,fid,lds\na,1.0,NaN\n', "line 2, column lds: 'NaN' is not a finite number"),
+    ('encoder,fid,lds\na,1.0,1e\n', "line 2, column lds: '1e' is not a finite number"),
     ('encoder,lds\na,0.1\n', 'at least the columns encoder,fid'),
+    ('\n\n', 'at least the columns encoder,fid'),
 ])
 def test_malformed_csv_rows_give_one_line_errors(tmp_path, text, msg):
     (tmp_path / 't.csv').write_text(text)
