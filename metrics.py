@@ -3,7 +3,7 @@ metrics.py -- how spatially structured is a representation? The measurement behi
 
 iREPA (arXiv 2512.10794, section 3 and Appendix B) finds that the spatial structure of an encoder's patch tokens
 -- how much more similar nearby patches are than distant ones -- predicts REPA's generation quality (Pearson
-|r| > 0.85 with gFID over 27 encoders) far better than ImageNet linear probing does (|r| = 0.26). Per image, on the
+|r| 0.85-0.89 with gFID over 27 encoders) far better than ImageNet linear probing does (|r| = 0.26). Per image, on the
 L2-normalised tokens of an H x H grid, with Manhattan distance d between tokens:
     LDS   local vs distant similarity   mean cos at d = 1 minus mean cos at d >= 6
     CDS   correlation decay slope       -slope of the least-squares line through mean cos at d = 1..8
@@ -220,9 +220,9 @@ def guarded(fn, *args):
         fail(str(e))
 
 def mask_to_grid(mask, grid):
-    """A mask image at the image's own size -> (T,) bool on the token grid, as the official metrics code does:
-    the image's ADM crop keeps its central square, and any object pixel in a patch marks the token (max-pool of
-    mask > 0, at full resolution, so thin objects survive)."""
+    """A mask image at the image's own size -> (T,) bool on the token grid: any object pixel in a patch marks the
+    token (max-pool of mask > 0 at full resolution, so thin objects survive), as the official metrics code does for
+    its 256 px masks; a non-square mask first gets the image's ADM crop (its central square), so the two stay aligned."""
     m = torch.from_numpy(np.array(mask.convert('L')) > 0)                          # (H, W)
     H, W = m.shape
     s = min(H, W)
@@ -247,9 +247,10 @@ def load_masks(args, dataset, indices, grid):
     for path, mpath in zip(paths, mpaths):
         try:
             with Image.open(path) as im, Image.open(mpath) as m:
+                im.load()                      # decoded here: the loader would silently put the next image in its slot
                 masks.append(mask_to_grid(m.resize(im.size, Image.NEAREST), grid))
         except OSError as e:
-            fail(f"cannot read mask {mpath} ({e})")
+            fail(f"cannot read the image {path} or its mask {mpath} ({e})")
     masks = torch.stack(masks)
     keep, need = keep_masks(masks), masks.shape[1] // 4
     print(f"{int(keep.sum())} of {len(indices)} images have >= {need} object and background tokens "
@@ -291,7 +292,7 @@ def measure(args, encoder_name, device):
             if zs is not None:
                 rows[f"SiT projector(h) ({ck.get('projector', 'mlp')})"] = zs      # (B, T, D_enc)
         for name, feats in rows.items():
-            for k, v in all_metrics(feats, None if masks is None else masks[start:start + len(img)]).items():
+            for k, v in guarded(all_metrics, feats, None if masks is None else masks[start:start + len(img)]).items():
                 vals.setdefault(name, {}).setdefault(k, []).append(v.double().cpu().numpy())
         start += len(img)
     if model is not None and not same_classes:

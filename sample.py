@@ -107,7 +107,7 @@ def sample(model, labels, mode='sde', num_steps=250, heun=False, cfg_scale=1.0, 
             if latents is not None:
                 x = latents.decode(x.float())                                          # (B, 3, 8S, 8S)
             x = ((x + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)               # [-1, 1] -> 0..255
-            images.append(x.permute(0, 2, 3, 1).cpu())                                 # (B, S, S, C)
+            images.append(x.permute(0, 2, 3, 1).cpu())                                 # (B, H, W, 3)
             if verbose:
                 n, dt = sum(len(b) for b in images), time.time() - t0
                 print(f"sampled {n}/{len(labels)} | {dt:.0f} s | {n / dt:.1f} img/s", flush=True)

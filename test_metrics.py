@@ -350,10 +350,23 @@ def test_metric_flags_are_range_checked(tmp_path, extra, msg):
     assert msg in str(e.value)
 
 
-def test_corrupt_mask_image_is_a_one_line_error(tmp_path):
+@pytest.mark.parametrize('corrupt', ['mask', 'truncated image'])
+def test_corrupt_mask_or_image_is_a_one_line_error(tmp_path, corrupt):
     data = make_folder(tmp_path / 'data')
     masks = make_masks(data, tmp_path / 'masks')
-    (masks / 'c1' / '1.png').write_bytes(b'not a png')
+    if corrupt == 'mask':
+        (masks / 'c1' / '1.png').write_bytes(b'not a png')
+    else:                        # the header reads: only decoding it fails (the loader would skip to the next image)
+        png = (data / 'c1' / '1.png').read_bytes()
+        (data / 'c1' / '1.png').write_bytes(png[:len(png) // 2])
     with pytest.raises(SystemExit) as e:
         metrics.main(['--data-path', str(data), '--masks', str(masks)] + COMMON)
-    assert 'cannot read mask' in str(e.value) and '1.png' in str(e.value) and '\n' not in str(e.value)
+    assert 'cannot read the image' in str(e.value) and '1.png' in str(e.value) and '\n' not in str(e.value)
+
+
+def test_a_grid_too_small_for_the_metrics_is_a_one_line_error(tmp_path):
+    data = make_folder(tmp_path / 'data')
+    with pytest.raises(SystemExit) as e:                                     # 3x3: no pair at distance >= 6
+        metrics.main(['--data-path', str(data), '--encoder', 'hog', '--image-size', '48', '--grid-size', '3',
+                      '--num-workers', '0'])
+    assert 'no pairs at distance' in str(e.value) and '\n' not in str(e.value)

@@ -165,6 +165,23 @@ def test_load_vae_from_local_path(saved_files):
     with pytest.raises(RuntimeError, match='Missing key'):                      # strict load
         V.load_vae(path=str(d / 'broken.pt'))
 
+@pytest.mark.parametrize('bad', ['junk vae', 'truncated vae', 'stats without keys'])
+def test_damaged_files_give_one_clear_error(saved_files, tmp_path, bad):
+    d, sd, stats = saved_files
+    vae_path, stats_path = str(d / V.VAE_FILE), str(tmp_path / 'stats.pt')
+    torch.save(stats, stats_path)
+    if bad == 'junk vae':
+        (tmp_path / 'vae.pt').write_text('<html>not found</html>')          # e.g. an error page saved as the file
+        vae_path = str(tmp_path / 'vae.pt')
+    elif bad == 'truncated vae':
+        (tmp_path / 'vae.pt').write_bytes(open(d / V.VAE_FILE, 'rb').read()[:100_000])
+        vae_path = str(tmp_path / 'vae.pt')
+    else:
+        torch.save({'scale': torch.ones(4)}, stats_path)
+    with pytest.raises(RuntimeError) as e:
+        V.load_vae(path=vae_path, stats_path=stats_path)
+    assert '\n' not in str(e.value) and (vae_path if 'vae' in bad else stats_path) in str(e.value)
+
 def test_load_vae_from_hub_cache_offline(saved_files, tmp_path, monkeypatch):
     d, sd, stats = saved_files
     monkeypatch.setenv('TORCH_HOME', str(tmp_path))

@@ -190,11 +190,21 @@ def load_vae(path=None, stats_path=None, device='cpu'):
     uses the SD convention (scale 0.18215, bias 0)."""
     with torch.device('meta'):                                                  # no random init: the weights replace it
         vae = AutoencoderKL()                                                   # strict load: the official names
-    vae.load_state_dict(torch.load(path or cached_file(VAE_FILE), map_location='cpu', weights_only=True), assign=True)
+    vae.load_state_dict(read(path or cached_file(VAE_FILE)), assign=True)
     vae = vae.float().eval().requires_grad_(False).to(device)
     if stats_path is None and path is not None:
         scale, bias = torch.full((4,), SD_SCALE), torch.zeros(4)
     else:
-        stats = torch.load(stats_path or cached_file(STATS_FILE), map_location='cpu', weights_only=True)
+        stats = read(stats_path := stats_path or cached_file(STATS_FILE))
+        if not isinstance(stats, dict) or not {'latents_scale', 'latents_bias'} <= stats.keys():
+            raise RuntimeError(f"{stats_path} has no latents_scale and latents_bias: not the VAE's latent statistics")
         scale, bias = stats['latents_scale'], stats['latents_bias']
     return vae, scale.float().view(1, -1, 1, 1).to(device), bias.float().view(1, -1, 1, 1).to(device)
+
+def read(path):
+    """torch.load of weights, with one clear error for a file that is not one (truncated, a web page, a pickle)."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"{path} is not a readable torch file ({type(e).__name__}); if it is a cached download, "
+                           f"delete it to fetch it again") from e
