@@ -22,6 +22,7 @@ Run it:
 bf16 autocast on CUDA and on CPUs with bf16 instructions; IREPA_PRECISION=fp32 in the environment forces fp32.
 """
 import argparse
+import contextlib
 import glob
 import json
 import math
@@ -85,7 +86,7 @@ class TimestepEmbedder(nn.Module):
 
 class LabelEmbedder(nn.Module):
     """Class label -> (B, D). Row `num_classes` is the null class of classifier-free guidance.
-    Labels are dropped to the null class by the training loss (flow_matching_loss), not in here,
+    Labels are dropped to the null class by the training loop (make_batch), not in here,
     so that model(x, t, y) is a deterministic function."""
     def __init__(self, num_classes, hidden_size):
         super().__init__()
@@ -183,6 +184,14 @@ class ConvProjector(nn.Conv2d):
 # -----------------------------------------------------------------------------
 # 3. SiT itself, and the size table
 
+def xavier_linears(module):
+    """DiT's init of every nn.Linear in `module`: xavier-uniform weights, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    return module
+
 class SiT(nn.Module):
     """Scalable interpolant transformer. model(x, t, y) -> (out, zs):
     out has x's shape (the velocity for pred='v', the clean image for pred='x');
@@ -204,19 +213,16 @@ class SiT(nn.Module):
         pos = torch.tensor(sincos_2d(hidden_size, self.grid_size), dtype=torch.float32).unsqueeze(0)
         self.pos_embed = nn.Parameter(pos, requires_grad=False)                 # fixed; a Parameter for the official names
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.projectors = None
-        if z_dim is not None:
+        self.initialize_weights()
+        if z_dim is not None:       # built last: a seed gives the same SiT weights with any projector, or none
             proj = (mlp_projector(hidden_size, z_dim) if projector == 'mlp'
                     else ConvProjector(hidden_size, z_dim, proj_kernel))
-            self.projectors = nn.ModuleList([proj])
-        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
-        self.initialize_weights()
+            self.projectors = nn.ModuleList([xavier_linears(proj)])             # the conv keeps torch's default init
 
     def initialize_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        xavier_linears(self)
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -544,18 +550,20 @@ class ImageFolder(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, idx):
-        for i in range(len(self.samples)):
+        for i in range(min(len(self.samples), 100)):                           # 100 bad in a row: something systematic
             path, label = self.samples[(idx + i) % len(self.samples)]
             try:
                 with Image.open(path) as im:
                     arr = center_crop_arr(im.convert('RGB'), self.image_size)
                 return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), label
             except Exception as e:
+                why = f"{type(e).__name__}: {e}"
                 if path not in self.bad:
                     self.bad.add(path)
-                    warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e}); "
-                                  f"{len(self.bad)} skipped so far in this process")
-        raise RuntimeError(f"no readable image in {os.path.dirname(os.path.dirname(path))}")
+                    warnings.warn(f"skipping unreadable image {path} ({why}); {len(self.bad)} skipped so far "
+                                  f"in this process")
+        raise RuntimeError(f"{i + 1} images in a row are unreadable in {os.path.dirname(os.path.dirname(path))}, "
+                           f"the last {path} ({why})")
 
 class Shapes(torch.utils.data.Dataset):
     """Procedural data, one class per shape: a bright shape of random colour, size and position on a
@@ -745,7 +753,8 @@ def load_latest_checkpoint(run_dir):
     """The newest checkpoint of a run that loads; a truncated or corrupt one (a disk fault, a copy cut short) is
     skipped with a warning naming it, and leftovers of a save that was killed (*.tmp) are removed."""
     for tmp in glob.glob(os.path.join(run_dir, 'checkpoints', '*.tmp')):
-        os.remove(tmp)
+        with contextlib.suppress(FileNotFoundError):                            # another rank removed it first
+            os.remove(tmp)
     for path in sorted(glob.glob(os.path.join(run_dir, 'checkpoints', '*.pt')), reverse=True):
         try:
             return torch.load(path, map_location='cpu', weights_only=True)         # tensors and plain types
@@ -880,6 +889,9 @@ def open_dataset(args, ckpt):
     if ckpt is not None and list(dataset.classes) != ckpt['args']['class_names']:
         fail(f"the classes in {args.data_path} differ from the run's ({len(dataset.classes)} vs "
              f"{len(ckpt['args']['class_names'])}); --data-path may move the data, not change it")
+    if ckpt is not None and len(dataset) != ckpt['args'].get('num_images', len(dataset)):   # else another epoch order
+        fail(f"{args.data_path} has {len(dataset)} images, the run had {ckpt['args']['num_images']}; "
+             f"--data-path may move the data, not change it")
     return dataset
 
 def frozen_networks(args, grid, device, world, master):
@@ -965,7 +977,7 @@ def main(argv=None):
     input_size = args.image_size // 8 if args.vae else args.image_size        # SD-VAE: 8x smaller, 4 channels
     latents, encoder = frozen_networks(args, input_size // size_cfg['patch_size'], device, world, master)
 
-    run_args = dict(vars(args), num_classes=len(dataset.classes), class_names=list(dataset.classes),
+    run_args = dict(vars(args), num_classes=len(dataset.classes), class_names=list(dataset.classes), num_images=len(dataset),
                     input_size=input_size, in_channels=4 if args.vae else 3,
                     encoder_depth=args.encoder_depth if args.encoder_depth is not None else size_cfg['encoder_depth'],
                     z_dim=encoder.embed_dim if encoder is not None else None,
@@ -998,6 +1010,9 @@ def main(argv=None):
     log(f"args: {json.dumps(run_args)}")
     log(f"run dir {run_dir} | {len(dataset)} images, {len(dataset.classes)} classes | "
         f"{'resuming at' if step else 'starting at'} step {step}")
+    if ckpt is not None and ckpt['args'].get('precision', run_args['precision']) != run_args['precision']:
+        log(f"note: the run trained in {ckpt['args']['precision']} until now and goes on in {run_args['precision']} "
+            f"(IREPA_PRECISION or the machine): not bit-identical to a run without the break")
     raw_model = model                                                           # saved without DDP/compile prefixes
     if args.compile:
         model = torch.compile(model)

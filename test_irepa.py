@@ -1,6 +1,8 @@
 """Tests for irepa.py, sample.py and metrics.py. Small, CPU-only, no network: python -m pytest -q"""
+import glob
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -89,6 +91,18 @@ def test_official_state_dict_round_trip_by_name(projector):
     model.load_state_dict(official)
     for a, b in zip(model(x, t, y), fresh(x, t, y)):
         torch.testing.assert_close(a, b)
+
+def test_a_seed_gives_the_same_sit_weights_with_any_projector():
+    nets = {}
+    for z_dim, projector in ((None, 'mlp'), (24, 'mlp'), (24, 'conv')):
+        torch.manual_seed(0)
+        nets[z_dim, projector] = irepa.SiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2,
+                                           num_heads=2, num_classes=3, encoder_depth=1, z_dim=z_dim,
+                                           projector=projector).state_dict()
+    vanilla = nets.pop((None, 'mlp'))
+    for sd in nets.values():
+        assert {k for k in sd if not k.startswith('projectors.')} == set(vanilla)
+        assert all(torch.equal(sd[k], v) for k, v in vanilla.items())      # the same SiT: arms paired on weights too
 
 def test_official_initialisation():
     model = tiny(z_dim=8)
@@ -431,6 +445,16 @@ def test_image_folder_skips_corrupt_image_with_a_warning(tmp_path):
         img, label = ds[1]
     torch.testing.assert_close(img, ds[2][0])                              # replaced by the next image
     assert ds.bad == {bad}
+
+@pytest.mark.parametrize('n_bad, tries', [(6, 6), (150, 100)])
+def test_image_folder_gives_up_on_a_systematic_failure(tmp_path, n_bad, tries):
+    (tmp_path / 'c').mkdir()
+    for i in range(n_bad):
+        (tmp_path / 'c' / f'{i:03d}.png').write_bytes(b'not a png')         # e.g. a codec missing for every file
+    ds = irepa.ImageFolder(str(tmp_path), 16)
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match=f'{tries} images in a row are unreadable'):
+        ds[0]
+    assert len(ds.bad) == tries                                            # tried that many, not the whole folder
 
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match='is not a folder'):
@@ -803,6 +827,30 @@ def test_resume_skips_a_corrupt_newest_checkpoint_and_removes_leftovers(tmp_path
     assert sorted(os.listdir(os.path.join(run, 'checkpoints'))) == ['0000001.pt', '0000002.pt', '0000003.pt']
     assert 'resuming at step 1' in open(os.path.join(run, 'log.txt')).read()
     assert load_last(run)['step'] == 3
+
+def test_resume_may_move_the_data_but_not_change_it(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / 'data', n=4)                                # 2 classes x 4 images
+    monkeypatch.setenv('IREPA_PRECISION', 'fp32')
+    run = run_train(tmp_path / 'r', '--encoder', 'none', '--max-steps', '1', '--data-path', data)
+    shutil.copytree(data, tmp_path / 'moved')
+    shutil.copytree(data, tmp_path / 'more')
+    Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(tmp_path / 'more' / 'a_cat' / 'extra.png')
+    shutil.copytree(data, tmp_path / 'other')
+    os.rename(tmp_path / 'other' / 'b_dog', tmp_path / 'other' / 'c_cow')
+    for folder, msg in (('more', 'has 9 images, the run had 8'), ('other', 'the classes in')):
+        with pytest.raises(SystemExit, match=msg):
+            irepa.main(['--resume', run, '--max-steps', '2', '--data-path', str(tmp_path / folder)])
+    monkeypatch.setenv('IREPA_PRECISION', 'bf16')
+    irepa.main(['--resume', run, '--max-steps', '2', '--data-path', str(tmp_path / 'moved')])
+    assert load_last(run)['step'] == 2
+    assert 'the run trained in fp32 until now and goes on in bf16' in open(os.path.join(run, 'log.txt')).read()
+
+def test_leftover_removal_tolerates_another_rank_removing_it_first(tmp_path, monkeypatch):
+    run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '1')
+    gone = os.path.join(run, 'checkpoints', '0000002.pt.tmp')             # listed, then removed by another rank
+    real_glob = glob.glob
+    monkeypatch.setattr(glob, 'glob', lambda p: [gone] if p.endswith('*.tmp') else real_glob(p))
+    assert irepa.load_latest_checkpoint(run)['step'] == 1
 
 def test_image_folder_ignores_hidden_and_empty_folders(tmp_path):
     for c in ('b', 'a', '.cache', 'empty'):

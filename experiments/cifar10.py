@@ -325,7 +325,8 @@ def write_report(args, cfg, results, targets):
                                                                    for s in steps) +
                      f" | {r.get('lds', float('nan')):.3f} | {r.get('cds', float('nan')):.4f} | "
                      f"{r['train_s']:.0f} | {r['eval_s']:.0f} |")
-    # a seed fixes the data order and every step's t, noise and label drops: arm minus vanilla is a paired difference
+    # a seed fixes the data order, every step's t, noise and label drops, and SiT's initial weights (any projector
+    # is initialised after SiT): arm minus vanilla is a paired difference
     last, base = steps[-1], {r['seed']: r['fd'].get(steps[-1]) for r in results if r['arm'] == 'vanilla'}
     lines += ["", f"## FD @ {last} minus vanilla's, same seed (negative: better than vanilla)", "",
               "| arm | " + " | ".join(f"seed {s}" for s in SEEDS) + " | mean |", "|---|" + "---|" * (len(SEEDS) + 1)]
