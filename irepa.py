@@ -849,18 +849,23 @@ def output_dir_problem(path):
         return f"{path}: cannot create it ({e.strerror})"
     return None if os.access(path, os.W_OK) else f"{path} is not writable"
 
-def check_ranges(args):
+def check_ranges(args, bounds, recipe=()):
+    """fail() at the first setting out of range. bounds {name: lo} means lo <= value, {name: (lo, hi)} lo <= value <= hi;
+    a value must be finite (NaN and inf fail), None is unset and passes. Names in `recipe` are recipe entries, not flags."""
+    for name, b in bounds.items():
+        (lo, hi), v = b if isinstance(b, tuple) else (b, math.inf), getattr(args, name)
+        if v is not None and not (lo <= v <= hi and math.isfinite(v)):
+            what = f"the recipe's {name}" if name in recipe else f"--{name.replace('_', '-')}"
+            fail(f"{what} must be {f'>= {lo}' if hi == math.inf else f'in [{lo}, {hi}]'}, got {v}")
+
+def check_settings(args):
     """Every numeric setting in range, and the output folder usable, before anything heavy starts."""
-    checks = [('image_size', args.image_size >= 1, '>= 1'), ('global_batch_size', args.global_batch_size >= 1, '>= 1'),
-              ('grad_accum', args.grad_accum >= 1, '>= 1'), ('lr', 0 < args.lr < math.inf, '> 0'),
-              ('max_steps', args.max_steps >= 1, '>= 1'), ('ckpt_every', args.ckpt_every >= 1, '>= 1'),
-              ('log_every', args.log_every >= 1, '>= 1'), ('num_workers', args.num_workers >= 0, '>= 0'),
-              ('seed', args.seed >= 0, '>= 0'), ('proj_coeff', 0 <= args.proj_coeff < math.inf, '>= 0'),
-              ('ema_decay', 0 <= args.ema_decay < 1, 'in [0, 1)'), ('spnorm_gamma', 0 <= args.spnorm_gamma <= 1, 'in [0, 1]')]
-    for name, ok, want in checks:
-        if not ok:
-            flag = f"--{name.replace('_', '-')}" if name not in ('ema_decay', 'spnorm_gamma') else f"the recipe's {name}"
-            fail(f"{flag} must be {want}, got {getattr(args, name)}")
+    check_ranges(args, dict(image_size=1, global_batch_size=1, grad_accum=1, max_steps=1, ckpt_every=1, log_every=1,
+                            num_workers=0, seed=0, proj_coeff=0, spnorm_gamma=(0, 1)), recipe=('spnorm_gamma',))
+    if not 0 < args.lr < math.inf:
+        fail(f"--lr must be > 0, got {args.lr}")
+    if not 0 <= args.ema_decay < 1:
+        fail(f"the recipe's ema_decay must be in [0, 1), got {args.ema_decay}")
     if not args.resume and (problem := output_dir_problem(args.results_dir)):
         fail(f"--results-dir {problem}")
 
@@ -963,7 +968,7 @@ def main(argv=None):
     if args.resume:
         ckpt = load_latest_checkpoint(args.resume)
         args = resume_args(args, given_flags(argv), ckpt['args'])
-    check_ranges(args)
+    check_settings(args)
     size_cfg = check_model(args)
     rank, world, device = setup_distributed()
     if args.global_batch_size % (world * args.grad_accum):

@@ -377,12 +377,8 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    for flag, ok, want in (('image_size', args.image_size >= 1, '>= 1'), ('grid_size', args.grid_size >= 1, '>= 1'),
-                           ('num_images', args.num_images >= 1, '>= 1'), ('batch_size', args.batch_size >= 1, '>= 1'),
-                           ('t', 0 <= args.t <= 1, 'in [0, 1]'), ('num_workers', args.num_workers >= 0, '>= 0'),
-                           ('spnorm_gamma', 0 <= args.spnorm_gamma <= 1, 'in [0, 1]'), ('seed', args.seed >= 0, '>= 0')):
-        if not ok:
-            fail(f"--{flag.replace('_', '-')} must be {want}, got {getattr(args, flag)}")
+    irepa.check_ranges(args, dict(image_size=1, grid_size=1, num_images=1, batch_size=1, t=(0, 1), num_workers=0,
+                                  spnorm_gamma=(0, 1), seed=0))
     folder = os.path.dirname(os.path.abspath(args.out or '.'))
     if args.out and (os.path.isdir(args.out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
         fail(f"--out {args.out}: not a writable file path (a PNG in an existing, writable folder)")

@@ -172,16 +172,10 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    for flag, ok, want in (("num_steps", args.num_steps is None or args.num_steps >= 1, ">= 1"),
-                           ("batch_size", args.batch_size >= 1, ">= 1"),
-                           ("num_samples", args.num_samples is None or args.num_samples >= 1, ">= 1"),
-                           ("cfg_scale", args.cfg_scale is None or 1 <= args.cfg_scale < math.inf,
-                            ">= 1 (1: no guidance)"),
-                           ("guidance_low", 0 <= args.guidance_low <= args.guidance_high <= 1,
-                            "<= --guidance-high, both in [0, 1]"),
-                           ("seed", args.seed >= 0, ">= 0")):
-        if not ok:
-            irepa.fail(f"--{flag.replace('_', '-')} must be {want}, got {getattr(args, flag)}")
+    irepa.check_ranges(args, dict(num_steps=1, batch_size=1, num_samples=1, cfg_scale=1, seed=0))   # cfg 1: none
+    if not 0 <= args.guidance_low <= args.guidance_high <= 1:
+        irepa.fail(f"--guidance-low must be <= --guidance-high, both in [0, 1], got {args.guidance_low}, "
+                   f"{args.guidance_high}")
     if problem := irepa.output_dir_problem(args.out):
         irepa.fail(f"--out {problem}")
 

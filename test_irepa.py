@@ -1,7 +1,9 @@
 """Tests for irepa.py, sample.py and metrics.py. Small, CPU-only, no network: python -m pytest -q"""
+import argparse
 import glob
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -586,6 +588,21 @@ def test_bad_input_gives_a_clear_error(tmp_path, hub_dir, capsys, extra, message
         run_train(tmp_path / 'r', '--encoder', 'none', *[subs.get(a, a) for a in extra])
     err = str(e.value.code) + capsys.readouterr().err
     assert message in err and 'Traceback' not in err
+
+def test_check_ranges_bounds_are_inclusive_and_finite():
+    ok = lambda **kw: irepa.check_ranges(argparse.Namespace(**kw), dict(n=1, g=(0, 1)), recipe=('g',)) is None
+    assert ok(n=1, g=0) and ok(n=10 ** 9, g=1.0) and ok(n=None, g=None)     # bounds included, None is unset
+    for kw, msg in ((dict(n=0, g=0.5), '--n must be >= 1, got 0'), (dict(n=1, g=1.01), "the recipe's g must be in [0, 1]"),
+                    (dict(n=math.inf, g=0.5), '--n must be >= 1, got inf'), (dict(n=1, g=math.nan), 'got nan')):
+        with pytest.raises(SystemExit, match=re.escape(msg)):
+            ok(**kw)
+
+@pytest.mark.parametrize('entry, value, msg', [('ema_decay', 1.0, "the recipe's ema_decay must be in [0, 1), got 1.0"),
+                                               ('spnorm_gamma', 1.5, "the recipe's spnorm_gamma must be in [0, 1]")])
+def test_recipe_entries_are_range_checked(tmp_path, monkeypatch, entry, value, msg):
+    monkeypatch.setitem(irepa.RECIPES, 'demo', dict(irepa.RECIPES['demo'], **{entry: value}))
+    with pytest.raises(SystemExit, match=re.escape(msg)):
+        run_train(tmp_path, '--encoder', 'none')
 
 @pytest.mark.parametrize('script', ['irepa.py', 'sample.py', 'metrics.py'])
 def test_errors_are_one_line_named_after_the_running_script(monkeypatch, script):
