@@ -934,6 +934,22 @@ def new_run_dir(args, master, world):
         run_dir = obj[0]
     return run_dir
 
+def new_model(args, run_args, ckpt, device, rank, world):
+    """SiT, its EMA and AdamW, from the seed or, on a resume, from the checkpoint. -> (model, ema, opt, step)"""
+    torch.manual_seed(args.seed)                                                # the same initial weights on every rank
+    model = build_model(run_args).to(device)
+    torch.manual_seed(args.seed * world + rank)                                 # a seed per rank (REPA)
+    ema = build_model(run_args).to(device).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())                                     # EMA starts as an exact copy
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=tuple(args.betas),
+                            weight_decay=0, eps=1e-8, fused=device.type == 'cuda')
+    if ckpt is None:
+        return model, ema, opt, 0
+    model.load_state_dict(ckpt['model'])
+    ema.load_state_dict(ckpt['ema'])
+    opt.load_state_dict(ckpt['opt'])
+    return model, ema, opt, ckpt['step']
+
 LABEL_DROP = 0.1        # labels replaced by the null class in training, for classifier-free guidance (DiT, SiT, REPA)
 
 def make_batch(img, y, step, args, run_args, rank, world, gen, latents, encoder, amp):
@@ -988,21 +1004,8 @@ def main(argv=None):
                     z_dim=encoder.embed_dim if encoder is not None else None,
                     projector='conv' if args.irepa else 'mlp', method=method(args), world_size=world,
                     precision=precision(device))
-    torch.manual_seed(args.seed)                                                # the same initial weights on every rank
-    model = build_model(run_args).to(device)
-    torch.manual_seed(args.seed * world + rank)                                 # a seed per rank (REPA)
-    ema = build_model(run_args).to(device).requires_grad_(False)
-    ema.load_state_dict(model.state_dict())                                     # EMA starts as an exact copy
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=tuple(args.betas),
-                            weight_decay=0, eps=1e-8, fused=device.type == 'cuda')
-    step, run_dir = 0, args.resume
-    if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
-        ema.load_state_dict(ckpt['ema'])
-        opt.load_state_dict(ckpt['opt'])
-        step = ckpt['step']
-    else:
-        run_dir = new_run_dir(args, master, world)
+    model, ema, opt, step = new_model(args, run_args, ckpt, device, rank, world)
+    run_dir = args.resume or new_run_dir(args, master, world)
     if master:
         os.makedirs(os.path.join(run_dir, 'checkpoints'), exist_ok=True)
     log = Logger(os.path.join(run_dir, 'log.txt'), master)
@@ -1010,11 +1013,11 @@ def main(argv=None):
         f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type} x {world} | "
         f"precision {run_args['precision']} | "
         f"encoder {args.encoder} | {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M params")
-    log(f"run: {args.setting} setting, {args.model}, {method(args)}"
-        + (f" with the {args.encoder} target" if args.encoder != 'none' else '') + f" | {run_dir}")
     log(f"args: {json.dumps(run_args)}")
-    log(f"run dir {run_dir} | {len(dataset)} images, {len(dataset.classes)} classes | "
-        f"{'resuming at' if step else 'starting at'} step {step}")
+    log(f"run: {args.setting} setting, {args.model}, {method(args)}"
+        + (f" with the {args.encoder} target" if args.encoder != 'none' else '')
+        + f" | {len(dataset)} images, {len(dataset.classes)} classes | {'resuming at' if step else 'starting at'} "
+          f"step {step} | {run_dir}")
     if ckpt is not None and ckpt['args'].get('precision', run_args['precision']) != run_args['precision']:
         log(f"note: the run trained in {ckpt['args']['precision']} until now and goes on in {run_args['precision']} "
             f"(IREPA_PRECISION or the machine): not bit-identical to a run without the break")
