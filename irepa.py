@@ -767,6 +767,14 @@ def fail(msg):
     (irepa.py, sample.py, metrics.py), as argparse names its own errors."""
     sys.exit(f"{os.path.basename(sys.argv[0])}: error: {msg}")
 
+def guarded(fn, *args):
+    """fn(*args), with this file's errors for bad input (no images, an unknown encoder, not a checkpoint, offline
+    without the weights: ValueError, RuntimeError, FileNotFoundError) as one fail() line."""
+    try:
+        return fn(*args)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        fail(str(e))
+
 # What --resume may change (the schedule, the machine and how it splits the batch, where the data and hub copies
 # live); every other setting comes from the checkpoint, so the run continues as it began.
 RESUME_FLAGS = ('max_steps', 'ckpt_every', 'log_every', 'num_workers', 'compile', 'hub_dir', 'data_path',
@@ -805,15 +813,6 @@ class Latents:
     @torch.no_grad()
     def decode(self, z):                                                        # (B, 4, h, w) -> (B, 3, 8h, 8w)
         return self.vae.decode(self.lib.denormalize_latents(z, self.scale, self.bias))
-
-def load_latents(args, device):
-    """Latents(device) in the latent setting (a one-line error when the VAE files are missing), else None."""
-    if not args.vae:
-        return None
-    try:
-        return Latents(device)
-    except RuntimeError as e:
-        fail(str(e))
 
 # What checkpoints of versions before the recipes trained with, for keys their args lack: pixel space, REPA's optimizer.
 LEGACY = dict(setting='legacy', vae=None, time_dist=None, betas=(0.9, 0.999), warmup_epochs=0, clip_grad=1.0,
@@ -884,11 +883,8 @@ def check_model(args):
     return size_cfg
 
 def open_dataset(args, ckpt):
-    try:
-        dataset = (ImageFolder(args.data_path, args.image_size) if args.data_path
-                   else Shapes(50_000, args.image_size, seed=args.seed))
-    except FileNotFoundError as e:
-        fail(str(e))
+    dataset = (guarded(ImageFolder, args.data_path, args.image_size) if args.data_path
+               else Shapes(50_000, args.image_size, seed=args.seed))
     if len(dataset) < args.global_batch_size:
         fail(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
     if ckpt is not None and list(dataset.classes) != ckpt['args']['class_names']:
@@ -904,12 +900,8 @@ def frozen_networks(args, grid, device, world, master):
     once. The encoder's token grid must be SiT's."""
     if world > 1 and not master:
         dist.barrier()
-    latents, encoder = load_latents(args, device), None
-    if args.encoder != 'none':
-        try:
-            encoder = load_encoder(args.encoder, grid, args.hub_dir, device)
-        except RuntimeError as e:
-            fail(str(e))
+    latents = guarded(Latents, device) if args.vae else None                   # a one-line error without the VAE files
+    encoder = None if args.encoder == 'none' else guarded(load_encoder, args.encoder, grid, args.hub_dir, device)
     if world > 1 and master:
         dist.barrier()
     if encoder is not None:

@@ -18,7 +18,7 @@ Run it (encoders, checkpoints and image loading come from irepa.py):
     python metrics.py --correlate encoders.csv --out fig4.png                      # metrics vs gFID (Fig. 4)
     python metrics.py --viz dog.jpg --encoder dinov2_vitb14 --anchor 8 5           # what spatial norm does (Fig. 6b)
 Images: root/<class>/<image>, ADM center crop. Masks (e.g. from SAM2): imgs/dog/1.jpg -> masks/dog/1.png, nonzero =
-object. --correlate CSV: encoder, fid [, linear_probe, lds, cds, srss, rmsc]; missing metrics are measured on --data-path.
+object. --correlate CSV: encoder,fid[,linear_probe,lds,cds,srss,rmsc]; missing metrics are measured on --data-path.
 """
 import argparse
 import csv
@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 from scipy import stats
 
 import irepa
-from irepa import fail                                                          # a one-line error, no traceback
+from irepa import fail, guarded                                                 # one-line errors, no traceback
 
 METRICS = ('lds', 'cds', 'srss', 'rmsc')
 
@@ -49,9 +49,8 @@ def cosine_gram(x):
     if H * H != T:
         raise ValueError(f"{T} tokens do not form a square grid; the metrics need H x H tokens in raster order")
     x = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)    # half -> fp32, fp64 stays
-    rc = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(H), indexing='ij'), -1).view(T, 2)  # (row, col)
-    dist = (rc[:, None] - rc[None]).abs().sum(-1).to(x.device)                      # (T, T)
-    return x @ x.transpose(1, 2), dist                                              # (B, T, T), (T, T)
+    rc = torch.cartesian_prod(torch.arange(H), torch.arange(H))                    # (T, 2) (row, col), raster order
+    return x @ x.transpose(1, 2), (rc[:, None] - rc).abs().sum(-1).to(x.device)    # (B, T, T), (T, T)
 
 def lds(x, near_dist=1, far_dist=6):
     """Local vs distant similarity: mean cos at d = 1..near_dist minus mean cos at d >= far_dist.
@@ -60,7 +59,7 @@ def lds(x, near_dist=1, far_dist=6):
     near, far = (dist >= 1) & (dist <= near_dist), dist >= far_dist
     if not near.any() or not far.any():
         raise ValueError(f"a grid of {len(dist)} tokens has no pairs at distance 1..{near_dist} or >= {far_dist}")
-    return (gram * near).sum((1, 2)) / near.sum() - (gram * far).sum((1, 2)) / far.sum()          # (B,)
+    return gram[:, near].mean(1) - gram[:, far].mean(1)                             # (B,)
 
 def cds(x, dmax=8):
     """Correlation decay slope: correlogram g(d) = mean cos at distance exactly d, for d = 1..dmax that the grid
@@ -69,10 +68,9 @@ def cds(x, dmax=8):
     d = torch.arange(1, min(dmax, int(dist.max())) + 1, dtype=gram.dtype, device=gram.device)   # (K,)
     if len(d) < 2:
         raise ValueError(f"CDS needs at least two distances to fit a slope (dmax={dmax}, grid too small?)")
-    shells = (dist.to(gram.dtype) == d.view(-1, 1, 1)).to(gram.dtype)             # (K, T, T)
-    g = torch.einsum('btu,ktu->bk', gram, shells) / shells.sum((1, 2))             # (B, K) correlogram
-    dc = d - d.mean()
-    return -((g - g.mean(1, keepdim=True)) @ dc) / (dc @ dc)                        # (B,)
+    g = torch.stack([gram[:, dist == k].mean(1) for k in d], 1)                    # (B, K) correlogram
+    dc = d - d.mean()                                                               # sums to 0, so g needs no centring
+    return -(g @ dc) / (dc @ dc)                                                    # (B,) -slope of the LS line
 
 def srss(x, masks, d_pos=1, d_neg=6):
     """Semantic-region self-similarity. masks (B, T), 1 = object. Anchors are object tokens; per anchor,
@@ -85,10 +83,8 @@ def srss(x, masks, d_pos=1, d_neg=6):
     anchor = fg[:, :, None]                                                         # (B, T, 1)
     pos = (anchor & fg[:, None, :] & (dist >= 1) & (dist <= d_pos)).to(gram.dtype)  # (B, T, T)
     neg = (anchor & ~fg[:, None, :] & (dist >= d_neg)).to(gram.dtype)
-    n_pos, n_neg = pos.sum(-1), neg.sum(-1)                                         # (B, T) per anchor
-    delta = (gram * pos).sum(-1) / n_pos - (gram * neg).sum(-1) / n_neg             # (B, T), NaN where a count is 0
-    valid = (n_pos > 0) & (n_neg > 0)
-    return torch.where(valid, delta, 0).sum(1) / valid.sum(1)                       # 0 / 0 = NaN: no valid anchor
+    delta = (gram * pos).sum(-1) / pos.sum(-1) - (gram * neg).sum(-1) / neg.sum(-1)   # (B, T), 0 / 0 = NaN: no pair
+    return delta.nanmean(1)                                                         # NaN: no anchor has both
 
 def rmsc(x):
     """RMS spatial contrast: sqrt(mean_t ||x_t - mean_t x||^2) of the L2-normalised tokens; 0 for a constant grid."""
@@ -139,8 +135,7 @@ def read_table(path):
     return {c: [v if c == 'encoder' else float(v) if v else None for v in col] for c, col in zip(header, zip(*rows))}
 
 # -----------------------------------------------------------------------------
-# 3. Pictures, drawn with pillow: similarity maps (paper Fig. 6b / 16) and scatter plots (Fig. 4). Both figures are
-#    panels side by side under their titles (`figure`).
+# 3. Pictures, drawn with pillow: similarity maps (paper Fig. 6b / 16) and scatter plots (Fig. 4), as titled panels
 
 PANEL, STRIP = 256, 20                                                              # panel side, text strip (px)
 
@@ -212,21 +207,13 @@ def correlation_figure(table, results, target='fid'):
 # -----------------------------------------------------------------------------
 # 4. Features: the encoders' patch tokens, and SiT's hidden state at the alignment layer (Fig. 6c)
 
-def guarded(fn, *args):
-    """fn(*args), with irepa's errors for bad input (no images, unknown encoder, not a checkpoint, offline) as one line."""
-    try:
-        return fn(*args)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        fail(str(e))
-
 def mask_to_grid(mask, grid):
     """A mask image at the image's own size -> (T,) bool on the token grid: any object pixel in a patch marks the
     token (max-pool of mask > 0 at full resolution, so thin objects survive), as the official metrics code does for
-    its 256 px masks; a non-square mask first gets the image's ADM crop (its central square), so the two stay aligned."""
-    m = torch.from_numpy(np.array(mask.convert('L')) > 0)                          # (H, W)
-    H, W = m.shape
-    s = min(H, W)
-    m = m[(H - s) // 2:(H - s) // 2 + s, (W - s) // 2:(W - s) // 2 + s]            # the crop the image gets
+    its 256 px masks; a non-square mask first gets the image's ADM crop (its central square), so both stay aligned."""
+    (W, H), s = mask.size, min(mask.size)
+    left, top = (W - s) // 2, (H - s) // 2                                          # the crop the image gets
+    m = torch.from_numpy(np.array(mask.convert('L').crop((left, top, left + s, top + s))) > 0)   # (s, s)
     return F.adaptive_max_pool2d(m[None, None].float(), grid).flatten().bool()     # (T,) raster order
 
 def keep_masks(masks, min_tokens=None):
@@ -242,7 +229,8 @@ def load_masks(args, dataset, indices, grid):
     paths = [dataset.samples[i][0] for i in indices]
     mpaths = [os.path.join(args.masks, os.path.splitext(os.path.relpath(p, args.data_path))[0] + '.png') for p in paths]
     if missing := [m for m in mpaths if not os.path.isfile(m)]:
-        fail(f"{len(missing)} of {len(indices)} images have no mask, e.g. {missing[0]} (expected <masks>/<class>/<stem>.png)")
+        fail(f"{len(missing)} of {len(indices)} images have no mask, e.g. {missing[0]} "
+             f"(expected <masks>/<class>/<stem>.png)")
     masks = []
     for path, mpath in zip(paths, mpaths):
         try:
@@ -265,20 +253,20 @@ def measure(args, encoder_name, device):
     and with --ckpt of SiT's hidden state h after block encoder_depth and its projection, at noise level --t.
     encoder_name None: the checkpoint's encoder with --ckpt, else dinov2_vitb14."""
     model, ck = guarded(irepa.load_sit, args.ckpt, device) if args.ckpt else (None, {})
-    latents = guarded(irepa.Latents, device) if ck.get('vae') else None           # a latent SiT: the VAE makes its input
+    latents = guarded(irepa.Latents, device) if ck.get('vae') else None           # latent SiT: the VAE makes its input
     encoder_name = encoder_name or (ck.get('encoder', 'none') if model else 'dinov2_vitb14')
-    grid = model.grid_size if model else args.grid_size
-    dataset = guarded(irepa.ImageFolder, args.data_path, ck.get('image_size', model.input_size) if model else args.image_size)
-    indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:args.num_images].tolist()
-    indices, masks = load_masks(args, dataset, indices, grid) if args.masks else (indices, None)
+    size, grid = (ck['image_size'], model.grid_size) if model else (args.image_size, args.grid_size)
+    dataset = guarded(irepa.ImageFolder, args.data_path, size)
+    indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:args.num_images]
+    indices, masks = load_masks(args, dataset, indices.tolist(), grid) if args.masks else (indices.tolist(), None)
     encoder = None if encoder_name == 'none' else guarded(irepa.load_encoder, encoder_name, grid,
                                                           args.hub_dir or ck.get('hub_dir'), device)
     same_classes = model is not None and dataset.classes == ck.get('class_names')   # else the null (CFG) class
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=args.batch_size,
                                          num_workers=args.num_workers)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    vals, start = {}, 0
-    for img, y in loader:
+    vals = {}
+    for (img, y), m in zip(loader, [None] * len(loader) if masks is None else masks.split(args.batch_size)):
         img, y, rows = img.to(device), y.to(device), {}                            # uint8 (B, 3, S, S)
         if encoder is not None:
             with irepa.autocast(device):
@@ -292,9 +280,8 @@ def measure(args, encoder_name, device):
             if zs is not None:
                 rows[f"SiT projector(h) ({ck.get('projector', 'mlp')})"] = zs      # (B, T, D_enc)
         for name, feats in rows.items():
-            for k, v in guarded(all_metrics, feats, None if masks is None else masks[start:start + len(img)]).items():
+            for k, v in guarded(all_metrics, feats, m).items():                    # m: this batch's masks or None
                 vals.setdefault(name, {}).setdefault(k, []).append(v.double().cpu().numpy())
-        start += len(img)
     if model is not None and not same_classes:
         print("note: the image folder's classes differ from the checkpoint's, so SiT was given the null class")
     return {name: {k: np.concatenate(v) for k, v in ms.items()} for name, ms in vals.items()}
@@ -313,10 +300,9 @@ def visualise(args, device):
         fail(f"--anchor {r} {c} is outside the {H}x{H} token grid")
     encoder = guarded(irepa.load_encoder, args.encoder or 'dinov2_vitb14', H, args.hub_dir, device)
     with irepa.autocast(device):
-        z = encoder(torch.from_numpy(img).permute(2, 0, 1)[None].float().to(device)).float()[0]   # (T, D)
-    cos_to_anchor = lambda u: (F.normalize(u, dim=-1) @ F.normalize(u[r * H + c], dim=-1)).view(H, H).cpu().numpy()
-    maps = {'raw tokens': cos_to_anchor(z), f'spatial norm, gamma {args.spnorm_gamma}':
-            cos_to_anchor(irepa.spatial_norm(z[None], args.spnorm_gamma)[0])}  # (H, W) each
+        z = encoder(torch.from_numpy(img).permute(2, 0, 1)[None].float().to(device)).float()   # (1, T, D)
+    maps = {'raw tokens': z, f'spatial norm, gamma {args.spnorm_gamma}': irepa.spatial_norm(z, args.spnorm_gamma)}
+    maps = {t: cosine_gram(u)[0][0, r * H + c].view(H, H).cpu().numpy() for t, u in maps.items()}   # cos to anchor
     similarity_figure(img, maps, (r, c)).save(out)
     print(f"wrote {out}: anchor token (row {r}, col {c}) of the {H}x{H} grid")
     return out
@@ -324,8 +310,9 @@ def visualise(args, device):
 # -----------------------------------------------------------------------------
 # 5. Command line
 
-def print_table(vals, title):
-    print(f"{title}\n{'features':<44}" + ''.join(f"{m.upper():>20}" for m in METRICS))
+def print_table(vals, data_path):
+    print(f"spatial structure metrics over {len(next(iter(vals.values()))['lds'])} images from {data_path}")
+    print(f"{'features':<44}" + ''.join(f"{m.upper():>20}" for m in METRICS))
     for name, ms in vals.items():
         print(f"{name:<44}" + ''.join(f"{'{:.4f} +- {:.4f}'.format(*mean_ci(ms[k])) if k in ms else 'n/a':>20}"
                                       for k in METRICS))
@@ -337,16 +324,16 @@ def run_correlation(args, device):
     todo = [m for m in METRICS if m not in table and (m != 'srss' or args.masks)]
     if todo and args.data_path:                                                 # measure the missing columns
         if bad := [e for e in table['encoder'] if e not in irepa.ENCODERS]:
-            fail(f"cannot measure encoder(s) {', '.join(bad)}: not in irepa.ENCODERS; put their metric values in the CSV")
+            fail(f"cannot measure encoder(s) {', '.join(bad)}: not in irepa.ENCODERS; "
+                 f"put their metric values in the CSV")
         raws = [measure(args, enc, device)[f"{enc} raw"] for enc in table['encoder']]
         table.update({m: [mean_ci(raw[m])[0] for raw in raws] for m in todo})
     if not (results := correlate(table)):
         fail("nothing to correlate: need >= 3 rows with fid and a linear_probe or metric column "
              "(or pass --data-path to measure the metrics)")
     print(f"{'encoder':<24}{'fid':>10}" + ''.join(f"{c:>14}" for c in results))
-    for i, enc in enumerate(table['encoder']):
-        print(f"{enc:<24}{table['fid'][i]!s:>10}" + ''.join(
-            f"{(f'{table[c][i]:.4f}' if table[c][i] is not None else '-'):>14}" for c in results))
+    for enc, fid, *cells in zip(table['encoder'], table['fid'], *(table[c] for c in results)):
+        print(f"{enc:<24}{fid!s:>10}" + ''.join(f"{'-' if v is None else f'{v:.4f}':>14}" for v in cells))
     print(f"\n{'vs fid':<14}{'n':>4}{'pearson r':>12}{'p':>11}{'spearman':>12}{'p':>11}")
     for col, (n, r, p, rho, p_rho) in results.items():
         print(f"{col:<14}{n:>4}{r:>12.3f}{p:>11.2e}{rho:>12.3f}{p_rho:>11.2e}")
@@ -390,7 +377,7 @@ def main(argv=None):
     if not args.data_path:
         fail("pass --data-path (root/<class>/<image>), or use --correlate CSV / --viz IMAGE")
     vals = measure(args, args.encoder, device)
-    print_table(vals, f"spatial structure metrics over {len(next(iter(vals.values()))['lds'])} images from {args.data_path}")
+    print_table(vals, args.data_path)
     return vals
 
 if __name__ == '__main__':

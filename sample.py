@@ -188,11 +188,8 @@ def main(argv=None):
         rank, world, device = 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    try:
-        model, ckpt_args = irepa.load_sit(args.ckpt, device, args.model)
-        latents = irepa.Latents(device) if ckpt_args.get("vae") else None   # a latent model: decode with the SD-VAE
-    except (ValueError, RuntimeError) as e:
-        irepa.fail(str(e))
+    model, ckpt_args = irepa.guarded(irepa.load_sit, args.ckpt, device, args.model)
+    latents = irepa.guarded(irepa.Latents, device) if ckpt_args.get("vae") else None   # latent: decode with the SD-VAE
     K, class_names = model.num_classes, ckpt_args.get("class_names")
     recipe = {**dict(mode="sde", num_steps=250, heun=False, cfg_scale=1.0), **(ckpt_args.get("sampler") or {})}
     args.mode = args.mode or recipe["mode"]
