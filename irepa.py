@@ -513,7 +513,8 @@ def noised_features(model, x, y, t, generator=None, latents=None):
     return h.float(), None if zs is None else zs.float()
 
 # -----------------------------------------------------------------------------
-# 7. Data: class-per-folder images with the ADM center crop, or procedural shapes (ADM / DiT's center crop)
+# 7. Data: class-per-folder images with the ADM center crop, or procedural shapes (ADM / DiT's center crop); in the
+#    latent setting the frozen SD-VAE turns the images into SiT's input
 
 def center_crop_arr(pil_image, image_size):
     """ADM: halve with BOX while the short side is >= 2S, BICUBIC so the short side is S, crop the centre."""
@@ -606,6 +607,23 @@ def global_batches(num_samples, global_batch, seed, epoch):
     perm = torch.randperm(num_samples, generator=g).tolist()
     return [perm[i:i + global_batch] for i in range(0, num_samples - global_batch + 1, global_batch)]
 
+class Latents:
+    """The latent setting's frozen SD-VAE (vae.py; iREPA Appendix G): images in [-1, 1] <-> the normalised
+    latents SiT is trained on, (z - bias) * scale with the official per-channel statistics."""
+    def __init__(self, device):
+        import vae                                                              # sibling file, torch only
+        self.lib = vae
+        self.vae, self.scale, self.bias = vae.load_vae(device=device)
+
+    @torch.no_grad()
+    def encode(self, x, eps):                                                   # (B, 3, H, W) -> (B, 4, H/8, W/8)
+        mean, logvar = self.vae.encode(x)                                       # fp32 (TF32 on CUDA), as DiT's train.py
+        return self.lib.normalize_latents(self.lib.sample_posterior(mean, logvar, eps), self.scale, self.bias)
+
+    @torch.no_grad()
+    def decode(self, z):                                                        # (B, 4, h, w) -> (B, 3, 8h, 8w)
+        return self.vae.decode(self.lib.denormalize_latents(z, self.scale, self.bias))
+
 # -----------------------------------------------------------------------------
 # 8. Settings: one recipe per setting (nanoGPT's config files, as dicts). `--setting` picks one; explicit flags
 #    win; every resolved value is printed to log.txt and stored in the checkpoint's args.
@@ -684,7 +702,7 @@ def get_args(argv=None):
     return args
 
 # -----------------------------------------------------------------------------
-# 9. Training (REPA's train.py / DiT's train.py): DDP, AdamW, EMA, bf16 autocast, atomic checkpoints, exact resume
+# 9. Processes, precision and errors: DDP set-up (torchrun), bf16 autocast, one-line errors for bad input
 
 def setup_distributed():
     """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; otherwise one process on cuda, mps or cpu."""
@@ -728,6 +746,64 @@ def autocast(device):
     device = torch.device(device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision(device) == 'bf16')
 
+def fail(msg):
+    """A one-line error for bad input, instead of a traceback from deep inside; named after the script that runs
+    (irepa.py, sample.py, metrics.py), as argparse names its own errors."""
+    sys.exit(f"{os.path.basename(sys.argv[0])}: error: {msg}")
+
+def guarded(fn, *args):
+    """fn(*args), with this file's errors for bad input (no images, an unknown encoder, not a checkpoint, offline
+    without the weights: ValueError, RuntimeError, FileNotFoundError) as one fail() line."""
+    try:
+        return fn(*args)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        fail(str(e))
+
+def check_ranges(args, bounds, recipe=()):
+    """fail() at the first setting out of range. bounds {name: lo} means lo <= value, {name: (lo, hi)} lo <= value <= hi;
+    a value must be finite (NaN and inf fail), None is unset and passes. Names in `recipe` are recipe entries, not flags."""
+    for name, b in bounds.items():
+        (lo, hi), v = b if isinstance(b, tuple) else (b, math.inf), getattr(args, name)
+        if v is not None and not (lo <= v <= hi and math.isfinite(v)):
+            what = f"the recipe's {name}" if name in recipe else f"--{name.replace('_', '-')}"
+            fail(f"{what} must be {f'>= {lo}' if hi == math.inf else f'in [{lo}, {hi}]'}, got {v}")
+
+def output_dir_problem(path):
+    """Creates the output folder `path`; returns why it cannot be one (a one-line reason), or None."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{path} is a file, not a folder"
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        return f"{path}: cannot create it ({e.strerror})"
+    return None if os.access(path, os.W_OK) else f"{path} is not writable"
+
+# -----------------------------------------------------------------------------
+# 10. Runs: names, logs, atomic checkpoints and exact resume (a resume continues the run with its own settings)
+
+def method(args):
+    """What is trained, in words: 'vanilla' (plain SiT), 'repa' or 'irepa'."""
+    return 'vanilla' if args.encoder == 'none' else 'irepa' if args.irepa else 'repa'
+
+def run_name(args):
+    """<setting>-<model>-<encoder>-<method>, e.g. latent-SiT-XL-2-dinov2_vitb14-irepa, demo-SiT-T-2-vanilla."""
+    target = '' if args.encoder == 'none' else f"{args.encoder}-"
+    return f"{args.setting}-{args.model.replace('/', '-')}-{target}{method(args)}"
+
+def new_run_dir(args, master, world):
+    """results_dir/<run name>, with -1, -2, ... if taken; chosen by rank 0."""
+    run_dir = os.path.join(args.results_dir, run_name(args))
+    if master and os.path.exists(run_dir):
+        i = 1
+        while os.path.exists(f"{run_dir}-{i}"):
+            i += 1
+        run_dir = f"{run_dir}-{i}"
+    if world > 1:
+        obj = [run_dir]
+        dist.broadcast_object_list(obj, src=0)
+        run_dir = obj[0]
+    return run_dir
+
 class Logger:
     """print + append to <run>/log.txt, on rank 0 only."""
     def __init__(self, path, active):
@@ -762,57 +838,10 @@ def load_latest_checkpoint(run_dir):
             warnings.warn(f"skipping unreadable checkpoint {path} ({type(e).__name__}); trying the one before")
     fail(f"--resume {run_dir}: no readable checkpoint in {os.path.join(run_dir, 'checkpoints')}")
 
-def fail(msg):
-    """A one-line error for bad input, instead of a traceback from deep inside; named after the script that runs
-    (irepa.py, sample.py, metrics.py), as argparse names its own errors."""
-    sys.exit(f"{os.path.basename(sys.argv[0])}: error: {msg}")
-
-def guarded(fn, *args):
-    """fn(*args), with this file's errors for bad input (no images, an unknown encoder, not a checkpoint, offline
-    without the weights: ValueError, RuntimeError, FileNotFoundError) as one fail() line."""
-    try:
-        return fn(*args)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        fail(str(e))
-
 # What --resume may change (the schedule, the machine and how it splits the batch, where the data and hub copies
 # live); every other setting comes from the checkpoint, so the run continues as it began.
 RESUME_FLAGS = ('max_steps', 'ckpt_every', 'log_every', 'num_workers', 'compile', 'hub_dir', 'data_path',
                 'grad_accum', 'resume')
-
-def backward(model, x, y, noise, t, z, pred, proj_coeff, grad_accum=1, amp=nullcontext()):
-    """Accumulate into .grad the gradient of the batch's mean loss, denoise + proj_coeff * align, over `grad_accum`
-    micro-batches (each loss scaled by 1 / grad_accum; DDP syncs only on the last). Returns the detached
-    (loss, denoise, align) of the batch, averaged over the micro-batches: (3,)."""
-    n = len(x) // grad_accum
-    sums = torch.zeros(3, device=x.device)
-    for i in range(grad_accum):
-        mb = slice(i * n, (i + 1) * n)
-        sync = i == grad_accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
-        with (nullcontext() if sync else model.no_sync()), amp:
-            denoise, align = flow_matching_loss(model, x[mb], y[mb], noise[mb], t[mb], None if z is None else z[mb], pred)
-            loss = denoise + proj_coeff * align if align is not None else denoise
-        (loss / grad_accum).backward()
-        sums += torch.stack([loss.detach(), denoise.detach(),
-                             align.detach() if align is not None else torch.zeros((), device=x.device)]) / grad_accum
-    return sums
-
-class Latents:
-    """The latent setting's frozen SD-VAE (vae.py; iREPA Appendix G): images in [-1, 1] <-> the normalised
-    latents SiT is trained on, (z - bias) * scale with the official per-channel statistics."""
-    def __init__(self, device):
-        import vae                                                              # sibling file, torch only
-        self.lib = vae
-        self.vae, self.scale, self.bias = vae.load_vae(device=device)
-
-    @torch.no_grad()
-    def encode(self, x, eps):                                                   # (B, 3, H, W) -> (B, 4, H/8, W/8)
-        mean, logvar = self.vae.encode(x)                                       # fp32 (TF32 on CUDA), as DiT's train.py
-        return self.lib.normalize_latents(self.lib.sample_posterior(mean, logvar, eps), self.scale, self.bias)
-
-    @torch.no_grad()
-    def decode(self, z):                                                        # (B, 4, h, w) -> (B, 3, 8h, 8w)
-        return self.vae.decode(self.lib.denormalize_latents(z, self.scale, self.bias))
 
 # What checkpoints of versions before the recipes trained with, for keys their args lack: pixel space, REPA's optimizer.
 LEGACY = dict(setting='legacy', vae=None, time_dist=None, betas=(0.9, 0.999), warmup_epochs=0, clip_grad=1.0,
@@ -829,33 +858,9 @@ def resume_args(args, given, run_args):
     return argparse.Namespace(**{k: getattr(args, k) if k in given and k in RESUME_FLAGS
                                  else run_args.get(k, LEGACY.get(k, v)) for k, v in vars(args).items()})
 
-def method(args):
-    """What is trained, in words: 'vanilla' (plain SiT), 'repa' or 'irepa'."""
-    return 'vanilla' if args.encoder == 'none' else 'irepa' if args.irepa else 'repa'
-
-def run_name(args):
-    """<setting>-<model>-<encoder>-<method>, e.g. latent-SiT-XL-2-dinov2_vitb14-irepa, demo-SiT-T-2-vanilla."""
-    target = '' if args.encoder == 'none' else f"{args.encoder}-"
-    return f"{args.setting}-{args.model.replace('/', '-')}-{target}{method(args)}"
-
-def output_dir_problem(path):
-    """Creates the output folder `path`; returns why it cannot be one (a one-line reason), or None."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        return f"{path} is a file, not a folder"
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        return f"{path}: cannot create it ({e.strerror})"
-    return None if os.access(path, os.W_OK) else f"{path} is not writable"
-
-def check_ranges(args, bounds, recipe=()):
-    """fail() at the first setting out of range. bounds {name: lo} means lo <= value, {name: (lo, hi)} lo <= value <= hi;
-    a value must be finite (NaN and inf fail), None is unset and passes. Names in `recipe` are recipe entries, not flags."""
-    for name, b in bounds.items():
-        (lo, hi), v = b if isinstance(b, tuple) else (b, math.inf), getattr(args, name)
-        if v is not None and not (lo <= v <= hi and math.isfinite(v)):
-            what = f"the recipe's {name}" if name in recipe else f"--{name.replace('_', '-')}"
-            fail(f"{what} must be {f'>= {lo}' if hi == math.inf else f'in [{lo}, {hi}]'}, got {v}")
+# -----------------------------------------------------------------------------
+# 11. Training (REPA's train.py / DiT's train.py): checks, data and frozen networks, SiT + EMA + AdamW, one step's
+#     inputs and gradient, and the loop
 
 def check_settings(args):
     """Every numeric setting in range, and the output folder usable, before anything heavy starts."""
@@ -912,20 +917,6 @@ def frozen_networks(args, grid, device, world, master):
                  f"{grid}x{grid} grid; change --image-size or --model so the grids match")
     return latents, encoder
 
-def new_run_dir(args, master, world):
-    """results_dir/<run name>, with -1, -2, ... if taken; chosen by rank 0."""
-    run_dir = os.path.join(args.results_dir, run_name(args))
-    if master and os.path.exists(run_dir):
-        i = 1
-        while os.path.exists(f"{run_dir}-{i}"):
-            i += 1
-        run_dir = f"{run_dir}-{i}"
-    if world > 1:
-        obj = [run_dir]
-        dist.broadcast_object_list(obj, src=0)
-        run_dir = obj[0]
-    return run_dir
-
 def new_model(args, run_args, ckpt, device, rank, world):
     """SiT, its EMA and AdamW, from the seed or, on a resume, from the checkpoint. -> (model, ema, opt, step)"""
     torch.manual_seed(args.seed)                                                # the same initial weights on every rank
@@ -968,6 +959,23 @@ def make_batch(img, y, step, args, run_args, rank, world, gen, latents, encoder,
         if args.irepa:
             z = spatial_norm(z, args.spnorm_gamma)                              # iREPA: on the targets only
     return x, y, noise, t, z
+
+def backward(model, x, y, noise, t, z, pred, proj_coeff, grad_accum=1, amp=nullcontext()):
+    """Accumulate into .grad the gradient of the batch's mean loss, denoise + proj_coeff * align, over `grad_accum`
+    micro-batches (each loss scaled by 1 / grad_accum; DDP syncs only on the last). Returns the detached
+    (loss, denoise, align) of the batch, averaged over the micro-batches: (3,)."""
+    n = len(x) // grad_accum
+    sums = torch.zeros(3, device=x.device)
+    for i in range(grad_accum):
+        mb = slice(i * n, (i + 1) * n)
+        sync = i == grad_accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
+        with (nullcontext() if sync else model.no_sync()), amp:
+            denoise, align = flow_matching_loss(model, x[mb], y[mb], noise[mb], t[mb], None if z is None else z[mb], pred)
+            loss = denoise + proj_coeff * align if align is not None else denoise
+        (loss / grad_accum).backward()
+        sums += torch.stack([loss.detach(), denoise.detach(),
+                             align.detach() if align is not None else torch.zeros((), device=x.device)]) / grad_accum
+    return sums
 
 def main(argv=None):
     # -- setup: settings (a resume takes the run's own), invariants, processes, data, frozen networks, model
