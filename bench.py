@@ -101,7 +101,8 @@ for prec in args.precisions:
     dt = statistics.median(times[prec])
     line = f"  {prec}: {dt * 1000:8.1f} ms/step | {B / dt:7.1f} img/s"
     if vae is not None:
-        line += f" | VAE encode {statistics.median(vae_times[prec]) * 1000:.1f} ms ({statistics.median(vae_times[prec]) / dt:.0%})"
+        vae_dt = statistics.median(vae_times[prec])
+        line += f" | VAE encode {vae_dt * 1000:.1f} ms ({vae_dt / dt:.0%})"
     if device.type == 'cuda':
         line += f" | MFU {flops / dt / (args.peak_tflops * 1e12) * 100:.1f}%"
     print(line)

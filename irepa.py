@@ -211,7 +211,7 @@ class SiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         pos = torch.tensor(sincos_2d(hidden_size, self.grid_size), dtype=torch.float32).unsqueeze(0)
-        self.pos_embed = nn.Parameter(pos, requires_grad=False)                 # fixed; a Parameter for the official names
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)                 # fixed; a Parameter: official names
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.projectors = None
@@ -231,7 +231,7 @@ class SiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
                                                                       self.final_layer.linear]:
-            nn.init.zeros_(layer.weight)                                        # adaLN-Zero: each block starts as identity
+            nn.init.zeros_(layer.weight)                                        # adaLN-Zero: blocks start as identity
             nn.init.zeros_(layer.bias)
 
     def unpatchify(self, x):
@@ -297,7 +297,8 @@ def official_checkpoint(ema, ns, model=None):
             raise ValueError(f"no SiT size with depth {depth}, width {D} and patch {p}; pass --model")
         model = f'SiT-{size[0]}/{p}'
     args = dict(model=model, input_size=math.isqrt(ema['pos_embed'].shape[1]) * p, in_channels=C,
-                image_size=getattr(ns, 'resolution', 256), num_classes=ema['y_embedder.embedding_table.weight'].shape[0] - 1,
+                image_size=getattr(ns, 'resolution', 256),
+                num_classes=ema['y_embedder.embedding_table.weight'].shape[0] - 1,
                 encoder_depth=getattr(ns, 'encoder_depth', 8), pred='v', vae='sd-vae-ft-mse' if C == 4 else None,
                 encoder=OFFICIAL_ENCODERS.get(getattr(ns, 'enc_type', None), 'none'),
                 sampler=dict(mode='sde', num_steps=250, cfg_scale=1.0), official=True)
@@ -428,9 +429,10 @@ def hub_load(name, hub_repo=None):
         return torch.hub.load('facebookresearch/dinov2:main', name)
     except Exception as e:
         raise RuntimeError(f"could not load encoder '{name}' through torch.hub from "
-                           f"{hub_repo or 'github facebookresearch/dinov2'} ({type(e).__name__}: {e}). Offline? Put the "
-                           f"dinov2 repo in {cached} and its weights in {os.path.join(torch.hub.get_dir(), 'checkpoints')}, "
-                           f"or pass --hub-dir DIR (a folder with hubconf.py).") from e
+                           f"{hub_repo or 'github facebookresearch/dinov2'} ({type(e).__name__}: {e}). Offline? Put "
+                           f"the dinov2 repo in {cached} and its weights in "
+                           f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, or pass --hub-dir DIR (a folder "
+                           f"with hubconf.py).") from e
     finally:
         socket.setdefaulttimeout(old_timeout)
 
@@ -446,7 +448,8 @@ def load_encoder(name, grid_size, hub_repo=None, device='cpu'):
     return enc.to(device).eval().requires_grad_(False)
 
 # -----------------------------------------------------------------------------
-# 5. iREPA's spatial normalisation of the encoder targets (iREPA section 4; official ldm/utils.py spatial_zscore, jit/spnorm.py)
+# 5. iREPA's spatial normalisation of the encoder targets (iREPA section 4; official ldm/utils.py spatial_zscore,
+#    jit/spnorm.py)
 
 def spatial_norm(z, gamma=0.6, eps=1e-6):
     """z (B, T, D) -> (z - gamma * mean_T z) / (std_T z + eps), statistics over the token axis.
@@ -630,7 +633,8 @@ class Latents:
 
 RECIPES = {
     # The paper's main setting: SiT on SD-VAE latents with REPA's recipe (iREPA Appendix G; official ldm/train.py,
-    # ldm/configs/irepa.yaml and repa.yaml; REPA section 4.1). 256 px images -> 32x32x4 latents -> SiT-XL/2's 16x16 grid.
+    # ldm/configs/irepa.yaml and repa.yaml; REPA section 4.1). 256 px images -> 32x32x4 latents -> SiT-XL/2's 16x16
+    # grid.
     'latent': dict(vae='sd-vae-ft-mse', model='SiT-XL/2', image_size=256, encoder='dinov2_vitb14', pred='v',
                    time_dist=None, lr=1e-4, betas=(0.9, 0.999), warmup_epochs=0, clip_grad=1.0, hflip=False,
                    ema_decay=0.9999, spnorm_gamma=0.6, proj_coeff=dict(repa=0.5, irepa=1.0), global_batch_size=256,
@@ -760,8 +764,9 @@ def guarded(fn, *args):
         fail(str(e))
 
 def check_ranges(args, bounds, recipe=()):
-    """fail() at the first setting out of range. bounds {name: lo} means lo <= value, {name: (lo, hi)} lo <= value <= hi;
-    a value must be finite (NaN and inf fail), None is unset and passes. Names in `recipe` are recipe entries, not flags."""
+    """fail() at the first setting out of range. bounds {name: lo} means lo <= value, {name: (lo, hi)} means
+    lo <= value <= hi; a value must be finite (NaN and inf fail), None is unset and passes. Names in `recipe` are
+    recipe entries, not flags."""
     for name, b in bounds.items():
         (lo, hi), v = b if isinstance(b, tuple) else (b, math.inf), getattr(args, name)
         if v is not None and not (lo <= v <= hi and math.isfinite(v)):
@@ -970,7 +975,8 @@ def backward(model, x, y, noise, t, z, pred, proj_coeff, grad_accum=1, amp=nullc
         mb = slice(i * n, (i + 1) * n)
         sync = i == grad_accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
         with (nullcontext() if sync else model.no_sync()), amp:
-            denoise, align = flow_matching_loss(model, x[mb], y[mb], noise[mb], t[mb], None if z is None else z[mb], pred)
+            denoise, align = flow_matching_loss(model, x[mb], y[mb], noise[mb], t[mb],
+                                                None if z is None else z[mb], pred)
             loss = denoise + proj_coeff * align if align is not None else denoise
         (loss / grad_accum).backward()
         sums += torch.stack([loss.detach(), denoise.detach(),
@@ -998,8 +1004,8 @@ def main(argv=None):
     input_size = args.image_size // 8 if args.vae else args.image_size        # SD-VAE: 8x smaller, 4 channels
     latents, encoder = frozen_networks(args, input_size // size_cfg['patch_size'], device, world, master)
 
-    run_args = dict(vars(args), num_classes=len(dataset.classes), class_names=list(dataset.classes), num_images=len(dataset),
-                    input_size=input_size, in_channels=4 if args.vae else 3,
+    run_args = dict(vars(args), num_classes=len(dataset.classes), class_names=list(dataset.classes),
+                    num_images=len(dataset), input_size=input_size, in_channels=4 if args.vae else 3,
                     encoder_depth=args.encoder_depth if args.encoder_depth is not None else size_cfg['encoder_depth'],
                     z_dim=encoder.embed_dim if encoder is not None else None,
                     projector='conv' if args.irepa else 'mlp', method=method(args), world_size=world,
@@ -1059,7 +1065,8 @@ def main(argv=None):
                     dist.all_reduce(loss_sums)                                  # sum over ranks (gloo has no AVG)
                 tot, fm, al, gn = (loss_sums / ((step - last_step) * world)).tolist()
                 if not math.isfinite(tot):
-                    fail(f"loss is {tot} at step {step}; stopping. The last good checkpoint is in {run_dir}/checkpoints "
+                    fail(f"loss is {tot} at step {step}; stopping. The last good checkpoint is in "
+                         f"{run_dir}/checkpoints "
                          f"(a new run with a lower --lr may help)")
                 dt = (time.time() - t0) / (step - last_step)
                 log(f"step {step}/{args.max_steps} | loss {tot:.4f} (fm {fm:.4f}, align {al:.4f}) | grad {gn:.3f} | "
@@ -1069,7 +1076,8 @@ def main(argv=None):
             if step % args.ckpt_every == 0 or step == args.max_steps:
                 # -- save: model, EMA, optimizer, args, step; atomically; never non-finite weights
                 if not all(torch.isfinite(p).all() for p in [*raw_model.parameters(), *ema.parameters()]):
-                    fail(f"non-finite weights at step {step}; not saving. The last good checkpoint is in {run_dir}/checkpoints")
+                    fail(f"non-finite weights at step {step}; not saving. The last good checkpoint is in "
+                         f"{run_dir}/checkpoints")
                 if master:
                     path = os.path.join(run_dir, 'checkpoints', f"{step:07d}.pt")
                     save_checkpoint(path, dict(model=raw_model.state_dict(), ema=ema.state_dict(),

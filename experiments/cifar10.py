@@ -271,7 +271,8 @@ def run_arm(args, arm, seed, cfg, net, ref):
     # the end: LDS / CDS of SiT's hidden state after block encoder_depth on test images at t = METRIC_T
     model, _ = irepa.load_sit(irepa.latest_checkpoint(find_run(root)))
     images, labels = test_images(args, cfg['metric_images'])
-    h, _ = irepa.noised_features(model, images.float() / 127.5 - 1, labels, METRIC_T, torch.Generator().manual_seed(SEED))
+    h, _ = irepa.noised_features(model, images.float() / 127.5 - 1, labels, METRIC_T,
+                                 torch.Generator().manual_seed(SEED))
     res.update(spatial_metrics(h))
     save_json(path, res)
     return res
