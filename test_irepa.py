@@ -1029,3 +1029,11 @@ def test_checkpoints_of_older_versions_resume_and_sample(tmp_path):
     torch.save(ck, path)                                                    # the old file itself samples
     out = sample.main(['--ckpt', path, '--num-steps', '2', '--num-samples', '2', '--out', str(tmp_path / 's')])
     assert np.load(os.path.join(out, 'samples.npz'))['arr_0'].shape == (2, 16, 16, 3)
+
+def test_bench_prints_both_precisions_and_the_speed_up():
+    r = subprocess.run([sys.executable, 'bench.py', '--model', 'SiT-T/2', '--image-size', '16', '--batch-size', '4',
+                        '--repeats', '1', '--warmup', '0'], capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [l.split(':')[0].strip() for l in lines if 'ms/step' in l] == ['fp32', 'bf16']
+    assert 'bf16 speed-up:' in lines[-1] and float(lines[-1].split(':')[1].strip().rstrip('x')) > 0
