@@ -17,96 +17,110 @@ import torch
 
 import irepa
 
-p = argparse.ArgumentParser()
-p.add_argument('--model', default='SiT-B/4', choices=list(irepa.SiT_models))
-p.add_argument('--image-size', type=int, default=32)
-p.add_argument('--encoder', default='hog', choices=list(irepa.ENCODERS) + ['none'])
-p.add_argument('--hub-dir', default=None)
-p.add_argument('--vae', action='store_true', help="latent setting: SD-VAE encode in the step (random weights)")
-p.add_argument('--batch-size', type=int, default=32)
-p.add_argument('--repeats', type=int, default=5, help="timed steps per precision, interleaved")
-p.add_argument('--warmup', type=int, default=2)
-p.add_argument('--compile', action='store_true')
-p.add_argument('--precisions', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16'])
-p.add_argument('--peak-tflops', type=float, default=989.0, help="bf16 dense peak of the GPU (H100 SXM: 989)")
-args = p.parse_args()
+def forward_flops(model, T):
+    """Model FLOPs of one image's forward pass through a SiT with T tokens (2 per multiply-add). Every weight is used
+    once per token, except those of the adaLN and timestep MLPs, which act once per image on the condition c;
+    attention adds q @ k^T and att @ v, 2 x T x T x D multiply-adds per block. (DiT-XL/2: 2 x 118.6 GFLOPs.)"""
+    per_image = {id(m) for b in [*model.blocks, model.final_layer] for m in b.adaLN_modulation.modules()}
+    per_image |= {id(m) for m in model.t_embedder.modules()}
+    flops = 4 * len(model.blocks) * T * T * model.pos_embed.shape[-1]
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            flops += 2 * m.weight.numel() * (1 if id(m) in per_image else T)
+    return flops
 
-device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-cfg = irepa.SiT_models[args.model].keywords
-down = 8 if args.vae else 1
-grid = args.image_size // down // cfg['patch_size']
-enc = None if args.encoder == 'none' else irepa.load_encoder(args.encoder, grid, args.hub_dir, device)
-vae = None
-if args.vae:
-    import vae as sdvae
-    vae = sdvae.AutoencoderKL().to(device).eval().requires_grad_(False)
-kw = dict(input_size=args.image_size // down, in_channels=4 if args.vae else 3, num_classes=1000, projector='conv',
-          z_dim=enc.embed_dim if enc else None)
-model = irepa.SiT_models[args.model](**kw).to(device)
-ema = irepa.SiT_models[args.model](**kw).to(device).requires_grad_(False)
-opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, weight_decay=0,
-                        fused=device.type == 'cuda')
-fwd = torch.compile(model) if args.compile else model
-B = args.batch_size
-img = torch.randint(0, 256, (B, 3, args.image_size, args.image_size), device=device, dtype=torch.uint8)
-y = torch.randint(0, 1000, (B,), device=device)
-sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument('--model', default='SiT-B/4', choices=list(irepa.SiT_models))
+    p.add_argument('--image-size', type=int, default=32)
+    p.add_argument('--encoder', default='hog', choices=list(irepa.ENCODERS) + ['none'])
+    p.add_argument('--hub-dir', default=None)
+    p.add_argument('--vae', action='store_true', help="latent setting: SD-VAE encode in the step (random weights)")
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--repeats', type=int, default=5, help="timed steps per precision, interleaved")
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--compile', action='store_true')
+    p.add_argument('--precisions', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16'])
+    p.add_argument('--peak-tflops', type=float, default=989.0, help="bf16 dense peak of the GPU (H100 SXM: 989)")
+    args = p.parse_args()
 
-def step(bf16):
-    """One training step as irepa.main runs it; returns the seconds spent in the VAE."""
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    x = img.float() / 127.5 - 1
-    t_vae = 0.0
-    if vae is not None:                                                 # fp32, as in training
-        sync()
-        t0 = time.perf_counter()
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    cfg = irepa.SiT_models[args.model].keywords
+    down = 8 if args.vae else 1
+    grid = args.image_size // down // cfg['patch_size']
+    enc = None if args.encoder == 'none' else irepa.load_encoder(args.encoder, grid, args.hub_dir, device)
+    vae = None
+    if args.vae:
+        import vae as sdvae
+        vae = sdvae.AutoencoderKL().to(device).eval().requires_grad_(False)
+    kw = dict(input_size=args.image_size // down, in_channels=4 if args.vae else 3, num_classes=1000, projector='conv',
+              z_dim=enc.embed_dim if enc else None)
+    model = irepa.SiT_models[args.model](**kw).to(device)
+    ema = irepa.SiT_models[args.model](**kw).to(device).requires_grad_(False)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, weight_decay=0,
+                            fused=device.type == 'cuda')
+    fwd = torch.compile(model) if args.compile else model
+    B = args.batch_size
+    img = torch.randint(0, 256, (B, 3, args.image_size, args.image_size), device=device, dtype=torch.uint8)
+    y = torch.randint(0, 1000, (B,), device=device)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+
+    def step(bf16):
+        """One training step as irepa.main runs it; returns the seconds spent in the VAE."""
+        amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        x = img.float() / 127.5 - 1
+        t_vae = 0.0
+        if vae is not None:                                                 # fp32, as in training
+            sync()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                mean, logvar = vae.encode(x)
+                x = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * 0.18215
+            sync()
+            t_vae = time.perf_counter() - t0
+        z = None
+        if enc is not None:
+            with torch.no_grad(), amp:
+                z = irepa.spatial_norm(enc(img.float()).float())
+        irepa.backward(fwd, x, y, torch.randn_like(x), torch.rand(B, device=device), z, 'v', 0.5, amp=amp)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         with torch.no_grad():
-            mean, logvar = vae.encode(x)
-            x = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * 0.18215
-        sync()
-        t_vae = time.perf_counter() - t0
-    z = None
-    if enc is not None:
-        with torch.no_grad(), amp:
-            z = irepa.spatial_norm(enc(img.float()).float())
-    irepa.backward(fwd, x, y, torch.randn_like(x), torch.rand(B, device=device), z, 'v', 0.5, amp=amp)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1e-4)
-    return t_vae
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1e-4)
+        return t_vae
 
-times, vae_times = {p: [] for p in args.precisions}, {p: [] for p in args.precisions}
-for i in range(args.warmup + args.repeats):
-    for prec in args.precisions:                                        # interleaved: drift hits both alike
-        sync()
-        t0 = time.perf_counter()
-        tv = step(prec == 'bf16')
-        sync()
-        if i >= args.warmup:
-            times[prec].append(time.perf_counter() - t0)
-            vae_times[prec].append(tv)
-if device.type == 'cuda':
-    peak_mem = torch.cuda.max_memory_allocated() / 2 ** 30
-
-# model FLOPs per image for training: 3 x forward; forward = 2 x matmul params x tokens + attention 4 x depth x T^2 x D
-T, D, depth = grid * grid, cfg['hidden_size'], cfg['depth']
-matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
-flops = 3 * (2 * matmul_params * T + 4 * depth * T * T * D) * B
-print(f"{args.model} {args.image_size}px{' latent' if args.vae else ''} {args.encoder} iREPA | batch {B} | "
-      f"{device.type} ({torch.get_num_threads()} threads) | median of {args.repeats}")
-for prec in args.precisions:
-    dt = statistics.median(times[prec])
-    line = f"  {prec}: {dt * 1000:8.1f} ms/step | {B / dt:7.1f} img/s"
-    if vae is not None:
-        vae_dt = statistics.median(vae_times[prec])
-        line += f" | VAE encode {vae_dt * 1000:.1f} ms ({vae_dt / dt:.0%})"
+    times, vae_times = {p: [] for p in args.precisions}, {p: [] for p in args.precisions}
+    for i in range(args.warmup + args.repeats):
+        for prec in args.precisions:                                        # interleaved: drift hits both alike
+            sync()
+            t0 = time.perf_counter()
+            tv = step(prec == 'bf16')
+            sync()
+            if i >= args.warmup:
+                times[prec].append(time.perf_counter() - t0)
+                vae_times[prec].append(tv)
     if device.type == 'cuda':
-        line += f" | MFU {flops / dt / (args.peak_tflops * 1e12) * 100:.1f}%"
-    print(line)
-if len(args.precisions) == 2:
-    print(f"  bf16 speed-up: {statistics.median(times['fp32']) / statistics.median(times['bf16']):.2f}x")
-if device.type == 'cuda':
-    print(f"  peak memory {peak_mem:.2f} GiB")
+        peak_mem = torch.cuda.max_memory_allocated() / 2 ** 30
+
+    flops = 3 * forward_flops(model, grid * grid) * B                          # fwd + bwd = 3 x fwd
+    print(f"{args.model} {args.image_size}px{' latent' if args.vae else ''} {args.encoder} iREPA | batch {B} | "
+          f"{forward_flops(model, grid * grid) / 1e9:.2f} GFLOPs/img fwd | {device.type} "
+          f"({torch.get_num_threads()} threads) | median of {args.repeats}")
+    for prec in args.precisions:
+        dt = statistics.median(times[prec])
+        line = f"  {prec}: {dt * 1000:8.1f} ms/step | {B / dt:7.1f} img/s"
+        if vae is not None:
+            vae_dt = statistics.median(vae_times[prec])
+            line += f" | VAE encode {vae_dt * 1000:.1f} ms ({vae_dt / dt:.0%})"
+        if device.type == 'cuda':
+            line += f" | MFU {flops / dt / (args.peak_tflops * 1e12) * 100:.1f}%"
+        print(line)
+    if len(args.precisions) == 2:
+        print(f"  bf16 speed-up: {statistics.median(times['fp32']) / statistics.median(times['bf16']):.2f}x")
+    if device.type == 'cuda':
+        print(f"  peak memory {peak_mem:.2f} GiB")
+
+if __name__ == '__main__':
+    main()

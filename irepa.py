@@ -23,6 +23,7 @@ bf16 autocast on CUDA and on CPUs with bf16 instructions; IREPA_PRECISION=fp32 i
 """
 import argparse
 import contextlib
+import copy
 import glob
 import json
 import math
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 # -----------------------------------------------------------------------------
-# 1. SiT: the diffusion transformer (DiT, arXiv 2212.09748; SiT, arXiv 2401.08740; official SiT models.py)
+# 1. SiT: the diffusion transformer (DiT, arXiv 2212.09748; SiT, arXiv 2401.08740; willisma/SiT models.py)
 #    Parameter names follow the official SiT/REPA code so their checkpoints load by name.
 
 def modulate(x, shift, scale):
@@ -71,7 +72,7 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 class TimestepEmbedder(nn.Module):
-    """t in [0, 1] (no x1000 scaling) -> 256 frequencies -> MLP -> (B, D)."""
+    """t in [0, 1] (no x1000 scaling) -> cos and sin of 128 frequencies (256 dims) -> MLP -> (B, D)."""
     def __init__(self, hidden_size, freq_dim=256):
         super().__init__()
         self.freq_dim = freq_dim
@@ -144,7 +145,8 @@ class FinalLayer(nn.Module):
     def __init__(self, hidden_size, patch_size, out_channels):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)   # width D, also for SiT-S
+        # from width D for every size (the official SiT-S builds it 768 wide and crashes)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x, c):
@@ -263,7 +265,8 @@ class SiT(nn.Module):
             h = block(h, c)
         return h, self.project(h)
 
-# name -> constructor; encoder_depth is REPA's choice per size (4 for 12-block models, 8 for L/XL, REPA issue #5)
+# name -> constructor; encoder_depth is REPA's choice per size (4 for 12-block models, 8 for L/XL; sihyun-yu/REPA
+# issue #5)
 SiT_sizes = {'T': dict(depth=6, hidden_size=192, num_heads=3, encoder_depth=2),   # tiny, for CPU demos and tests
              'S': dict(depth=12, hidden_size=384, num_heads=6, encoder_depth=4),
              'B': dict(depth=12, hidden_size=768, num_heads=12, encoder_depth=4),
@@ -288,6 +291,10 @@ def official_checkpoint(ema, ns, model=None):
     """An official iREPA/REPA checkpoint (ldm/train.py: weights 'ema', argparse.Namespace 'args') -> (state dict,
     args dict) in this file's terms. Its size is read off the weights (or given as `model`); its projector is
     wrapped as projectors.0.projection_layer.* (a 'linear' projector is a 1x1 conv here). Latent SiT, v-pred."""
+    if not hasattr(ns, 'spnorm_method'):       # iREPA's ldm/train.py always stores it; sihyun-yu/REPA's train.py not
+        raise ValueError("its args have no spnorm_method, so it is not from End2End-Diffusion/iREPA's ldm/train.py; "
+                         "sihyun-yu/REPA's checkpoints train on latents scaled by 0.18215, not on the per-channel "
+                         "statistics this code decodes with")
     ema = {k.replace('projectors.0.projection_layer.', 'projectors.0.'): v for k, v in ema.items()}
     D, C, p, _ = ema['x_embedder.proj.weight'].shape
     depth = len({k.split('.')[1] for k in ema if k.startswith('blocks.')})
@@ -315,8 +322,9 @@ def load_sit(path, device='cpu', model=None):
     and the official iREPA/REPA ones, unpickling nothing but tensors, plain types and argparse.Namespace.
     `path` may be a run folder (its latest checkpoint). Raises ValueError with a one-line reason for a missing,
     truncated or foreign file."""
-    if os.path.isdir(path):
-        path = latest_checkpoint(path) or os.path.join(path, 'checkpoints', '(none)')
+    if os.path.isdir(path) and (latest := latest_checkpoint(path)) is None:
+        raise ValueError(f"no checkpoint at {os.path.join(path, 'checkpoints')}")
+    path = latest if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path}")
     torch.serialization.add_safe_globals([argparse.Namespace])
@@ -339,8 +347,9 @@ def load_sit(path, device='cpu', model=None):
     return sit.to(device).eval(), args
 
 # -----------------------------------------------------------------------------
-# 4. Frozen encoders: patch tokens (B, T, D) on SiT's token grid (REPA section 4.1; official vision_encoder.py)
-#    Input: images (B, 3, H, W) as floats in 0..255 -- the same images SiT sees, before the [-1, 1] scaling.
+# 4. Frozen encoders: patch tokens (B, T, D) on SiT's token grid (REPA section 4.1; official ldm/vision_encoder.py)
+#    Input: images (B, 3, H, W) as floats in 0..255 -- the images that SiT (or, in the latent setting, the SD-VAE)
+#    gets, before the [-1, 1] scaling.
 
 DINOV2 = [f'dinov2_vit{s}14{r}' for s in 'sblg' for r in ('', '_reg')]
 ENCODERS = ('hog',) + tuple(DINOV2)
@@ -452,7 +461,8 @@ def load_encoder(name, grid_size, hub_repo=None, device='cpu'):
 #    jit/spnorm.py)
 
 def spatial_norm(z, gamma=0.6, eps=1e-6):
-    """z (B, T, D) -> (z - gamma * mean_T z) / (std_T z + eps), statistics over the token axis.
+    """z (B, T, D) -> (z - gamma * mean_T z) / (std_T z + eps), statistics over the token axis. (gamma is the
+    official code's zscore_alpha: --zscore-alpha in ldm/train.py and jit/main_jit.py.)
     Subtracting the mean token removes the global component shared by all patches, so what is left to
     align with is the contrast between patches: the spatial structure."""
     mean = z.mean(dim=1, keepdim=True)                                          # (B, 1, D)
@@ -460,7 +470,7 @@ def spatial_norm(z, gamma=0.6, eps=1e-6):
     return (z - gamma * mean) / (std + eps)
 
 # -----------------------------------------------------------------------------
-# 6. Flow matching and alignment losses (SiT section 2; REPA eq. 8; JiT's denoiser.py for x-prediction)
+# 6. Flow matching and alignment losses (SiT section 2; REPA eq. 8; official jit/denoiser.py for x-prediction)
 
 def interpolant(x, noise, t):
     """Linear path: t = 0 data, t = 1 noise. Returns x_t and the target velocity d x_t / dt."""
@@ -475,14 +485,14 @@ def to_velocity(out, x_t, t, pred):
     return (x_t - out) / t.clamp(min=0.05).view(-1, 1, 1, 1)
 
 def alignment_loss(zs, z_target):
-    """Mean over tokens and batch of -cos(h_proj, z_target), in float32 (fp16 gave NaNs, REPA #46)."""
+    """Mean over tokens and batch of -cos(h_proj, z_target), in float32 (fp16 gave NaNs, sihyun-yu/REPA issue #46)."""
     zs, z_target = F.normalize(zs.float(), dim=-1), F.normalize(z_target.float(), dim=-1)
     return -(zs * z_target).sum(dim=-1).mean()
 
 def flow_matching_loss(model, x, y, noise, t, z_target=None, pred='v'):
     """The training objective of one batch. x (B, C, H, W) in [-1, 1], noise like x, t (B,) in [0, 1],
     z_target (B, T, D) or None. Returns (denoising loss, alignment loss or None).
-    With x-prediction both velocities go through the same clamped t (JiT's denoiser.py), so the loss is
+    With x-prediction both velocities go through the same clamped t (official jit/denoiser.py), so the loss is
     ||x_hat - x||^2 / max(t, 0.05)^2 and its optimum is x_hat = x at every t."""
     x_t, v = interpolant(x, noise, t)
     out, zs = model(x_t, t, y)
@@ -502,12 +512,12 @@ def sample_time(u, n, logit_normal=None):
     return torch.sigmoid(mean + std * n)
 
 @torch.no_grad()
-def noised_features(model, x, y, t, generator=None, latents=None):
+def noised_features(model, x, y, t, generator=None, sd_vae=None):
     """What the alignment loss sees, for analysis (metrics.py; iREPA Fig. 6c): SiT's hidden state h after block
     encoder_depth (B, T, D) and its projection (B, T, D_enc, None without an encoder), fp32, for images x (B, 3, H, W)
     in [-1, 1] noised to level t as in training (a latent SiT gets a posterior sample of the VAE first)."""
-    if latents is not None:                                                     # eps shaped like SiT's input
-        x = latents.encode(x, torch.randn((len(x), model.in_channels, model.input_size, model.input_size),
+    if sd_vae is not None:                                                     # eps shaped like SiT's input
+        x = sd_vae.encode(x, torch.randn((len(x), model.in_channels, model.input_size, model.input_size),
                                           device=x.device, generator=generator))
     t = torch.full((len(x),), float(t), device=x.device)
     x_t, _ = interpolant(x, torch.randn(x.shape, device=x.device, generator=generator), t)
@@ -606,11 +616,10 @@ class Shapes(torch.utils.data.Dataset):
 def global_batches(num_samples, global_batch, seed, epoch):
     """The epoch's global batches: a seeded permutation cut into batches of `global_batch` (the last,
     incomplete one dropped). Rank r of W trains on slice r of each, so any world size sees the same batches."""
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    perm = torch.randperm(num_samples, generator=g).tolist()
+    perm = np.random.default_rng([seed, epoch]).permutation(num_samples).tolist()  # its own order per (seed, epoch)
     return [perm[i:i + global_batch] for i in range(0, num_samples - global_batch + 1, global_batch)]
 
-class Latents:
+class SDVAE:
     """The latent setting's frozen SD-VAE (vae.py; iREPA Appendix G): images in [-1, 1] <-> the normalised
     latents SiT is trained on, (z - bias) * scale with the official per-channel statistics."""
     def __init__(self, device):
@@ -643,7 +652,8 @@ RECIPES = {
     # Pixel space: SiT trained with JiT's recipe (iREPA Table 10; official jit/main_jit.py, engine_jit.py,
     # jit/configs/irepa.yaml). Not JiT's architecture: the network is still SiT. x-prediction, logit-normal t
     # (JiT's P_mean -0.8 on its reversed time is +0.8 here), lr 5e-5 per 256 images with a 5-epoch warm-up,
-    # betas (0.9, 0.95), no clipping, flips; JiT-B/16's size and alignment depth (block 4).
+    # betas (0.9, 0.95), no clipping, flips; JiT-B/16's size, aligned after block 4 (SiT-B's default, as in the
+    # official README.md's JiT-B/16 commands; jit/main_jit.py's flag default is 8).
     'pixel': dict(vae=None, model='SiT-B/16', image_size=256, encoder='dinov2_vitb14', pred='x',
                   time_dist=(0.8, 0.8), lr=None, base_lr=5e-5, betas=(0.9, 0.95), warmup_epochs=5, clip_grad=None,
                   hflip=True, ema_decay=0.9999, spnorm_gamma=0.8, proj_coeff=0.5, global_batch_size=256,
@@ -826,9 +836,13 @@ def save_checkpoint(path, ckpt):
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
+def checkpoints(run_dir):
+    """A run's checkpoint files <step>.pt, oldest first (by step: 10000000.pt comes after 9999999.pt)."""
+    return sorted(glob.glob(os.path.join(run_dir, 'checkpoints', '*.pt')),
+                  key=lambda p: int(os.path.basename(p)[:-3]) if os.path.basename(p)[:-3].isdigit() else -1)
+
 def latest_checkpoint(run_dir):
-    ckpts = sorted(glob.glob(os.path.join(run_dir, 'checkpoints', '*.pt')))
-    return ckpts[-1] if ckpts else None
+    return (checkpoints(run_dir) or [None])[-1]
 
 def load_latest_checkpoint(run_dir):
     """The newest checkpoint of a run that loads; a truncated or corrupt one (a disk fault, a copy cut short) is
@@ -836,7 +850,7 @@ def load_latest_checkpoint(run_dir):
     for tmp in glob.glob(os.path.join(run_dir, 'checkpoints', '*.tmp')):
         with contextlib.suppress(FileNotFoundError):                            # another rank removed it first
             os.remove(tmp)
-    for path in sorted(glob.glob(os.path.join(run_dir, 'checkpoints', '*.pt')), reverse=True):
+    for path in reversed(checkpoints(run_dir)):
         try:
             return torch.load(path, map_location='cpu', weights_only=True)         # tensors and plain types
         except Exception as e:
@@ -910,7 +924,7 @@ def frozen_networks(args, grid, device, world, master):
     once. The encoder's token grid must be SiT's."""
     if world > 1 and not master:
         dist.barrier()
-    latents = guarded(Latents, device) if args.vae else None                   # a one-line error without the VAE files
+    sd_vae = guarded(SDVAE, device) if args.vae else None                   # a one-line error without the VAE files
     encoder = None if args.encoder == 'none' else guarded(load_encoder, args.encoder, grid, args.hub_dir, device)
     if world > 1 and master:
         dist.barrier()
@@ -920,15 +934,13 @@ def frozen_networks(args, grid, device, world, master):
         if T != grid * grid:
             fail(f"encoder {args.encoder} gives {T} tokens but {args.model} at {args.image_size} px has a "
                  f"{grid}x{grid} grid; change --image-size or --model so the grids match")
-    return latents, encoder
+    return sd_vae, encoder
 
 def new_model(args, run_args, ckpt, device, rank, world):
     """SiT, its EMA and AdamW, from the seed or, on a resume, from the checkpoint. -> (model, ema, opt, step)"""
     torch.manual_seed(args.seed)                                                # the same initial weights on every rank
     model = build_model(run_args).to(device)
-    torch.manual_seed(args.seed * world + rank)                                 # a seed per rank (REPA)
-    ema = build_model(run_args).to(device).requires_grad_(False)
-    ema.load_state_dict(model.state_dict())                                     # EMA starts as an exact copy
+    ema = copy.deepcopy(model).requires_grad_(False)                            # EMA starts as an exact copy
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=tuple(args.betas),
                             weight_decay=0, eps=1e-8, fused=device.type == 'cuda')
     if ckpt is None:
@@ -938,15 +950,21 @@ def new_model(args, run_args, ckpt, device, rank, world):
     opt.load_state_dict(ckpt['opt'])
     return model, ema, opt, ckpt['step']
 
+def step_seed(seed, step):
+    """The seed of a step's generator. torch's CPU generator keeps only the low 32 bits of a seed (so seed * 2**32 +
+    step would give every run seed the same draws): the run seed is hashed to 32 bits (numpy's SeedSequence) and the
+    step added, so the steps of a run never share a seed and two run seeds overlap with odds ~ steps / 2**31."""
+    return (int(np.random.SeedSequence(seed).generate_state(1)[0]) + step) % 2 ** 32
+
 LABEL_DROP = 0.1        # labels replaced by the null class in training, for classifier-free guidance (DiT, SiT, REPA)
 
-def make_batch(img, y, step, args, run_args, rank, world, gen, latents, encoder, amp):
+def make_batch(img, y, step, args, run_args, rank, world, gen, sd_vae, encoder, amp):
     """One step's training inputs for this rank: (x, y, noise, t, z). All randomness of a step is drawn for the whole
     global batch from a generator seeded by the step, and each rank takes its slice: any world size or --grad-accum
     trains the same, and resume is exact. (Each rank draws the whole global batch: cheap next to the model.)"""
     GB, C, S = args.global_batch_size, run_args['in_channels'], run_args['input_size']
     mine = slice(rank * (GB // world), (rank + 1) * (GB // world))
-    gen.manual_seed(args.seed * 2 ** 32 + step)
+    gen.manual_seed(step_seed(args.seed, step))
     u, drop, flip = torch.rand(3, GB, device=img.device, generator=gen)[:, mine]
     n = torch.randn(GB, device=img.device, generator=gen)[mine]
     noise = torch.randn((GB, C, S, S), device=img.device, generator=gen)[mine]   # (B, C, S, S)
@@ -955,8 +973,8 @@ def make_batch(img, y, step, args, run_args, rank, world, gen, latents, encoder,
         img = torch.where((flip < 0.5).view(-1, 1, 1, 1), img.flip(-1), img)
     y = torch.where(drop < LABEL_DROP, run_args['num_classes'], y)              # the null class = num_classes
     x = img.float() / 127.5 - 1                                                 # SiT (or the VAE) sees [-1, 1]
-    if latents is not None:                                                     # a posterior sample, normalised
-        x = latents.encode(x, torch.randn((GB, C, S, S), device=img.device, generator=gen)[mine])
+    if sd_vae is not None:                                                     # a posterior sample, normalised
+        x = sd_vae.encode(x, torch.randn((GB, C, S, S), device=img.device, generator=gen)[mine])
     z = None
     if encoder is not None:
         with torch.no_grad(), amp:
@@ -1002,7 +1020,7 @@ def main(argv=None):
     dataset = open_dataset(args, ckpt)
     steps_per_epoch = len(dataset) // args.global_batch_size
     input_size = args.image_size // 8 if args.vae else args.image_size        # SD-VAE: 8x smaller, 4 channels
-    latents, encoder = frozen_networks(args, input_size // size_cfg['patch_size'], device, world, master)
+    sd_vae, encoder = frozen_networks(args, input_size // size_cfg['patch_size'], device, world, master)
 
     run_args = dict(vars(args), num_classes=len(dataset.classes), class_names=list(dataset.classes),
                     num_images=len(dataset), input_size=input_size, in_channels=4 if args.vae else 3,
@@ -1048,7 +1066,7 @@ def main(argv=None):
                                              pin_memory=device.type == 'cuda')
         for img, y in loader:
             img, y = img.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x, y, noise, t, z = make_batch(img, y, step, args, run_args, rank, world, gen, latents, encoder, amp)
+            x, y, noise, t, z = make_batch(img, y, step, args, run_args, rank, world, gen, sd_vae, encoder, amp)
             if warmup_steps:                                                    # JiT: linear warm-up, then constant
                 for group in opt.param_groups:
                     group['lr'] = args.lr * min(1.0, step / warmup_steps)

@@ -9,7 +9,8 @@ L2-normalised tokens of an H x H grid, with Manhattan distance d between tokens:
     CDS   correlation decay slope       -slope of the least-squares line through mean cos at d = 1..8
     SRSS  semantic-region self-sim.     per object token: mean cos to object at d = 1 minus to background at d >= 6
     RMSC  RMS spatial contrast          sqrt(mean_t ||x_t - mean_t x||^2)
-Defaults are the official metrics code's (the paper's text, d < H/2 vs d >= H/2: lds(x, H // 2 - 1, H // 2)).
+Defaults are the official metrics code's; the paper's text (d < H/2 vs d >= H/2) is
+lds(x, (H - 1) // 2, (H + 1) // 2).
 
 Run it (encoders, checkpoints and image loading come from irepa.py):
     python metrics.py --encoder dinov2_vitb14 --data-path imagenet/val             # raw vs spatially normalised
@@ -54,7 +55,8 @@ def cosine_gram(x):
 
 def lds(x, near_dist=1, far_dist=6):
     """Local vs distant similarity: mean cos at d = 1..near_dist minus mean cos at d >= far_dist.
-    Official code: 4-neighbours vs d >= 6. Paper text (d < H/2 vs d >= H/2): near_dist=H//2 - 1, far_dist=H//2."""
+    Official code: 4-neighbours vs d >= 6. Paper text (d < H/2 vs d >= H/2): near_dist=(H - 1) // 2,
+    far_dist=(H + 1) // 2."""
     gram, dist = cosine_gram(x)
     near, far = (dist >= 1) & (dist <= near_dist), dist >= far_dist
     if not near.any() or not far.any():
@@ -253,7 +255,7 @@ def measure(args, encoder_name, device):
     and with --ckpt of SiT's hidden state h after block encoder_depth and its projection, at noise level --t.
     encoder_name None: the checkpoint's encoder with --ckpt, else dinov2_vitb14."""
     model, ck = guarded(irepa.load_sit, args.ckpt, device) if args.ckpt else (None, {})
-    latents = guarded(irepa.Latents, device) if ck.get('vae') else None           # latent SiT: the VAE makes its input
+    sd_vae = guarded(irepa.SDVAE, device) if ck.get('vae') else None           # latent SiT: the VAE makes its input
     encoder_name = encoder_name or (ck.get('encoder', 'none') if model else 'dinov2_vitb14')
     size, grid = (ck['image_size'], model.grid_size) if model else (args.image_size, args.grid_size)
     dataset = guarded(irepa.ImageFolder, args.data_path, size)
@@ -275,7 +277,7 @@ def measure(args, encoder_name, device):
             rows[f"{encoder_name} spatial norm (gamma {args.spnorm_gamma})"] = irepa.spatial_norm(z, args.spnorm_gamma)
         if model is not None:                                                       # SiT (or the VAE) sees [-1, 1]
             h, zs = irepa.noised_features(model, img.float() / 127.5 - 1, y if same_classes else
-                                          torch.full_like(y, model.num_classes), args.t, gen, latents)
+                                          torch.full_like(y, model.num_classes), args.t, gen, sd_vae)
             rows[f"SiT h (block {model.encoder_depth}, t={args.t})"] = h           # (B, T, D)
             if zs is not None:
                 rows[f"SiT projector(h) ({ck.get('projector', 'mlp')})"] = zs      # (B, T, D_enc)

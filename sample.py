@@ -8,7 +8,7 @@ One process (CPU or one GPU), a labelled grid of a few classes:
 50K samples for FID on 8 GPUs (rank r samples its share with seed = seed * world + r; rank 0 writes the npz):
     torchrun --nproc_per_node=8 sample.py --ckpt .../0400000.pt --num-samples 50000 --batch-size 125 \
         --mode sde --num-steps 250 --cfg-scale 1.8 --guidance-high 0.7
-    python evaluator.py VIRTUAL_imagenet256_labeled.npz samples/samples.npz   # ADM's evaluator (guided-diffusion)
+    python guided-diffusion/evaluations/evaluator.py VIRTUAL_imagenet256_labeled.npz samples/samples.npz   # ADM's
 Writes <out>/grid.png (the first 64 samples, for people) and <out>/samples.npz (arr_0: uint8 (N, H, W, 3)).
 
 Time convention, as in irepa.py: t = 0 is data, t = 1 is noise, x_t = (1 - t) x + t eps, v = eps - x.
@@ -85,14 +85,14 @@ def euler_maruyama_sampler(model, x, y, num_steps=250, cfg_scale=1.0, guidance_l
     return x
 
 # -----------------------------------------------------------------------------
-# Batched sampling to uint8 images, a picture for people, and the checkpoint loader
+# Batched sampling to uint8 images, a picture for people, and every rank's samples gathered on rank 0
 
 @torch.no_grad()
 def sample(model, labels, mode='sde', num_steps=250, heun=False, cfg_scale=1.0, guidance_low=0.0,
-           guidance_high=1.0, seed=0, batch_size=64, verbose=False, latents=None):
+           guidance_high=1.0, seed=0, batch_size=64, verbose=False, sd_vae=None):
     """Sample one image per label. Returns uint8 (N, H, W, 3). Deterministic given the seed and batch_size;
     the caller's RNG state is left untouched (safe to call from a training loop). A latent-space model's
-    samples are decoded by `latents` (irepa.Latents: the SD-VAE) into 8x larger images."""
+    samples are decoded by `sd_vae` (irepa.SDVAE: the SD-VAE) into 8x larger images."""
     device = next(model.parameters()).device
     C, S = model.in_channels, model.input_size
     labels, images, t0 = torch.as_tensor(labels, dtype=torch.long), [], time.time()
@@ -104,14 +104,14 @@ def sample(model, labels, mode='sde', num_steps=250, heun=False, cfg_scale=1.0, 
                 x = euler_maruyama_sampler(model, x, y, num_steps, cfg_scale, guidance_low, guidance_high)
             else:
                 x = euler_sampler(model, x, y, num_steps, heun, cfg_scale, guidance_low, guidance_high)
-            if latents is not None:
-                x = latents.decode(x.float())                                          # (B, 3, 8S, 8S)
+            if sd_vae is not None:
+                x = sd_vae.decode(x.float())                                          # (B, 3, 8S, 8S)
             x = ((x + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)               # [-1, 1] -> 0..255
             images.append(x.permute(0, 2, 3, 1).cpu())                                 # (B, H, W, 3)
             if verbose:
                 n, dt = sum(len(b) for b in images), time.time() - t0
                 print(f"sampled {n}/{len(labels)} | {dt:.0f} s | {n / dt:.1f} img/s", flush=True)
-    S, C = (8 * S, 3) if latents is not None else (S, C)
+    S, C = (8 * S, 3) if sd_vae is not None else (S, C)
     return torch.cat(images).numpy() if images else np.zeros((0, S, S, C), np.uint8)
 
 def save_grid(images, path, labels=None, class_names=None, nrow=None):
@@ -166,7 +166,8 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-labels", type=int, nargs="+", default=None,
-                   help="cycled to --num-samples, a grid column each; default: uniform random labels")
+                   help="cycled to --num-samples, a grid column each; default: every class with <= 16 classes, "
+                        "else uniform random labels")
     p.add_argument("--out", type=str, default="samples", help="directory for grid.png and samples.npz")
     return p.parse_args(argv)
 
@@ -189,11 +190,11 @@ def main(argv=None):
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     model, ckpt_args = irepa.guarded(irepa.load_sit, args.ckpt, device, args.model)
-    latents = irepa.guarded(irepa.Latents, device) if ckpt_args.get("vae") else None   # latent: decode with the SD-VAE
+    sd_vae = irepa.guarded(irepa.SDVAE, device) if ckpt_args.get("vae") else None   # latent: decode with the SD-VAE
     K, class_names = model.num_classes, ckpt_args.get("class_names")
     recipe = {**dict(mode="sde", num_steps=250, heun=False, cfg_scale=1.0), **(ckpt_args.get("sampler") or {})}
     args.mode = args.mode or recipe["mode"]
-    if args.mode != recipe["mode"]:                               # another mode than the recipe's: its plain defaults
+    if args.mode != recipe["mode"]:                               # another mode: its own steps, no Heun; same CFG
         recipe.update(num_steps=250 if args.mode == "sde" else 50, heun=False)
     for k in ("num_steps", "heun", "cfg_scale"):
         if getattr(args, k) is None:
@@ -220,7 +221,7 @@ def main(argv=None):
               flush=True)
     images = sample(model, labels[share], args.mode, args.num_steps, args.heun, args.cfg_scale, args.guidance_low,
                     args.guidance_high, seed=args.seed * world + rank, batch_size=args.batch_size, verbose=rank == 0,
-                    latents=latents)
+                    sd_vae=sd_vae)
 
     # rank 0 gathers the shares through torch.distributed (no shared disk needed) and writes one samples.npz
     if world > 1:

@@ -472,6 +472,18 @@ def test_shapes_dataset_is_deterministic_and_labelled():
     assert torch.equal(a, b) and la == lb == 1 and a.shape == (3, 32, 32) and a.dtype == torch.uint8
     assert not torch.equal(a, irepa.Shapes(8, 32, seed=2)[5][0])
 
+def test_every_seed_and_epoch_has_its_own_data_order():
+    orders = {(s, e): irepa.global_batches(64, 64, seed=s, epoch=e)[0] for s in (0, 1) for e in (0, 1, 1000)}
+    assert len({tuple(o) for o in orders.values()}) == len(orders)          # e.g. seed 0 epoch 1000 != seed 1 epoch 0
+
+def test_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
+    (tmp_path / 'checkpoints').mkdir()
+    for name in ('9999999.pt', '10000000.pt', '0000050.pt', 'notes.pt'):
+        (tmp_path / 'checkpoints' / name).write_bytes(b'')
+    assert [os.path.basename(p) for p in irepa.checkpoints(str(tmp_path))] == [
+        'notes.pt', '0000050.pt', '9999999.pt', '10000000.pt']
+    assert irepa.latest_checkpoint(str(tmp_path)).endswith('10000000.pt')
+
 def test_global_batches_shard_the_same_data_for_any_world_size():
     b = irepa.global_batches(100, 32, seed=0, epoch=3)
     assert len(b) == 3 and all(len(x) == 32 for x in b)
@@ -752,7 +764,7 @@ def test_latent_training_resume_and_sampling(tmp_path, vae_home, monkeypatch):
 
 def test_latents_are_a_normalised_posterior_sample(vae_home, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', vae_home)
-    lat = irepa.Latents('cpu')
+    lat = irepa.SDVAE('cpu')
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     eps = torch.randn(2, 4, 2, 2)
     mean, logvar = lat.vae.encode(x)
@@ -800,8 +812,13 @@ def test_official_checkpoint_format_loads_and_samples(tmp_path, vae_home, monkey
     if projector == 'linear':
         sd['projectors.0.projection_layer.weight'] = sd['projectors.0.projection_layer.weight'].flatten(1)
     ns = argparse.Namespace(model='SiT-T/2', resolution=32, encoder_depth=2, enc_type='dinov2-vit-b',
-                            projection_layer_type=projector, proj_kwargs_kernel_size=1, qk_norm=False)
+                            projection_layer_type=projector, proj_kwargs_kernel_size=1, qk_norm=False,
+                            spnorm_method='zscore' if projector == 'conv' else 'none')
     torch.save({'model': sd, 'ema': sd, 'opt': {}, 'args': ns, 'steps': 7}, tmp_path / '0000007.pt')
+    del ns.spnorm_method                                                   # sihyun-yu/REPA's train.py: 0.18215 latents
+    torch.save({'model': sd, 'ema': sd, 'opt': {}, 'args': ns, 'steps': 7}, tmp_path / 'repa.pt')
+    with pytest.raises(ValueError, match="not from End2End-Diffusion/iREPA's ldm/train.py"):
+        irepa.load_sit(str(tmp_path / 'repa.pt'))
     model, args = irepa.load_sit(str(tmp_path / '0000007.pt'))
     assert (args['model'], args['input_size'], args['in_channels'], args['num_classes'], args['vae']) == (
         'SiT-T/2', 4, 4, 10, 'sd-vae-ft-mse')
@@ -939,6 +956,17 @@ def test_what_reaches_the_loss_demo_recipe(monkeypatch, tmp_path):
     ck = torch.load(irepa.latest_checkpoint(run), weights_only=False)
     assert ck['args']['ema_decay'] == 0.995
 
+def test_each_run_seed_draws_its_own_t_and_noise(monkeypatch, tmp_path):
+    # torch's CPU generator keeps only the low 32 bits of a seed: seed * 2**32 + step gave every seed the same draws
+    draw = lambda s: torch.rand(4, generator=torch.Generator().manual_seed(s))
+    assert torch.equal(draw(2 ** 32 + 5), draw(5))
+    seeds = {irepa.step_seed(s, k) for s in range(3) for k in range(1000)}
+    assert len(seeds) == 3000                                               # no two (seed, step) share a generator
+    seen = {s: spy_training(monkeypatch, tmp_path / str(s), '--setting', 'demo', '--global-batch-size', '8',
+                            '--max-steps', '1', '--encoder', 'none', '--seed', str(s))[1] for s in (0, 1)}
+    assert not torch.equal(seen[0]['t'][0], seen[1]['t'][0])
+    assert not torch.equal(seen[0]['noise'][0], seen[1]['noise'][0])
+
 def test_ema_is_one_exact_update_per_step(tmp_path):
     run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '1', '--ckpt-every', '1')
     ck = load_last(run)
@@ -1037,3 +1065,15 @@ def test_bench_prints_both_precisions_and_the_speed_up():
     lines = r.stdout.splitlines()
     assert [l.split(':')[0].strip() for l in lines if 'ms/step' in l] == ['fp32', 'bf16']
     assert 'bf16 speed-up:' in lines[-1] and float(lines[-1].split(':')[1].strip().rstrip('x')) > 0
+
+def test_bench_flops_count_per_token_and_per_image_weights():
+    import bench
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device('meta'):                                             # no memory: only the shapes count
+        xl = irepa.SiT_models['SiT-XL/2'](input_size=32, in_channels=4, num_classes=1000)
+    assert abs(bench.forward_flops(xl, 256) / 2 - 118.6e9) < 0.05e9       # DiT-XL/2: 118.6 Gflops (DiT, Table 4)
+    model = tiny(z_dim=8, projector='conv')                                # 4x4 tokens, a conv projector
+    # under CPU autocast, attention is explicit matmuls, which the counter sees (SDPA's CPU kernel it does not)
+    with FlopCounterMode(display=False) as counter, torch.autocast('cpu', dtype=torch.bfloat16):
+        model(torch.randn(3, 3, 16, 16), torch.rand(3), torch.tensor([0, 1, 2]))
+    assert counter.get_total_flops() == 3 * bench.forward_flops(model, model.grid_size ** 2)
