@@ -16,6 +16,7 @@ Three settings, one code path (`--setting`, recipes in section 8; explicit flags
 
 Run it:
     python irepa.py --setting demo && python sample.py --ckpt results/demo-SiT-T-2-hog-irepa    # CPU, a grid
+    python irepa.py --encoder dinov2_vitb14 --irepa --data-path /path/to/imagenet/train        # one GPU
     torchrun --nproc_per_node=8 irepa.py --encoder dinov2_vitb14 --irepa --data-path /path/to/imagenet/train
     torchrun --nproc_per_node=8 irepa.py --setting pixel --encoder dinov2_vitb14 --irepa --data-path ...
     multi-node: torchrun --nnodes=N --node_rank=R --master_addr=... --nproc_per_node=8 irepa.py ...
@@ -184,7 +185,7 @@ class ConvProjector(nn.Conv2d):
         return grid_to_tokens(super().forward(tokens_to_grid(x)))              # (B, T, z_dim)
 
 # -----------------------------------------------------------------------------
-# 3. SiT itself, and the size table
+# 3. SiT itself, and the size table (checkpoints are read back in section 10)
 
 def xavier_linears(module):
     """DiT's init of every nn.Linear in `module`: xavier-uniform weights, zero biases."""
@@ -274,77 +275,6 @@ SiT_sizes = {'T': dict(depth=6, hidden_size=192, num_heads=3, encoder_depth=2), 
              'XL': dict(depth=28, hidden_size=1152, num_heads=16, encoder_depth=8)}
 SiT_models = {f'SiT-{s}/{p}': partial(SiT, patch_size=p, **cfg)
               for s, cfg in SiT_sizes.items() for p in ((2, 4) if s == 'T' else (2, 4, 8, 16))}
-
-def build_model(args):
-    """Rebuild a SiT from a checkpoint's 'args' dict (what sample.py and metrics.py use). Keys that checkpoints
-    of older versions lack take their defaults (pixel space, 3 channels, MLP projector, v-prediction)."""
-    return SiT_models[args['model']](input_size=args.get('input_size', args['image_size']),
-                                     in_channels=args.get('in_channels', 3), num_classes=args['num_classes'],
-                                     encoder_depth=args['encoder_depth'], z_dim=args.get('z_dim'),
-                                     projector=args.get('projector', 'mlp'), pred=args.get('pred', 'v'),
-                                     proj_kernel=args.get('proj_kernel', 3))
-
-# the official code's encoder names (ldm/vision_encoder.py) -> this file's; the others are not loadable here
-OFFICIAL_ENCODERS = {f'dinov2{r}-vit-{s}': f'dinov2_vit{s}14{"_" * bool(r)}{r}' for s in 'sblg' for r in ('', 'reg')}
-
-def official_checkpoint(ema, ns, model=None):
-    """An official iREPA/REPA checkpoint (ldm/train.py: weights 'ema', argparse.Namespace 'args') -> (state dict,
-    args dict) in this file's terms. Its size is read off the weights (or given as `model`); its projector is
-    wrapped as projectors.0.projection_layer.* (a 'linear' projector is a 1x1 conv here). Latent SiT, v-pred."""
-    if not hasattr(ns, 'spnorm_method'):       # iREPA's ldm/train.py always stores it; sihyun-yu/REPA's train.py not
-        raise ValueError("its args have no spnorm_method, so it is not from End2End-Diffusion/iREPA's ldm/train.py; "
-                         "sihyun-yu/REPA's checkpoints train on latents scaled by 0.18215, not on the per-channel "
-                         "statistics this code decodes with")
-    ema = {k.replace('projectors.0.projection_layer.', 'projectors.0.'): v for k, v in ema.items()}
-    D, C, p, _ = ema['x_embedder.proj.weight'].shape
-    depth = len({k.split('.')[1] for k in ema if k.startswith('blocks.')})
-    if model is None:
-        size = [s for s, cfg in SiT_sizes.items() if (cfg['depth'], cfg['hidden_size']) == (depth, D)]
-        if not size or f'SiT-{size[0]}/{p}' not in SiT_models:
-            raise ValueError(f"no SiT size with depth {depth}, width {D} and patch {p}; pass --model")
-        model = f'SiT-{size[0]}/{p}'
-    args = dict(model=model, input_size=math.isqrt(ema['pos_embed'].shape[1]) * p, in_channels=C,
-                image_size=getattr(ns, 'resolution', 256),
-                num_classes=ema['y_embedder.embedding_table.weight'].shape[0] - 1,
-                encoder_depth=getattr(ns, 'encoder_depth', 8), pred='v', vae='sd-vae-ft-mse' if C == 4 else None,
-                encoder=OFFICIAL_ENCODERS.get(getattr(ns, 'enc_type', None), 'none'),
-                sampler=dict(mode='sde', num_steps=250, cfg_scale=1.0), official=True)
-    if 'projectors.0.weight' in ema:                                           # conv (4-d) or linear (2-d) projector
-        w = ema['projectors.0.weight']
-        ema['projectors.0.weight'] = w.view(*w.shape, 1, 1) if w.dim() == 2 else w
-        args.update(projector='conv', z_dim=w.shape[0], proj_kernel=ema['projectors.0.weight'].shape[-1])
-    elif 'projectors.0.4.weight' in ema:
-        args.update(projector='mlp', z_dim=ema['projectors.0.4.weight'].shape[0])
-    return ema, args
-
-def load_sit(path, device='cpu', model=None):
-    """The EMA SiT of a checkpoint, in eval mode, and the checkpoint's args (a dict). Reads this file's checkpoints
-    and the official iREPA/REPA ones, unpickling nothing but tensors, plain types and argparse.Namespace.
-    `path` may be a run folder (its latest checkpoint). Raises ValueError with a one-line reason for a missing,
-    truncated or foreign file."""
-    if os.path.isdir(path) and (latest := latest_checkpoint(path)) is None:
-        raise ValueError(f"no checkpoint at {os.path.join(path, 'checkpoints')}")
-    path = latest if os.path.isdir(path) else path
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}")
-    torch.serialization.add_safe_globals([argparse.Namespace])
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is truncated or not a torch checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    try:
-        ema, args = ckpt['ema'], ckpt['args']
-        if isinstance(args, argparse.Namespace):
-            ema, args = official_checkpoint(ema, args, model)
-        elif model is not None:
-            args = dict(args, model=model)
-        sit = build_model(args)
-        sit.load_state_dict(ema)
-    except Exception as e:
-        raise ValueError(f"{path} is not an irepa.py or official iREPA/REPA checkpoint "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    return sit.to(device).eval(), args
 
 # -----------------------------------------------------------------------------
 # 4. Frozen encoders: patch tokens (B, T, D) on SiT's token grid (REPA section 4.1; official ldm/vision_encoder.py)
@@ -510,20 +440,6 @@ def sample_time(u, n, logit_normal=None):
         return u
     mean, std = logit_normal
     return torch.sigmoid(mean + std * n)
-
-@torch.no_grad()
-def noised_features(model, x, y, t, generator=None, sd_vae=None):
-    """What the alignment loss sees, for analysis (metrics.py; iREPA Fig. 6c): SiT's hidden state h after block
-    encoder_depth (B, T, D) and its projection (B, T, D_enc, None without an encoder), fp32, for images x (B, 3, H, W)
-    in [-1, 1] noised to level t as in training (a latent SiT gets a posterior sample of the VAE first)."""
-    if sd_vae is not None:                                                     # eps shaped like SiT's input
-        x = sd_vae.encode(x, torch.randn((len(x), model.in_channels, model.input_size, model.input_size),
-                                          device=x.device, generator=generator))
-    t = torch.full((len(x),), float(t), device=x.device)
-    x_t, _ = interpolant(x, torch.randn(x.shape, device=x.device, generator=generator), t)
-    with autocast(x.device):
-        h, zs = model.align_features(x_t, t, y)
-    return h.float(), None if zs is None else zs.float()
 
 # -----------------------------------------------------------------------------
 # 7. Data: class-per-folder images with the ADM center crop, or procedural shapes (ADM / DiT's center crop); in the
@@ -794,7 +710,8 @@ def output_dir_problem(path):
     return None if os.access(path, os.W_OK) else f"{path} is not writable"
 
 # -----------------------------------------------------------------------------
-# 10. Runs: names, logs, atomic checkpoints and exact resume (a resume continues the run with its own settings)
+# 10. Runs: names, logs, atomic checkpoints and exact resume (a resume continues the run with its own settings);
+#     a trained SiT read back from a checkpoint of this file or of the official code (for sample.py, metrics.py)
 
 def method(args):
     """What is trained, in words: 'vanilla' (plain SiT), 'repa' or 'irepa'."""
@@ -862,7 +779,8 @@ def load_latest_checkpoint(run_dir):
 RESUME_FLAGS = ('max_steps', 'ckpt_every', 'log_every', 'num_workers', 'compile', 'hub_dir', 'data_path',
                 'grad_accum', 'resume')
 
-# What checkpoints of versions before the recipes trained with, for keys their args lack: pixel space, REPA's optimizer.
+# What checkpoints written before the settings existed (irepa.py before commit 1475db2) trained with, for the keys
+# their args lack: pixel space, REPA's optimizer.
 LEGACY = dict(setting='legacy', vae=None, time_dist=None, betas=(0.9, 0.999), warmup_epochs=0, clip_grad=1.0,
               hflip=False, spnorm_gamma=0.6, sampler=None)
 
@@ -876,6 +794,92 @@ def resume_args(args, given, run_args):
                  f"change (start a new run to change the rest)")
     return argparse.Namespace(**{k: getattr(args, k) if k in given and k in RESUME_FLAGS
                                  else run_args.get(k, LEGACY.get(k, v)) for k, v in vars(args).items()})
+
+def build_model(run_args):
+    """A SiT from a run's args dict (main's run_args, a checkpoint's 'args'). Keys that checkpoints written before
+    the settings existed (irepa.py before commit 1475db2) lack take their defaults: pixel space, 3 channels, MLP
+    projector, v-prediction."""
+    a = run_args
+    return SiT_models[a['model']](input_size=a.get('input_size', a['image_size']), in_channels=a.get('in_channels', 3),
+                                  num_classes=a['num_classes'], encoder_depth=a['encoder_depth'], z_dim=a.get('z_dim'),
+                                  projector=a.get('projector', 'mlp'), pred=a.get('pred', 'v'),
+                                  proj_kernel=a.get('proj_kernel', 3))
+
+# the official code's encoder names (ldm/vision_encoder.py) -> this file's; the others are not loadable here
+OFFICIAL_ENCODERS = {f'dinov2{r}-vit-{s}': f'dinov2_vit{s}14{"_" * bool(r)}{r}' for s in 'sblg' for r in ('', 'reg')}
+
+def official_checkpoint(ema, ns, model=None):
+    """A checkpoint of the official iREPA code (End2End-Diffusion/iREPA ldm/train.py, its REPA and iREPA runs: weights
+    'ema', argparse.Namespace 'args') -> (state dict, args dict) in this file's terms. Its size is read off the weights (or given as `model`); its projector is
+    wrapped as projectors.0.projection_layer.* (a 'linear' projector is a 1x1 conv here). Latent SiT, v-pred."""
+    if not hasattr(ns, 'spnorm_method'):       # iREPA's ldm/train.py always stores it; sihyun-yu/REPA's train.py not
+        raise ValueError("its args have no spnorm_method, so it is not from End2End-Diffusion/iREPA's ldm/train.py; "
+                         "sihyun-yu/REPA's checkpoints train on latents scaled by 0.18215, not on the per-channel "
+                         "statistics this code decodes with")
+    ema = {k.replace('projectors.0.projection_layer.', 'projectors.0.'): v for k, v in ema.items()}
+    D, C, p, _ = ema['x_embedder.proj.weight'].shape
+    depth = len({k.split('.')[1] for k in ema if k.startswith('blocks.')})
+    if model is None:
+        size = [s for s, cfg in SiT_sizes.items() if (cfg['depth'], cfg['hidden_size']) == (depth, D)]
+        if not size or f'SiT-{size[0]}/{p}' not in SiT_models:
+            raise ValueError(f"no SiT size with depth {depth}, width {D} and patch {p}; pass --model")
+        model = f'SiT-{size[0]}/{p}'
+    args = dict(model=model, input_size=math.isqrt(ema['pos_embed'].shape[1]) * p, in_channels=C,
+                image_size=getattr(ns, 'resolution', 256),
+                num_classes=ema['y_embedder.embedding_table.weight'].shape[0] - 1,
+                encoder_depth=getattr(ns, 'encoder_depth', 8), pred='v', vae='sd-vae-ft-mse' if C == 4 else None,
+                encoder=OFFICIAL_ENCODERS.get(getattr(ns, 'enc_type', None), 'none'),
+                sampler=dict(mode='sde', num_steps=250, cfg_scale=1.0), official=True)
+    if 'projectors.0.weight' in ema:                                           # conv (4-d) or linear (2-d) projector
+        w = ema['projectors.0.weight']
+        ema['projectors.0.weight'] = w.view(*w.shape, 1, 1) if w.dim() == 2 else w
+        args.update(projector='conv', z_dim=w.shape[0], proj_kernel=ema['projectors.0.weight'].shape[-1])
+    elif 'projectors.0.4.weight' in ema:
+        args.update(projector='mlp', z_dim=ema['projectors.0.4.weight'].shape[0])
+    return ema, args
+
+def load_sit(path, device='cpu', model=None):
+    """The EMA SiT of a checkpoint, in eval mode, and the checkpoint's args (a dict). Reads this file's checkpoints
+    and the official iREPA/REPA ones, unpickling nothing but tensors, plain types and argparse.Namespace.
+    `path` may be a run folder (its latest checkpoint). Raises ValueError with a one-line reason for a missing,
+    truncated or foreign file."""
+    if os.path.isdir(path) and (latest := latest_checkpoint(path)) is None:
+        raise ValueError(f"no checkpoint at {os.path.join(path, 'checkpoints')}")
+    path = latest if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is truncated or not a torch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    try:
+        ema, args = ckpt['ema'], ckpt['args']
+        if isinstance(args, argparse.Namespace):
+            ema, args = official_checkpoint(ema, args, model)
+        elif model is not None:
+            args = dict(args, model=model)
+        sit = build_model(args)
+        sit.load_state_dict(ema)
+    except Exception as e:
+        raise ValueError(f"{path} is not an irepa.py or official iREPA/REPA checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return sit.to(device).eval(), args
+
+@torch.no_grad()
+def noised_features(model, x, y, t, generator=None, sd_vae=None):
+    """What the alignment loss sees, for analysis (metrics.py; iREPA Fig. 6c): SiT's hidden state h after block
+    encoder_depth (B, T, D) and its projection (B, T, D_enc, None without an encoder), fp32, for images x (B, 3, H, W)
+    in [-1, 1] noised to level t as in training (a latent SiT gets a posterior sample of the VAE first)."""
+    if sd_vae is not None:                                                     # eps shaped like SiT's input
+        x = sd_vae.encode(x, torch.randn((len(x), model.in_channels, model.input_size, model.input_size),
+                                          device=x.device, generator=generator))
+    t = torch.full((len(x),), float(t), device=x.device)
+    x_t, _ = interpolant(x, torch.randn(x.shape, device=x.device, generator=generator), t)
+    with autocast(x.device):
+        h, zs = model.align_features(x_t, t, y)
+    return h.float(), None if zs is None else zs.float()
 
 # -----------------------------------------------------------------------------
 # 11. Training (REPA's train.py / DiT's train.py): checks, data and frozen networks, SiT + EMA + AdamW, one step's

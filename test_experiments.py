@@ -238,3 +238,35 @@ def test_quick_run_writes_every_output_and_resumes(tiny_cifar, monkeypatch, caps
     cifar10.main(argv)
     assert set(json.load(open(out / 'results' / 'vanilla-s1.json'))['fd']) == {'2', '4'}
     assert len(glob.glob(str(out / 'runs' / 'vanilla-s1' / '*'))) == 1
+
+
+def test_prep_writes_class_folders_from_the_official_python_archive(tmp_path, capsys):
+    import io
+    import pickle
+    import tarfile
+    rng = np.random.default_rng(0)
+    batches = {f'data_batch_{i}': 3 for i in range(1, 6)} | {'test_batch': 4}
+    arrays = {name: rng.integers(0, 256, (n, 3072), dtype=np.uint8) for name, n in batches.items()}
+    with tarfile.open(tmp_path / 'cifar-10-python.tar.gz', 'w:gz') as tar:
+        def add(name, obj):
+            data = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f'cifar-10-batches-py/{name}')
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        add('batches.meta', {b'label_names': [b'cat', b'dog']})
+        for name, a in arrays.items():
+            add(name, {b'data': a, b'labels': [k % 2 for k in range(len(a))]})
+    cifar10.main(['prep', str(tmp_path / 'cifar-10-python.tar.gz'), str(tmp_path / 'root')])
+    assert 'wrote 15 train images' in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / 'root' / 'train')) == ['cat', 'dog']
+    assert len(os.listdir(tmp_path / 'root' / 'train' / 'cat')) == 10                  # labels 0, 1, 0 per batch
+    assert len(os.listdir(tmp_path / 'root' / 'test' / 'dog')) == 2
+    img = np.array(Image.open(tmp_path / 'root' / 'test' / 'dog' / '00001.png'))   # the test batch's 2nd image
+    np.testing.assert_array_equal(img, arrays['test_batch'][1].reshape(3, 32, 32).transpose(1, 2, 0))   # CHW rows
+    with tarfile.open(tmp_path / 'evil.tar.gz', 'w:gz') as tar:              # a pickle may name any function
+        data = pickle.dumps({b'label_names': os.system}, protocol=2)            # unpickled, it would be callable
+        info = tarfile.TarInfo('cifar-10-batches-py/batches.meta')
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(SystemExit, match='not the CIFAR-10 python archive'):
+        cifar10.main(['prep', str(tmp_path / 'evil.tar.gz'), str(tmp_path / 'r2')])

@@ -6,8 +6,9 @@ The FD is FID (Heusel et al. 2017, arXiv 1706.08500) with the Inception network 
 on CIFAR-10 (experiments/hubconf.py, akamaster/pytorch_resnet_cifar10 weights): a small, CPU-fast network that
 sees 32 px images at their native size. The reference is 10,000 train images (a fixed, seeded subset).
 
-Data: CIFAR-10 as class folders of JPEGs, ROOT/{train,test}/<class>/*.jpg:
-    mkdir -p /tmp/cifar && tar -xzf ../shared/data/cifar10.tar.gz -C /tmp/cifar     # ROOT = /tmp/cifar/cifar10_jpg
+Data: CIFAR-10 as class folders, ROOT/{train,test}/<class>/<image>. From the official python archive
+(cifar-10-python.tar.gz, www.cs.toronto.edu/~kriz/cifar.html):
+    python experiments/cifar10.py prep cifar-10-python.tar.gz ROOT  # 60,000 PNGs (the committed runs: JPEGs, ~28 dB)
 
     python experiments/cifar10.py run --data-path ROOT              # the whole experiment (~4 h on 2 cores, resumable)
     python experiments/cifar10.py run --data-path ROOT --quick      # every piece end to end in about a minute
@@ -27,14 +28,17 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
 import scipy.linalg
 import torch
+from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)                                                    # the repository
@@ -94,11 +98,40 @@ def fail(msg):
 def image_folder(root, split):
     path = os.path.join(root, split)
     if not os.path.isdir(path):
-        fail(f"--data-path {root} has no {split}/ folder: expected ROOT/{{train,test}}/<class>/*.jpg "
-             f"(tar -xzf shared/data/cifar10.tar.gz gives ROOT = cifar10_jpg)")
+        fail(f"--data-path {root} has no {split}/ folder: expected ROOT/{{train,test}}/<class>/<image> "
+             f"(`cifar10.py prep cifar-10-python.tar.gz ROOT` makes it)")
     ds = irepa.ImageFolder(path, 32)                                            # items: uint8 (3, 32, 32), label
     ds.root = path
     return ds
+
+class BatchUnpickler(pickle.Unpickler):
+    """The official CIFAR-10 batches are pickles of a dict with a numpy array: allow numpy's array rebuilding and
+    nothing else (a pickle can run any code it names)."""
+    def find_class(self, module, name):
+        if (module.split('.')[0], name) in {('numpy', '_reconstruct'), ('numpy', 'ndarray'), ('numpy', 'dtype'),
+                                            ('_codecs', 'encode')}:             # bytes, as Python 3 pickles them
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch")
+
+def cmd_prep(args):
+    """cifar-10-python.tar.gz -> ROOT/train/<class>/NNNNN.png (data_batch_1..5) and ROOT/test/... (test_batch)."""
+    try:
+        with tarfile.open(args.archive) as tar:
+            batch = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+            read = lambda name: BatchUnpickler(tar.extractfile(batch[name]), encoding='bytes').load()
+            classes = [c.decode() for c in read('batches.meta')[b'label_names']]
+            for split, names in (('train', [f'data_batch_{i}' for i in range(1, 6)]), ('test', ['test_batch'])):
+                n = 0
+                for name in names:
+                    b = read(name)
+                    images = np.asarray(b[b'data'], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+                    for img, label in zip(images, b[b'labels']):
+                        os.makedirs(folder := os.path.join(args.root, split, classes[label]), exist_ok=True)
+                        Image.fromarray(img).save(os.path.join(folder, f'{n:05d}.png'))
+                        n += 1
+                print(f"wrote {n} {split} images to {os.path.join(args.root, split)}")
+    except (OSError, KeyError, tarfile.TarError, pickle.UnpicklingError) as e:
+        fail(f"{args.archive}: not the CIFAR-10 python archive ({type(e).__name__}: {e})")
 
 def load_images(ds, indices):
     """uint8 (N, 3, 32, 32) and int64 labels (N,) of ds[indices]."""
@@ -423,6 +456,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="CIFAR-10: vanilla SiT vs REPA vs iREPA, scored by a ResNet-56 FD.")
     parser.add_argument("--out-dir", default=os.path.join(HERE, 'cifar10'), help="outputs and the cached reference")
     sub = parser.add_subparsers(dest='command', required=True)
+    p = sub.add_parser('prep', help="CIFAR-10's class folders (PNG) from the official python archive")
+    p.add_argument('archive', help="cifar-10-python.tar.gz")
+    p.add_argument('root', help="where to write ROOT/{train,test}/<class>/NNNNN.png")
+    p.set_defaults(func=cmd_prep)
     p = sub.add_parser('fd', help="FD of an npz of uint8 (N, 32, 32, 3) images vs the train reference")
     p.add_argument('file', help="ADM-style npz (arr_0), e.g. sample.py's samples.npz")
     p.add_argument('--data-path', required=True, help="CIFAR-10 root holding train/<class>/*.jpg")
