@@ -810,8 +810,9 @@ OFFICIAL_ENCODERS = {f'dinov2{r}-vit-{s}': f'dinov2_vit{s}14{"_" * bool(r)}{r}' 
 
 def official_checkpoint(ema, ns, model=None):
     """A checkpoint of the official iREPA code (End2End-Diffusion/iREPA ldm/train.py, its REPA and iREPA runs: weights
-    'ema', argparse.Namespace 'args') -> (state dict, args dict) in this file's terms. Its size is read off the weights (or given as `model`); its projector is
-    wrapped as projectors.0.projection_layer.* (a 'linear' projector is a 1x1 conv here). Latent SiT, v-pred."""
+    'ema', argparse.Namespace 'args') -> (state dict, args dict) in this file's terms. Its size is read off the
+    weights (or given as `model`); its projector is wrapped as projectors.0.projection_layer.* (a 'linear' projector
+    is a 1x1 conv here). Latent SiT, v-pred."""
     if not hasattr(ns, 'spnorm_method'):       # iREPA's ldm/train.py always stores it; sihyun-yu/REPA's train.py not
         raise ValueError("its args have no spnorm_method, so it is not from End2End-Diffusion/iREPA's ldm/train.py; "
                          "sihyun-yu/REPA's checkpoints train on latents scaled by 0.18215, not on the per-channel "
