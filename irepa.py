@@ -660,7 +660,7 @@ def cpu_has_bf16():
 
 def precision(device):
     """'bf16' where the hardware computes bf16 natively (CUDA, and CPUs with bf16 instructions, where autocast is
-    1.6-2.7x faster than fp32), else 'fp32'. IREPA_PRECISION=fp32 (or bf16) in the environment forces it."""
+    2-3x faster than fp32 in bench.py), else 'fp32'. IREPA_PRECISION=fp32 (or bf16) in the environment forces it."""
     want = os.environ.get('IREPA_PRECISION', 'auto')
     if want not in ('auto', 'bf16', 'fp32'):
         raise ValueError(f"IREPA_PRECISION={want}: use auto, bf16 or fp32")
