@@ -841,7 +841,7 @@ def official_checkpoint(ema, ns, model=None):
 
 def load_sit(path, device='cpu', model=None):
     """The EMA SiT of a checkpoint, in eval mode, and the checkpoint's args (a dict). Reads this file's checkpoints
-    and the official iREPA/REPA ones, unpickling nothing but tensors, plain types and argparse.Namespace.
+    and those of the official iREPA code (its REPA and iREPA runs), unpickling nothing but tensors, plain types and argparse.Namespace.
     `path` may be a run folder (its latest checkpoint). Raises ValueError with a one-line reason for a missing,
     truncated or foreign file."""
     if os.path.isdir(path) and (latest := latest_checkpoint(path)) is None:
@@ -941,13 +941,17 @@ def frozen_networks(args, grid, device, world, master):
                  f"{grid}x{grid} grid; change --image-size or --model so the grids match")
     return sd_vae, encoder
 
-def new_model(args, run_args, ckpt, device, rank, world):
+def new_model(args, run_args, ckpt, device):
     """SiT, its EMA and AdamW, from the seed or, on a resume, from the checkpoint. -> (model, ema, opt, step)"""
     torch.manual_seed(args.seed)                                                # the same initial weights on every rank
     model = build_model(run_args).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)                            # EMA starts as an exact copy
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=tuple(args.betas),
-                            weight_decay=0, eps=1e-8, fused=device.type == 'cuda')
+    # AdamW's saved state is matched to the parameters by position: list them in the checkpoint's order (older
+    # versions registered the projector before the final layer)
+    named = dict(model.named_parameters())
+    params = [named[k] for k in (ckpt['model'] if ckpt is not None else named) if k in named and named[k].requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=0, eps=1e-8,
+                            fused=device.type == 'cuda')
     if ckpt is None:
         return model, ema, opt, 0
     model.load_state_dict(ckpt['model'])
@@ -1032,8 +1036,8 @@ def main(argv=None):
                     encoder_depth=args.encoder_depth if args.encoder_depth is not None else size_cfg['encoder_depth'],
                     z_dim=encoder.embed_dim if encoder is not None else None,
                     projector='conv' if args.irepa else 'mlp', method=method(args), world_size=world,
-                    precision=precision(device))
-    model, ema, opt, step = new_model(args, run_args, ckpt, device, rank, world)
+                    precision=precision(device), seeding='step_seed')                # step_seed(), global_batches()
+    model, ema, opt, step = new_model(args, run_args, ckpt, device)
     run_dir = args.resume or new_run_dir(args, master, world)
     if master:
         os.makedirs(os.path.join(run_dir, 'checkpoints'), exist_ok=True)
@@ -1050,6 +1054,9 @@ def main(argv=None):
     if ckpt is not None and ckpt['args'].get('precision', run_args['precision']) != run_args['precision']:
         log(f"note: the run trained in {ckpt['args']['precision']} until now and goes on in {run_args['precision']} "
             f"(IREPA_PRECISION or the machine): not bit-identical to a run without the break")
+    if ckpt is not None and ckpt['args'].get('seeding') != run_args['seeding']:
+        log("note: the run began with an older irepa.py whose per-step draws (t, noise, label drops) and data order "
+            "were seeded differently; it goes on with today's: not bit-identical to a run without the break")
     raw_model = model                                                           # saved without DDP/compile prefixes
     if args.compile:
         model = torch.compile(model)

@@ -166,8 +166,8 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-labels", type=int, nargs="+", default=None,
-                   help="cycled to --num-samples, a grid column each; default: every class with <= 16 classes, "
-                        "else uniform random labels")
+                   help="cycled to --num-samples, a grid column each; default: every class when the checkpoint "
+                        "has <= 16 and --num-samples is not given, else uniform random labels")
     p.add_argument("--out", type=str, default="samples", help="directory for grid.png and samples.npz")
     return p.parse_args(argv)
 

@@ -1077,3 +1077,38 @@ def test_bench_flops_count_per_token_and_per_image_weights():
     with FlopCounterMode(display=False) as counter, torch.autocast('cpu', dtype=torch.bfloat16):
         model(torch.randn(3, 3, 16, 16), torch.rand(3), torch.tensor([0, 1, 2]))
     assert counter.get_total_flops() == 3 * bench.forward_flops(model, model.grid_size ** 2)
+
+def test_resume_of_a_checkpoint_with_the_projector_registered_before_the_final_layer(tmp_path, monkeypatch):
+    monkeypatch.setenv('IREPA_PRECISION', 'fp32')
+    new = run_train(tmp_path / 'new', '--encoder', 'hog', '--max-steps', '2', '--ckpt-every', '1')   # REPA's MLP
+    os.remove(os.path.join(new, 'checkpoints', '0000002.pt'))
+    ck = load_last(new)
+    # versions before 85c0f13 registered ..., blocks, projectors, final_layer; AdamW's state is indexed by position
+    keys = list(ck['model'])
+    old_keys = [k for k in keys if not k.startswith(('projectors.', 'final_layer.'))] + \
+               [k for k in keys if k.startswith('projectors.')] + [k for k in keys if k.startswith('final_layer.')]
+    assert old_keys != keys
+    trainable = lambda ks: [k for k in ks if k != 'pos_embed']
+    to_old = {i: trainable(old_keys).index(k) for i, k in enumerate(trainable(keys))}
+    old = dict(ck, model={k: ck['model'][k] for k in old_keys}, ema={k: ck['ema'][k] for k in old_keys},
+               opt=dict(ck['opt'], state={to_old[i]: v for i, v in ck['opt']['state'].items()}))
+    shutil.copytree(new, tmp_path / 'old')
+    torch.save(old, os.path.join(tmp_path / 'old', 'checkpoints', '0000001.pt'))
+    for run in (new, str(tmp_path / 'old')):
+        irepa.main(['--resume', run, '--max-steps', '2'])
+    a, b = load_last(new), load_last(str(tmp_path / 'old'))
+    assert a['step'] == b['step'] == 2
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k                 # each parameter kept its own Adam state
+
+def test_resume_of_a_run_seeded_by_an_older_version_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv('IREPA_PRECISION', 'fp32')
+    run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '1')
+    path = irepa.latest_checkpoint(run)
+    ck = torch.load(path, weights_only=False)
+    assert ck['args']['seeding'] == 'step_seed'
+    del ck['args']['seeding']
+    torch.save(ck, path)
+    irepa.main(['--resume', run, '--max-steps', '2'])
+    assert 'seeded differently' in open(os.path.join(run, 'log.txt')).read()
+    assert load_last(run)['args']['seeding'] == 'step_seed'

@@ -130,7 +130,7 @@ def cmd_prep(args):
                         Image.fromarray(img).save(os.path.join(folder, f'{n:05d}.png'))
                         n += 1
                 print(f"wrote {n} {split} images to {os.path.join(args.root, split)}")
-    except (OSError, KeyError, tarfile.TarError, pickle.UnpicklingError) as e:
+    except (OSError, EOFError, KeyError, IndexError, ValueError, tarfile.TarError, pickle.UnpicklingError) as e:
         fail(f"{args.archive}: not the CIFAR-10 python archive ({type(e).__name__}: {e})")
 
 def load_images(ds, indices):
@@ -462,7 +462,7 @@ def main(argv=None):
     p.set_defaults(func=cmd_prep)
     p = sub.add_parser('fd', help="FD of an npz of uint8 (N, 32, 32, 3) images vs the train reference")
     p.add_argument('file', help="ADM-style npz (arr_0), e.g. sample.py's samples.npz")
-    p.add_argument('--data-path', required=True, help="CIFAR-10 root holding train/<class>/*.jpg")
+    p.add_argument('--data-path', required=True, help="CIFAR-10 root holding train/<class>/<image>")
     p.set_defaults(func=cmd_fd)
     p = sub.add_parser('run', help="train and score every arm x seed (resumable); --quick: every piece in a minute")
     p.add_argument('--data-path', required=True, help="CIFAR-10 root holding train/ and test/")
