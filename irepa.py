@@ -841,9 +841,9 @@ def official_checkpoint(ema, ns, model=None):
 
 def load_sit(path, device='cpu', model=None):
     """The EMA SiT of a checkpoint, in eval mode, and the checkpoint's args (a dict). Reads this file's checkpoints
-    and those of the official iREPA code (its REPA and iREPA runs), unpickling nothing but tensors, plain types and argparse.Namespace.
-    `path` may be a run folder (its latest checkpoint). Raises ValueError with a one-line reason for a missing,
-    truncated or foreign file."""
+    and those of the official iREPA code (its REPA and iREPA runs), unpickling nothing but tensors, plain types and
+    argparse.Namespace. `path` may be a run folder (its latest checkpoint). Raises ValueError with a one-line reason
+    for a missing, truncated or foreign file."""
     if os.path.isdir(path) and (latest := latest_checkpoint(path)) is None:
         raise ValueError(f"no checkpoint at {os.path.join(path, 'checkpoints')}")
     path = latest if os.path.isdir(path) else path
