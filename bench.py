@@ -104,9 +104,10 @@ def main():
     if device.type == 'cuda':
         peak_mem = torch.cuda.max_memory_allocated() / 2 ** 30
 
-    flops = 3 * forward_flops(model, grid * grid) * B                          # fwd + bwd = 3 x fwd
+    fwd_flops = forward_flops(model, grid * grid)                               # per image
+    flops = 3 * fwd_flops * B                                                   # fwd + bwd = 3 x fwd
     print(f"{args.model} {args.image_size}px{' latent' if args.vae else ''} {args.encoder} iREPA | batch {B} | "
-          f"{forward_flops(model, grid * grid) / 1e9:.2f} GFLOPs/img fwd | {device.type} "
+          f"{fwd_flops / 1e9:.2f} GFLOPs/img fwd | {device.type} "
           f"({torch.get_num_threads()} threads) | median of {args.repeats}")
     for prec in args.precisions:
         dt = statistics.median(times[prec])

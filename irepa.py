@@ -755,8 +755,8 @@ def save_checkpoint(path, ckpt):
 
 def checkpoints(run_dir):
     """A run's checkpoint files <step>.pt, oldest first (by step: 10000000.pt comes after 9999999.pt)."""
-    return sorted(glob.glob(os.path.join(run_dir, 'checkpoints', '*.pt')),
-                  key=lambda p: int(os.path.basename(p)[:-3]) if os.path.basename(p)[:-3].isdigit() else -1)
+    step = lambda path: int(name) if (name := os.path.basename(path)[:-3]).isdigit() else -1
+    return sorted(glob.glob(os.path.join(run_dir, 'checkpoints', '*.pt')), key=step)
 
 def latest_checkpoint(run_dir):
     return (checkpoints(run_dir) or [None])[-1]
@@ -844,9 +844,10 @@ def load_sit(path, device='cpu', model=None):
     and those of the official iREPA code (its REPA and iREPA runs), unpickling nothing but tensors, plain types and
     argparse.Namespace. `path` may be a run folder (its latest checkpoint). Raises ValueError with a one-line reason
     for a missing, truncated or foreign file."""
-    if os.path.isdir(path) and (latest := latest_checkpoint(path)) is None:
-        raise ValueError(f"no checkpoint at {os.path.join(path, 'checkpoints')}")
-    path = latest if os.path.isdir(path) else path
+    if os.path.isdir(path):                                                     # a run folder: its latest
+        folder, path = path, latest_checkpoint(path)
+        if path is None:
+            raise ValueError(f"no checkpoint at {os.path.join(folder, 'checkpoints')}")
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path}")
     torch.serialization.add_safe_globals([argparse.Namespace])
@@ -873,7 +874,7 @@ def noised_features(model, x, y, t, generator=None, sd_vae=None):
     """What the alignment loss sees, for analysis (metrics.py; iREPA Fig. 6c): SiT's hidden state h after block
     encoder_depth (B, T, D) and its projection (B, T, D_enc, None without an encoder), fp32, for images x (B, 3, H, W)
     in [-1, 1] noised to level t as in training (a latent SiT gets a posterior sample of the VAE first)."""
-    if sd_vae is not None:                                                     # eps shaped like SiT's input
+    if sd_vae is not None:                                                      # eps shaped like SiT's input
         x = sd_vae.encode(x, torch.randn((len(x), model.in_channels, model.input_size, model.input_size),
                                           device=x.device, generator=generator))
     t = torch.full((len(x),), float(t), device=x.device)
@@ -929,7 +930,7 @@ def frozen_networks(args, grid, device, world, master):
     once. The encoder's token grid must be SiT's."""
     if world > 1 and not master:
         dist.barrier()
-    sd_vae = guarded(SDVAE, device) if args.vae else None                   # a one-line error without the VAE files
+    sd_vae = guarded(SDVAE, device) if args.vae else None                       # one-line error without the VAE files
     encoder = None if args.encoder == 'none' else guarded(load_encoder, args.encoder, grid, args.hub_dir, device)
     if world > 1 and master:
         dist.barrier()
@@ -982,7 +983,7 @@ def make_batch(img, y, step, args, run_args, rank, world, gen, sd_vae, encoder, 
         img = torch.where((flip < 0.5).view(-1, 1, 1, 1), img.flip(-1), img)
     y = torch.where(drop < LABEL_DROP, run_args['num_classes'], y)              # the null class = num_classes
     x = img.float() / 127.5 - 1                                                 # SiT (or the VAE) sees [-1, 1]
-    if sd_vae is not None:                                                     # a posterior sample, normalised
+    if sd_vae is not None:                                                      # a posterior sample, normalised
         x = sd_vae.encode(x, torch.randn((GB, C, S, S), device=img.device, generator=gen)[mine])
     z = None
     if encoder is not None:
@@ -1096,8 +1097,7 @@ def main(argv=None):
                 tot, fm, al, gn = (loss_sums / ((step - last_step) * world)).tolist()
                 if not math.isfinite(tot):
                     fail(f"loss is {tot} at step {step}; stopping. The last good checkpoint is in "
-                         f"{run_dir}/checkpoints "
-                         f"(a new run with a lower --lr may help)")
+                         f"{run_dir}/checkpoints (a new run with a lower --lr may help)")
                 dt = (time.time() - t0) / (step - last_step)
                 log(f"step {step}/{args.max_steps} | loss {tot:.4f} (fm {fm:.4f}, align {al:.4f}) | grad {gn:.3f} | "
                     f"{dt * 1000:.0f} ms | {args.global_batch_size / dt:.0f} img/s")

@@ -255,7 +255,7 @@ def measure(args, encoder_name, device):
     and with --ckpt of SiT's hidden state h after block encoder_depth and its projection, at noise level --t.
     encoder_name None: the checkpoint's encoder with --ckpt, else dinov2_vitb14."""
     model, ck = guarded(irepa.load_sit, args.ckpt, device) if args.ckpt else (None, {})
-    sd_vae = guarded(irepa.SDVAE, device) if ck.get('vae') else None           # latent SiT: the VAE makes its input
+    sd_vae = guarded(irepa.SDVAE, device) if ck.get('vae') else None            # latent SiT: the VAE makes its input
     encoder_name = encoder_name or (ck.get('encoder', 'none') if model else 'dinov2_vitb14')
     size, grid = (ck['image_size'], model.grid_size) if model else (args.image_size, args.grid_size)
     dataset = guarded(irepa.ImageFolder, args.data_path, size)

@@ -105,7 +105,7 @@ def sample(model, labels, mode='sde', num_steps=250, heun=False, cfg_scale=1.0, 
             else:
                 x = euler_sampler(model, x, y, num_steps, heun, cfg_scale, guidance_low, guidance_high)
             if sd_vae is not None:
-                x = sd_vae.decode(x.float())                                          # (B, 3, 8S, 8S)
+                x = sd_vae.decode(x.float())                                           # (B, 3, 8S, 8S)
             x = ((x + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)               # [-1, 1] -> 0..255
             images.append(x.permute(0, 2, 3, 1).cpu())                                 # (B, H, W, 3)
             if verbose:
