@@ -629,6 +629,11 @@ def get_args(argv=None):
         args.proj_coeff = args.proj_coeff['irepa' if args.irepa else 'repa']
     if args.lr is None:                                                         # JiT: linear scaling with the batch
         args.lr = args.base_lr * args.global_batch_size / 256
+    # iREPA's two changes follow --irepa; a recipe may set either one alone (iREPA Table 2's ablation)
+    if getattr(args, 'projector', None) is None:
+        args.projector = 'conv' if args.irepa else 'mlp'
+    if getattr(args, 'spatial_norm', None) is None:
+        args.spatial_norm = args.irepa
     return args
 
 # -----------------------------------------------------------------------------
@@ -714,8 +719,12 @@ def output_dir_problem(path):
 #     a trained SiT read back from a checkpoint of this file or of the official code (for sample.py, metrics.py)
 
 def method(args):
-    """What is trained, in words: 'vanilla' (plain SiT), 'repa' or 'irepa'."""
-    return 'vanilla' if args.encoder == 'none' else 'irepa' if args.irepa else 'repa'
+    """What is trained, in words: 'vanilla' (plain SiT), 'repa', 'irepa', or one of iREPA's halves ('conv-only':
+    conv projector on raw targets; 'spnorm-only': REPA's MLP on spatially normalised targets)."""
+    if args.encoder == 'none':
+        return 'vanilla'
+    return {('mlp', False): 'repa', ('conv', True): 'irepa', ('conv', False): 'conv-only',
+            ('mlp', True): 'spnorm-only'}[args.projector, bool(args.spatial_norm)]
 
 def run_name(args):
     """<setting>-<model>-<encoder>-<method>, e.g. latent-SiT-XL-2-dinov2_vitb14-irepa, demo-SiT-T-2-vanilla."""
@@ -989,7 +998,7 @@ def make_batch(img, y, step, args, run_args, rank, world, gen, sd_vae, encoder, 
     if encoder is not None:
         with torch.no_grad(), amp:
             z = encoder(img.float()).float()                                    # the encoder sees the 0..255 image
-        if args.irepa:
+        if args.spatial_norm:
             z = spatial_norm(z, args.spnorm_gamma)                              # iREPA: on the targets only
     return x, y, noise, t, z
 
@@ -1036,7 +1045,7 @@ def main(argv=None):
                     num_images=len(dataset), input_size=input_size, in_channels=4 if args.vae else 3,
                     encoder_depth=args.encoder_depth if args.encoder_depth is not None else size_cfg['encoder_depth'],
                     z_dim=encoder.embed_dim if encoder is not None else None,
-                    projector='conv' if args.irepa else 'mlp', method=method(args), world_size=world,
+                    method=method(args), world_size=world,
                     precision=precision(device), seeding='step_seed')                # step_seed(), global_batches()
     model, ema, opt, step = new_model(args, run_args, ckpt, device)
     run_dir = args.resume or new_run_dir(args, master, world)

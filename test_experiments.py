@@ -2,6 +2,7 @@
 encoder's token layout, torch.hub) and the Frechet distance of cifar10.py (closed forms, the `fd` command)."""
 import glob
 import json
+import math
 import os
 import sys
 
@@ -208,26 +209,33 @@ def test_quick_run_writes_every_output_and_resumes(tiny_cifar, monkeypatch, caps
     out = tiny_cifar / 'out'
     argv = ['--out-dir', str(out), 'run', '--data-path', str(tiny_cifar / 'data'), '--quick']
     cifar10.main(argv)
-    names = ({f'{arm}-s{seed}.json' for arm in cifar10.ARMS for seed in cifar10.SEEDS} | {'targets.json'} |
+    seeds = cifar10.QUICK['seeds']
+    names = ({f'{arm}-s{seed}.json' for arm in cifar10.ARMS for seed in seeds} | {'targets.json'} |
              {f'{arm}-samples.npy' for arm in cifar10.ARMS})
     assert set(os.listdir(out / 'results')) == names
     for arm in cifar10.ARMS:
         assert os.path.isfile(out / f'grid_{arm}.png')
     r = json.load(open(out / 'results' / 'iREPA-ResNet20-s1.json'))
     assert set(r['fd']) == {'2', '4'} and all(np.isfinite(v) for v in r['fd'].values()) and 'lds' in r
-    ck = torch.load(glob.glob(str(out / 'runs' / 'iREPA-ResNet20-s1' / '*' / 'checkpoints' / '0000004.pt'))[0],
-                    weights_only=False)
-    assert (ck['args']['encoder'], ck['args']['projector'], ck['args']['seed'], ck['args']['setting']) == (
-        'resnet20_stage3', 'conv', 1, 'cifar10')
+    assert r['commit'] == cifar10.git_commit() != 'unknown'
+    # each arm trains what its name says: target, projector, spatial norm, seed
+    for arm, want in {'iREPA-ResNet20': ('conv', True), 'REPA-ResNet20': ('mlp', False),
+                      'conv-only-ResNet20': ('conv', False), 'spnorm-only-ResNet20': ('mlp', True)}.items():
+        ck = torch.load(glob.glob(str(out / 'runs' / f'{arm}-s1' / '*' / 'checkpoints' / '0000004.pt'))[0],
+                        weights_only=False)
+        assert (ck['args']['encoder'], ck['args']['projector'], ck['args']['spatial_norm'], ck['args']['seed'],
+                ck['args']['ema_decay']) == ('resnet20_stage3', *want, 1, cifar10.EMA_DECAY)
     report = open(out / 'results.md').read()
     assert '| iREPA-ResNet20 | resnet20_stage3 |' in report and '| resnet20_stage3 |' in report
-    fd = {(a, s): json.load(open(out / 'results' / f'{a}-s{s}.json'))['fd']['4'] for a in cifar10.ARMS for s in (0, 1)}
-    d = [fd['iREPA-ResNet20', s] - fd['vanilla', s] for s in (0, 1)]             # paired with vanilla, seed by seed
-    assert f"| iREPA-ResNet20 | {d[0]:+.2f} | {d[1]:+.2f} | {np.mean(d):+.2f} |" in report
-    assert Image.open(out / 'fd_curve.png').size == (640, 420)
+    fd = {(a, s): json.load(open(out / 'results' / f'{a}-s{s}.json'))['fd']['4'] for a in cifar10.ARMS for s in seeds}
+    d = [fd['iREPA-ResNet20', s] - fd['REPA-ResNet20', s] for s in seeds]        # paired, seed by seed
+    half = 12.706 * np.std(d, ddof=1) / np.sqrt(2)                               # t(0.975, 1 dof)
+    assert (f"| iREPA-ResNet20 − REPA-ResNet20 | {d[0]:+.2f} | {d[1]:+.2f} | {np.mean(d):+.2f} | "
+            f"[{np.mean(d) - half:+.2f}, {np.mean(d) + half:+.2f}] |") in report
+    assert Image.open(out / 'fd_curve.png').size == (800, 420)
     os.remove(out / 'results.md')
     cifar10.main(['--out-dir', str(out), 'report', '--data-path', str(tiny_cifar / 'data'), '--quick'])   # JSONs only
-    assert '10 of 10 runs finished' in open(out / 'results.md').read()
+    assert '14 of 14 runs finished (6 of 6 in the main table)' in open(out / 'results.md').read()
     capsys.readouterr()
     cifar10.main(argv)                                                          # finished pieces are skipped
     assert 'FD' not in capsys.readouterr().out.replace('wrote', '')
@@ -270,3 +278,21 @@ def test_prep_writes_class_folders_from_the_official_python_archive(tmp_path, ca
         tar.addfile(info, io.BytesIO(data))
     with pytest.raises(SystemExit, match='not the CIFAR-10 python archive'):
         cifar10.main(['prep', str(tmp_path / 'evil.tar.gz'), str(tmp_path / 'r2')])
+
+
+def test_reach_step_interpolates_on_log_fd():
+    fd = {'1000': 40.0, '2000': 20.0, '3000': 10.0}
+    assert cifar10.reach_step(fd, [1000, 2000, 3000], math.sqrt(200))[0] == pytest.approx(2500)   # geometric middle
+    assert cifar10.reach_step(fd, [1000, 2000, 3000], 20.0)[0] == pytest.approx(2000)
+    assert cifar10.reach_step(fd, [1000, 2000, 3000], 40.0 * 2 ** -0.25)[0] == pytest.approx(1250)
+    assert cifar10.reach_step(fd, [1000, 2000, 3000], 50.0) == (None, 'before')
+    assert cifar10.reach_step(fd, [1000, 2000, 3000], 9.0) == (None, 'never')
+
+
+def test_t_interval_and_paired_differences_by_hand():
+    mean, half = cifar10.t_interval([1.0, 2.0, 3.0])                            # sd 1, n 3: t(0.975, 2) = 4.3027
+    assert mean == 2.0 and half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+    results = [dict(arm='a', seed=0, fd={'9': 5.0}), dict(arm='b', seed=0, fd={'9': 7.0}),
+               dict(arm='a', seed=1, fd={'9': 4.0}), dict(arm='b', seed=1, fd={'9': 3.5}),
+               dict(arm='a', seed=2, fd={})]
+    assert cifar10.paired(results, 'a', 'b', '9') == {0: -2.0, 1: 0.5}

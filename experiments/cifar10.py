@@ -10,14 +10,14 @@ Data: CIFAR-10 as class folders, ROOT/{train,test}/<class>/<image>. From the off
 (cifar-10-python.tar.gz, www.cs.toronto.edu/~kriz/cifar.html):
     python experiments/cifar10.py prep cifar-10-python.tar.gz ROOT  # 60,000 PNGs (the committed runs: JPEGs, ~28 dB)
 
-    python experiments/cifar10.py run --data-path ROOT              # the whole experiment (~4 h on 2 cores, resumable)
+    python experiments/cifar10.py run --data-path ROOT              # the whole experiment (hours on 2 cores, resumable)
     python experiments/cifar10.py run --data-path ROOT --quick      # every piece end to end in about a minute
     python experiments/cifar10.py check --data-path ROOT            # ResNet-56/-20 test accuracy, FD noise floor
     python experiments/cifar10.py fd samples.npz --data-path ROOT   # FD of sample.py's npz; the last line is the FD
 
 `run` trains every arm x seed with irepa.py's own training code and one recipe for all (added below to irepa.RECIPES
-as 'cifar10', so it exists only when this script runs irepa.main),
-scores the EMA model by FD at 3 points along training, measures LDS/CDS at the end, and writes results.md,
+as 'cifar10', so it exists only when this script runs irepa.main): the main table's arms first, then the second's.
+It scores the EMA model by FD at 4 points along training, measures LDS/CDS at the end, and writes results.md,
 fd_curve.png and a sample grid per arm to --out-dir. Killed at any point, a rerun skips finished pieces (their
 results/<arm>-s<seed>.json) and resumes unfinished runs from their checkpoints (under results/cifar10/).
 The reference statistics are computed once and cached in --out-dir (default experiments/cifar10/ref_stats.npz).
@@ -217,24 +217,41 @@ def cmd_check(args):
 # -----------------------------------------------------------------------------
 # 4. The experiment: every arm and seed trained by irepa.py with one recipe, scored along the way
 
-# arm -> (encoder, iREPA?). HOG is weight-free (pure spatial structure); ResNet-20's last stage is a small
-# pretrained CNN target (the CPU-size analogue of the paper's section 3 VGG / CNN targets).
-ARMS = {'vanilla': ('none', False),
-        'REPA-HOG': ('hog', False), 'iREPA-HOG': ('hog', True),
-        'REPA-ResNet20': ('resnet20_stage3', False), 'iREPA-ResNet20': ('resnet20_stage3', True)}
-SEEDS = (0, 1)
+# arm -> (encoder, setting, --irepa). ResNet-20's last stage is a small pretrained CNN target (the CPU-size analogue
+# of the paper's pretrained encoders); HOG is weight-free, pure spatial structure (paper section 3). The main table is
+# the paper's central claim; the second adds HOG and iREPA's two halves alone (paper Table 2), each half a recipe
+# entry (projector, spatial_norm) of its own setting below.
+MAIN_ARMS = {'vanilla': ('none', 'cifar10', False),
+             'REPA-ResNet20': ('resnet20_stage3', 'cifar10', False),
+             'iREPA-ResNet20': ('resnet20_stage3', 'cifar10', True)}
+SECOND_ARMS = {'REPA-HOG': ('hog', 'cifar10', False), 'iREPA-HOG': ('hog', 'cifar10', True),
+               'conv-only-ResNet20': ('resnet20_stage3', 'cifar10-conv', False),
+               'spnorm-only-ResNet20': ('resnet20_stage3', 'cifar10-spnorm', False)}
+ARMS = {**MAIN_ARMS, **SECOND_ARMS}
+SEEDS = (0, 1, 2)
 
-# One recipe for every arm. Scale chosen for the 4-hour CPU budget: SiT-T/4 (depth 6, width 192; an 8x8 token
-# grid at 32 px, the grid of ResNet-20's last stage; aligned after block 2) trains at ~0.26 s per batch of 64 in
-# bf16 on 2 cores, so 3,000 steps (~4 epochs, 13 min) and three FD evaluations (~1.5-2 min each) take ~18 min per
-# run; REPA's 2048-wide MLP projector costs about as much as this tiny SiT (~29 min a run): 10 runs in ~4 h.
-# lr 1e-3 and EMA 0.999 suit a tiny model and a short run (the demo's values, scaled to batch 64).
+# One recipe for every arm. SiT-T/4 (depth 6, width 192; an 8x8 token grid at 32 px, the grid of ResNet-20's last
+# stage; aligned after block 2) trains at ~0.26 s per batch of 64 in bf16 on 2 cores (AVX512-BF16): 4,000 steps
+# (~5 epochs) are ~17 min, REPA's 2048-wide MLP projector adds about as much as the tiny SiT costs; each FD
+# evaluation ~1.5 min. lr 1e-3 suits a tiny model and a short run (the demo's value, scaled to batch 64).
+# The EMA must fit the run: the models are scored through their EMA, which after s steps still holds decay^s of the
+# initial weights, so its time constant 1 / (1 - decay) is kept at most a tenth of the first evaluation step
+# (1,000 steps here: 0.99, a 100-step average). Change the steps and the decay follows.
+STEPS = (1000, 2000, 3000, 4000)
+EMA_DECAY = 1 - 10 / STEPS[0]
 irepa.RECIPES['cifar10'] = dict(irepa.RECIPES['demo'], model='SiT-T/4', image_size=32, global_batch_size=64, lr=1e-3,
-                                ema_decay=0.999, hflip=True, max_steps=3000, ckpt_every=1000, log_every=100,
-                                sampler=dict(mode='ode', heun=True, num_steps=12, cfg_scale=1.0))
-FULL = dict(steps=(1000, 2000, 3000), fd_samples=2000, metric_images=1000)
-QUICK = dict(steps=(2, 4), fd_samples=20, metric_images=20)
+                                ema_decay=EMA_DECAY, hflip=True, max_steps=STEPS[-1], ckpt_every=STEPS[0],
+                                log_every=100, sampler=dict(mode='ode', heun=True, num_steps=12, cfg_scale=1.0))
+irepa.RECIPES['cifar10-conv'] = dict(irepa.RECIPES['cifar10'], projector='conv', spatial_norm=False)
+irepa.RECIPES['cifar10-spnorm'] = dict(irepa.RECIPES['cifar10'], projector='mlp', spatial_norm=True)
+FULL = dict(steps=STEPS, fd_samples=2000, metric_images=1000, seeds=SEEDS)
+QUICK = dict(steps=(2, 4), fd_samples=20, metric_images=20, seeds=SEEDS[:2])
 METRIC_T = 0.5          # noise level of SiT's hidden states for LDS / CDS (t = 0 data, t = 1 noise)
+
+def git_commit():
+    """The commit of the code that runs (the experiment runs from a fixed commit: a git worktree)."""
+    return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                          cwd=HERE).stdout.strip() or 'unknown'
 
 def save_json(path, obj):
     with open(path + '.tmp', 'w') as f:
@@ -274,10 +291,11 @@ def run_arm(args, arm, seed, cfg, net, ref):
     """Train one arm and seed up to each evaluation step (resuming its checkpoints), record the FD there, and at
     the end the spatial structure of SiT's aligned hidden states. Results: out_dir/results/<arm>-s<seed>.json."""
     path = os.path.join(args.out_dir, 'results', f'{arm}-s{seed}.json')
-    res = json.load(open(path)) if os.path.isfile(path) else dict(arm=arm, seed=seed, fd={}, train_s=0.0, eval_s=0.0)
+    res = (json.load(open(path)) if os.path.isfile(path) else
+           dict(arm=arm, seed=seed, commit=git_commit(), fd={}, train_s=0.0, eval_s=0.0))
     if 'lds' in res:
         return res
-    encoder, use_irepa = ARMS[arm]
+    encoder, setting, use_irepa = ARMS[arm]
     root = os.path.join(args.runs_dir, f'{arm}-s{seed}')
     for step in cfg['steps']:
         if str(step) in res['fd']:
@@ -287,7 +305,7 @@ def run_arm(args, arm, seed, cfg, net, ref):
         if ckpt is None or not os.path.isfile(ckpt):
             t0 = time.time()
             argv = (['--resume', run_dir] if run_dir else
-                    ['--setting', 'cifar10', '--encoder', encoder, '--irepa' if use_irepa else '--no-irepa',
+                    ['--setting', setting, '--encoder', encoder, '--irepa' if use_irepa else '--no-irepa',
                      '--hub-dir', HERE, '--data-path', os.path.join(args.data_path, 'train'), '--seed', str(seed),
                      '--results-dir', root, '--ckpt-every', str(cfg['steps'][0])])
             run_dir = irepa.main(argv + ['--max-steps', str(step)])
@@ -296,7 +314,7 @@ def run_arm(args, arm, seed, cfg, net, ref):
         t0 = time.time()
         model, _ = irepa.load_sit(ckpt)
         res['fd'][str(step)], images = fd_of(model, net, ref, cfg['fd_samples'], seed)
-        if step == cfg['steps'][-1] and seed == SEEDS[0]:                        # for the grid: 8 per class
+        if step == cfg['steps'][-1] and seed == cfg['seeds'][0]:                 # for the grid: 8 per class
             np.save(os.path.join(args.out_dir, 'results', f'{arm}-samples.npy'), images[:80])
         res['eval_s'] += time.time() - t0
         print(f"{arm} seed {seed} step {step}: FD {res['fd'][str(step)]:.3f}", flush=True)
@@ -317,7 +335,7 @@ def target_metrics(args, cfg):
         return json.load(open(path))
     images, _ = test_images(args, cfg['metric_images'])
     gamma, out = irepa.RECIPES['cifar10']['spnorm_gamma'], {}
-    for name in sorted({enc for enc, _ in ARMS.values() if enc != 'none'}):
+    for name in sorted({enc for enc, _, _ in ARMS.values() if enc != 'none'}):
         encoder = irepa.load_encoder(name, 8, None if name == 'hog' else HERE)
         with torch.no_grad(), irepa.autocast('cpu'):
             z = torch.cat([encoder(images[i:i + 250].float()).float() for i in range(0, len(images), 250)])
@@ -329,56 +347,139 @@ def mean_sd(values):
     values = [v for v in values if v is not None]
     if not values:
         return '-'
-    return f"{np.mean(values):.3g} ± {np.std(values, ddof=1):.2g}" if len(values) > 1 else f"{values[0]:.3g}"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+def t_interval(values):
+    """Mean and the half-width of its 95% Student-t interval (None with fewer than two values)."""
+    import scipy.stats
+    n = len(values)
+    if n < 2:
+        return float(np.mean(values)), None
+    return float(np.mean(values)), float(scipy.stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
+
+def reach_step(fd, steps, target):
+    """The first step at which an FD curve reaches `target`, interpolated linearly in log FD between evaluation
+    points; steps[0] or less is returned as None with 'before', never reached as None with 'never'."""
+    vals = [fd[str(s)] for s in steps]
+    if vals[0] <= target:
+        return None, 'before'
+    for (s0, f0), (s1, f1) in zip(zip(steps, vals), zip(steps[1:], vals[1:])):
+        if f1 <= target:
+            return s0 + (s1 - s0) * (math.log(f0) - math.log(target)) / (math.log(f0) - math.log(f1)), ''
+    return None, 'never'
+
+def paired(results, arm, base, step):
+    """arm's FD minus base's at `step`, seed by seed: {seed: difference} (same seed: same data order, draws and
+    initial SiT weights, so the seed's luck cancels)."""
+    fd = {(r['arm'], r['seed']): r['fd'].get(step) for r in results}
+    return {s: fd[arm, s] - fd[base, s] for (a, s) in fd if a == arm and fd[arm, s] is not None
+            and fd.get((base, s)) is not None}
+
+def fd_table(arms, results, steps):
+    lines = ["| arm | target | " + " | ".join(f"FD @ {s}" for s in steps) + " | LDS (SiT) | seeds |",
+             "|---|---|" + "---|" * (len(steps) + 2)]
+    for arm in arms:
+        rs = [r for r in results if r['arm'] == arm]
+        lines.append(f"| {arm} | {ARMS[arm][0]} | " + " | ".join(mean_sd([r['fd'].get(s) for r in rs]) for s in steps)
+                     + f" | {mean_sd([r.get('lds') for r in rs])} | {sum('lds' in r for r in rs)} |")
+    return lines
+
+def diff_table(pairs, results, last, seeds):
+    lines = [f"| FD @ {last} | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | 95% t-interval |",
+             "|---|" + "---|" * (len(seeds) + 2)]
+    for arm, base in pairs:
+        d = paired(results, arm, base, last)
+        if not d:
+            continue
+        mean, half = t_interval(list(d.values()))
+        lines.append(f"| {arm} − {base} | " + " | ".join(f"{d[s]:+.2f}" if s in d else '-' for s in seeds) +
+                     f" | {mean:+.2f} | " + (f"[{mean - half:+.2f}, {mean + half:+.2f}]" if half is not None else '-')
+                     + " |")
+    return lines
+
+def speed_table(arms, results, steps, seeds):
+    """The paper's way of saying it: when does each arm first reach vanilla's final FD (same seed)?"""
+    last = str(steps[-1])
+    target = {r['seed']: r['fd'][last] for r in results if r['arm'] == 'vanilla' and last in r['fd']}
+    lines = [f"| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean (range) |", "|---|" + "---|" * (len(seeds) + 1)]
+    for arm in arms:
+        cells, ratios = [], []
+        for s in seeds:
+            r = next((r for r in results if r['arm'] == arm and r['seed'] == s), None)
+            if r is None or s not in target or any(str(x) not in r['fd'] for x in steps):
+                cells.append('-')
+                continue
+            step, why = reach_step(r['fd'], steps, target[s])
+            if step is not None:
+                ratios.append(step / steps[-1])
+                cells.append(f"{step:.0f} ({step / steps[-1]:.2f}x)")
+            else:
+                ratios.append(steps[0] / steps[-1] if why == 'before' else math.inf)
+                cells.append(f"≤ {steps[0]}" if why == 'before' else f"> {steps[-1]}")
+        summary = '-'
+        if ratios:
+            fmt = lambda v: '∞' if v == math.inf else f"{v:.2f}x"
+            finite = [v for v in ratios if v != math.inf]
+            summary = (f"{np.mean(ratios):.2f}x" if len(finite) == len(ratios) else '-') + \
+                f" ({fmt(min(ratios))} – {fmt(max(ratios))})"
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {summary} |")
+    return lines
 
 def write_report(args, cfg, results, targets):
-    """results.md (per seed, and mean ± sd over seeds), fd_curve.png and a sample grid per arm."""
-    steps = [str(s) for s in cfg['steps']]
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip() or 'unknown'
-    rec = irepa.RECIPES['cifar10']
+    """results.md (tables of mean ± sd, paired differences with t-intervals, convergence speed), fd_curve.png and a
+    sample grid per arm."""
+    steps, seeds, rec = [str(s) for s in cfg['steps']], cfg['seeds'], irepa.RECIPES['cifar10']
+    last = steps[-1]
+    commits = sorted({r.get('commit', 'unknown') for r in results}) or [git_commit()]
     lines = ["# CIFAR-10: vanilla SiT vs REPA vs iREPA (produced by experiments/cifar10.py)", "",
              f"Recipe for every run: {rec['model']} at 32 px, batch {rec['global_batch_size']}, lr {rec['lr']}, "
-             f"EMA {rec['ema_decay']}, {steps[-1]} steps, horizontal flips, proj-coeff {rec['proj_coeff']}, gamma "
-             f"{rec['spnorm_gamma']}. FD: {cfg['fd_samples']} EMA samples (Heun ODE, {rec['sampler']['num_steps']} "
-             f"steps, no CFG, balanced labels) vs {REF_SIZE} train images, ResNet-56 features; 2,000 real held-out "
-             f"images score 0.08 (`cifar10.py check`). LDS / CDS: {cfg['metric_images']} test images; SiT's hidden "
-             f"state after block "
-             f"{irepa.SiT_sizes['T']['encoder_depth']} at t = {METRIC_T}.", "",
-             "## FD (lower is better), mean ± sd over seeds", "",
-             "| arm | target | " + " | ".join(f"FD @ {s}" for s in steps) + " | LDS (SiT) | CDS (SiT) |",
-             "|---|---|" + "---|" * (len(steps) + 2)]
-    for arm, (enc, _) in ARMS.items():
-        rs = [r for r in results if r['arm'] == arm]
-        lines.append(f"| {arm} | {enc} | " + " | ".join(mean_sd([r['fd'].get(s) for r in rs]) for s in steps) +
-                     f" | {mean_sd([r.get('lds') for r in rs])} | {mean_sd([r.get('cds') for r in rs])} |")
+             f"EMA {rec['ema_decay']:.3g} (time constant {1 / (1 - rec['ema_decay']):.0f} steps, a tenth of the first "
+             f"evaluation step), {last} steps, horizontal flips, proj-coeff {rec['proj_coeff']}, gamma "
+             f"{rec['spnorm_gamma']}, bf16 autocast where the CPU has it. FD: {cfg['fd_samples']} EMA samples (Heun "
+             f"ODE, {rec['sampler']['num_steps']} steps, no CFG, balanced labels) vs {REF_SIZE} train images, "
+             f"ResNet-56 features; 2,000 real held-out images score 0.08 (`cifar10.py check`). LDS: "
+             f"{cfg['metric_images']} test images, SiT's hidden state after block "
+             f"{irepa.SiT_sizes['T']['encoder_depth']} at t = {METRIC_T}. Seeds {', '.join(map(str, seeds))}, paired: "
+             f"within a seed every arm has the same data order, the same t, noise, flips and label drops at each step, "
+             f"and the same initial SiT weights (irepa.py draws each step's randomness from the seed and the step, and "
+             f"builds the projector after SiT).", "",
+             "## Main table: the paper's central claim with a pretrained target (FD, lower is better; mean ± sd over "
+             "seeds)", ""]
+    lines += fd_table(MAIN_ARMS, results, steps)
+    lines += ["", f"Paired differences at step {last} (negative: the first arm is better), with the mean's 95% "
+              f"t-interval over seeds:", ""]
+    lines += diff_table([('iREPA-ResNet20', 'REPA-ResNet20'), ('REPA-ResNet20', 'vanilla'),
+                         ('iREPA-ResNet20', 'vanilla')], results, last, seeds)
+    lines += ["", f"Convergence speed: the step at which each arm first reaches vanilla's FD at step {last} (same "
+              f"seed), interpolated on log FD between evaluation points; as a fraction of {last} steps:", ""]
+    lines += speed_table(MAIN_ARMS, results, cfg['steps'], seeds)
+    if any(r['arm'] in SECOND_ARMS for r in results):
+        lines += ["", "## Second table: a weight-free HOG target, and iREPA's two halves with ResNet-20", ""]
+        lines += fd_table(SECOND_ARMS, results, steps)
+        lines += [""]
+        lines += diff_table([('iREPA-HOG', 'REPA-HOG'), ('REPA-HOG', 'vanilla'), ('iREPA-HOG', 'vanilla'),
+                             ('conv-only-ResNet20', 'REPA-ResNet20'), ('spnorm-only-ResNet20', 'REPA-ResNet20')],
+                            results, last, seeds)
+        lines += [""]
+        lines += speed_table(SECOND_ARMS, results, cfg['steps'], seeds)
     lines += ["", "## Every run", "", "| arm | seed | " + " | ".join(f"FD @ {s}" for s in steps) +
-              " | LDS | CDS | train (s) | eval (s) |", "|---|---|" + "---|" * (len(steps) + 4)]
+              " | LDS | CDS | train (s) | eval (s) | commit |", "|---|---|" + "---|" * (len(steps) + 5)]
     for r in results:
         lines.append(f"| {r['arm']} | {r['seed']} | " + " | ".join(f"{r['fd'][s]:.3f}" if s in r['fd'] else '-'
                                                                    for s in steps) +
                      f" | {r.get('lds', float('nan')):.3f} | {r.get('cds', float('nan')):.4f} | "
-                     f"{r['train_s']:.0f} | {r['eval_s']:.0f} |")
-    # a seed fixes the data order, every step's t, noise and label drops, and SiT's initial weights (any projector
-    # is initialised after SiT): arm minus vanilla is a paired difference
-    last, base = steps[-1], {r['seed']: r['fd'].get(steps[-1]) for r in results if r['arm'] == 'vanilla'}
-    lines += ["", f"## FD @ {last} minus vanilla's, same seed (negative: better than vanilla)", "",
-              "| arm | " + " | ".join(f"seed {s}" for s in SEEDS) + " | mean |", "|---|" + "---|" * (len(SEEDS) + 1)]
-    for arm in list(ARMS)[1:]:
-        d = {r['seed']: r['fd'][last] - base[r['seed']] for r in results
-             if r['arm'] == arm and last in r['fd'] and base.get(r['seed']) is not None}
-        cells = [f"{d[s]:+.2f}" if s in d else '-' for s in SEEDS] + [f"{np.mean(list(d.values())):+.2f}" if d else '-']
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+                     f"{r['train_s']:.0f} | {r['eval_s']:.0f} | {r.get('commit', '-')} |")
     lines += ["", "## The targets' own spatial structure (the paper's predictor)", "",
               "| target | LDS raw | CDS raw | LDS spatial norm | CDS spatial norm |", "|---|---|---|---|---|"]
     for name, m in targets.items():
         lines.append(f"| {name} | {m['raw']['lds']:.3f} | {m['raw']['cds']:.4f} | {m['spatial_norm']['lds']:.3f} | "
                      f"{m['spatial_norm']['cds']:.4f} |")
     done = sum('lds' in r for r in results)
-    lines += ["", f"{done} of {len(ARMS) * len(SEEDS)} runs finished. Wall time summed over runs (training + FD "
+    lines += ["", f"{done} of {len(ARMS) * len(seeds)} runs finished ({sum(r['arm'] in MAIN_ARMS and 'lds' in r for r in results)}"
+              f" of {len(MAIN_ARMS) * len(seeds)} in the main table). Wall time summed over runs (training + FD "
               f"evaluations): {sum(r['train_s'] + r['eval_s'] for r in results) / 60:.1f} min on 2 CPU cores.",
-              f"Command: `python experiments/cifar10.py run --data-path ROOT{' --quick' if args.quick else ''}` "
-              f"at commit {commit}."]
+              f"Command: `python experiments/cifar10.py run --data-path ROOT{' --quick' if args.quick else ''}`, "
+              f"run from a git worktree at commit {', '.join(commits)}."]
     open(os.path.join(args.out_dir, 'results.md'), 'w').write('\n'.join(lines) + '\n')
     fd_curve(results, cfg['steps'], os.path.join(args.out_dir, 'fd_curve.png'))
     classes = image_folder(args.data_path, 'test').classes
@@ -389,10 +490,12 @@ def write_report(args, cfg, results, targets):
             sample.save_grid(images, os.path.join(args.out_dir, f'grid_{arm}.png'), class_names=classes,
                              labels=list(np.arange(len(images)) % len(classes)), nrow=len(classes))
 
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194)]
 
-def fd_curve(results, steps, path, W=640, H=420, m=60):
-    """FD vs training step, one line per arm (the mean over seeds) with the seeds' range as a bar."""
+def fd_curve(results, steps, path, W=800, H=420, m=60, legend=170):
+    """log FD vs training step, one line per arm (the mean over seeds) with the seeds' range as a bar; the legend
+    stands right of the axes, so it covers no line."""
     from PIL import Image, ImageDraw
     im = Image.new('RGB', (W, H), 'white')
     d = ImageDraw.Draw(im)
@@ -401,34 +504,43 @@ def fd_curve(results, steps, path, W=640, H=420, m=60):
         return im.save(path)
     lo, hi = math.log(min(vals)), math.log(max(vals))
     hi = hi if hi > lo else lo + 1
-    X = lambda s: m + (W - 2 * m) * (s - steps[0]) / max(1, steps[-1] - steps[0])
+    right = W - legend                                                          # the axes end here
+    X = lambda s: m + (right - m - 20) * (s - steps[0]) / max(1, steps[-1] - steps[0])
     Y = lambda v: H - m - (H - 2 * m) * (math.log(v) - lo) / (hi - lo)      # log scale
-    d.line([(m, m), (m, H - m), (W - m, H - m)], fill='black')
+    d.line([(m, m - 10), (m, H - m), (right, H - m)], fill='black')
     for s in steps:
         d.text((X(s) - 12, H - m + 6), str(s), fill='black')
     for k in range(5):
         v = math.exp(lo + (hi - lo) * k / 4)
-        d.text((4, Y(v) - 6), f"{v:.2f}", fill='black')
-    d.text((W // 2 - 60, H - 22), "training step", fill='black')
-    d.text((m, 14), "FD (ResNet-56 features, log scale) vs step; bars: seed range", fill='black')
-    for i, arm in enumerate(ARMS):
-        pts, c = [], COLOURS[i % len(COLOURS)]
+        d.text((4, Y(v) - 6), f"{v:.1f}", fill='black')
+    d.text(((m + right) // 2 - 40, H - 22), "training step", fill='black')
+    d.text((m, 14), "FD (ResNet-56 features, log scale) vs step; line: mean over seeds, bar: seed range",
+           fill='black')
+    arms = [a for a in ARMS if any(r['arm'] == a for r in results)]
+    for i, arm in enumerate(arms):
+        pts, c = [], COLOURS[list(ARMS).index(arm) % len(COLOURS)]
         for s in steps:
             v = [r['fd'][str(s)] for r in results if r['arm'] == arm and str(s) in r['fd']]
             if v:
-                x = X(s) + 3 * (i - 2)
+                x = X(s) + 3 * (i - len(arms) // 2)
                 pts.append((x, Y(np.mean(v))))
                 d.line([(x, Y(min(v))), (x, Y(max(v)))], fill=c, width=2)
         if len(pts) > 1:
             d.line(pts, fill=c, width=2)
-        d.text((W - m - 110, m + 14 * i), arm, fill=c)
+        d.line([(right + 10, m + 16 * i + 6), (right + 28, m + 16 * i + 6)], fill=c, width=3)
+        d.text((right + 34, m + 16 * i), arm, fill=c)
     im.save(path)
+
+def collect(args, cfg, arms):
+    return [json.load(open(p)) for seed in cfg['seeds'] for arm in arms
+            for p in [os.path.join(args.out_dir, 'results', f'{arm}-s{seed}.json')] if os.path.isfile(p)]
 
 def cmd_run(args):
     cfg = QUICK if args.quick else FULL
     if args.quick:
-        irepa.RECIPES['cifar10'].update(max_steps=cfg['steps'][-1], ckpt_every=cfg['steps'][0], log_every=1,
-                                        global_batch_size=8, sampler=dict(mode='ode', heun=True, num_steps=2))
+        for setting in ('cifar10', 'cifar10-conv', 'cifar10-spnorm'):
+            irepa.RECIPES[setting].update(max_steps=cfg['steps'][-1], ckpt_every=cfg['steps'][0], log_every=1,
+                                          global_batch_size=8, sampler=dict(mode='ode', heun=True, num_steps=2))
     if args.runs_dir is None:
         args.runs_dir = os.path.join(args.out_dir, 'runs') if args.quick else os.path.join(ROOT, 'results', 'cifar10')
     os.makedirs(os.path.join(args.out_dir, 'results'), exist_ok=True)
@@ -437,18 +549,18 @@ def cmd_run(args):
     net = hubconf.resnet56()
     ref = reference_stats(net, image_folder(args.data_path, 'train'), args.out_dir)
     targets = target_metrics(args, cfg)
-    results = []
-    for seed in SEEDS:                                                          # seed-major: both seeds of every
-        for arm in ARMS:                                                        # arm only at the very end
-            results.append(run_arm(args, arm, seed, cfg, net, ref))
-            write_report(args, cfg, results, targets)
+    # the main table first, seed-major (every arm of a seed before the next seed), then the second table
+    for arms in (MAIN_ARMS, SECOND_ARMS):
+        for seed in cfg['seeds']:
+            for arm in arms:
+                run_arm(args, arm, seed, cfg, net, ref)
+                write_report(args, cfg, collect(args, cfg, ARMS), targets)
     print(f"wrote {args.out_dir}/results.md, fd_curve.png and grid_<arm>.png ({(time.time() - t0) / 60:.1f} min)")
 
 def cmd_report(args):
     """results.md, fd_curve.png and the grids from the results written so far, without training."""
     cfg = QUICK if args.quick else FULL
-    results = [json.load(open(p)) for seed in SEEDS for arm in ARMS
-               for p in [os.path.join(args.out_dir, 'results', f'{arm}-s{seed}.json')] if os.path.isfile(p)]
+    results = collect(args, cfg, ARMS)
     write_report(args, cfg, results, target_metrics(args, cfg))
     print(f"wrote {args.out_dir}/results.md, fd_curve.png and grid_<arm>.png from {len(results)} runs")
 
