@@ -17,7 +17,7 @@ Data: CIFAR-10 as class folders, ROOT/{train,test}/<class>/<image>. From the off
 
 `run` trains every arm x seed with irepa.py's own training code and one recipe for all (added below to irepa.RECIPES
 as 'cifar10', so it exists only when this script runs irepa.main): the main table's arms first, then the second's.
-It scores the EMA model by FD at 4 points along training, measures LDS/CDS at the end, and writes results.md,
+It scores the EMA model by FD at 3 points along training, measures LDS/CDS at the end, and writes results.md,
 fd_curve.png and a sample grid per arm to --out-dir. Killed at any point, a rerun skips finished pieces (their
 results/<arm>-s<seed>.json) and resumes unfinished runs from their checkpoints (under results/cifar10/).
 The reference statistics are computed once and cached in --out-dir (default experiments/cifar10/ref_stats.npz).
@@ -231,13 +231,14 @@ ARMS = {**MAIN_ARMS, **SECOND_ARMS}
 SEEDS = (0, 1, 2)
 
 # One recipe for every arm. SiT-T/4 (depth 6, width 192; an 8x8 token grid at 32 px, the grid of ResNet-20's last
-# stage; aligned after block 2) trains at ~0.26 s per batch of 64 in bf16 on 2 cores (AVX512-BF16): 4,000 steps
-# (~5 epochs) are ~17 min, REPA's 2048-wide MLP projector adds about as much as the tiny SiT costs; each FD
-# evaluation ~1.5 min. lr 1e-3 suits a tiny model and a short run (the demo's value, scaled to batch 64).
+# stage; aligned after block 2) trains at 0.26-0.46 s per batch of 64 in bf16 on 2 cores with AVX512-BF16 (hosts
+# differ): 3,000 steps (~4 epochs) take 13-23 min, REPA's 2048-wide MLP projector adds up to as much again, and each
+# FD evaluation 1.5-3 min: the main table's 9 runs take ~5 h. lr 1e-3 suits a tiny model and a short run (the
+# demo's value, scaled to batch 64).
 # The EMA must fit the run: the models are scored through their EMA, which after s steps still holds decay^s of the
 # initial weights, so its time constant 1 / (1 - decay) is kept at most a tenth of the first evaluation step
 # (1,000 steps here: 0.99, a 100-step average). Change the steps and the decay follows.
-STEPS = (1000, 2000, 3000, 4000)
+STEPS = (1000, 2000, 3000)
 EMA_DECAY = 1 - 10 / STEPS[0]
 irepa.RECIPES['cifar10'] = dict(irepa.RECIPES['demo'], model='SiT-T/4', image_size=32, global_batch_size=64, lr=1e-3,
                                 ema_decay=EMA_DECAY, hflip=True, max_steps=STEPS[-1], ckpt_every=STEPS[0],
