@@ -55,7 +55,7 @@ def main():
         import vae as sdvae
         vae = sdvae.AutoencoderKL().to(device).eval().requires_grad_(False)
     kw = dict(input_size=args.image_size // down, in_channels=4 if args.vae else 3, num_classes=1000, projector='conv',
-              z_dim=enc.embed_dim if enc else None)
+              target_dim=enc.embed_dim if enc else None)
     model = irepa.SiT_models[args.model](**kw).to(device)
     ema = irepa.SiT_models[args.model](**kw).to(device).requires_grad_(False)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, weight_decay=0,
@@ -68,7 +68,7 @@ def main():
 
     def step(bf16):
         """One training step as irepa.main runs it; returns the seconds spent in the VAE."""
-        amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        mixed_precision = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         x = img.float() / 127.5 - 1
         t_vae = 0.0
         if vae is not None:                                                 # fp32, as in training
@@ -79,11 +79,12 @@ def main():
                 x = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * 0.18215
             sync()
             t_vae = time.perf_counter() - t0
-        z = None
+        target = None
         if enc is not None:
-            with torch.no_grad(), amp:
-                z = irepa.spatial_norm(enc(img.float()).float())
-        irepa.backward(fwd, x, y, torch.randn_like(x), torch.rand(B, device=device), z, 'v', 0.5, amp=amp)
+            with torch.no_grad(), mixed_precision:
+                target = irepa.spatial_norm(enc(img.float()).float())
+        irepa.accumulate_gradient(fwd, x, y, torch.randn_like(x), torch.rand(B, device=device), target, 'v', 0.5,
+                                  mixed_precision=mixed_precision)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

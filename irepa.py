@@ -9,6 +9,11 @@ arXiv 2512.10794) improves REPA (arXiv 2410.06940) with two changes, both switch
 Time convention, used everywhere in this repo (sample.py too): t = 0 is data, t = 1 is noise,
     x_t = (1 - t) * x + t * eps,   target velocity v = eps - x.
 
+Read it top to bottom: the method in the paper's order (sections 1-6: SiT, projectors, encoders, spatial norm,
+losses), then the data, the settings and the training loop (7-9). The appendix after the loop (A-E) holds what a
+real run needs and a first reading can skip: processes and precision, data sources, one-line errors, run folders
+and checkpoints, reading a trained SiT back.
+
 Three settings, one code path (`--setting`, recipes in section 8; explicit flags win):
     latent  the paper's main setting: SiT-XL/2 on 32x32x4 SD-VAE latents of 256 px images, REPA's recipe (default)
     pixel   SiT-B/16 on 256 px pixels with JiT's recipe (x-prediction, logit-normal t, warm-up; iREPA Table 10)
@@ -36,7 +41,6 @@ import time
 import warnings
 from contextlib import nullcontext
 from functools import partial
-
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -44,8 +48,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+# =============================================================================
+# The method, in the paper's order: SiT, the projectors, the encoders, the spatial norm, the losses
+# =============================================================================
+
 # -----------------------------------------------------------------------------
-# 1. SiT: the diffusion transformer (DiT, arXiv 2212.09748; SiT, arXiv 2401.08740; willisma/SiT models.py)
+# 1. SiT's parts: the diffusion transformer (DiT, arXiv 2212.09748; SiT, arXiv 2401.08740; willisma/SiT models.py)
 #    Parameter names follow the official SiT/REPA code so their checkpoints load by name.
 
 def modulate(x, shift, scale):
@@ -168,24 +176,24 @@ def grid_to_tokens(x):
     """(B, D, H, W) -> (B, H*W, D) in raster order (row by row)."""
     return x.flatten(2).transpose(1, 2)
 
-def mlp_projector(hidden_size, z_dim, proj_dim=2048):
+def mlp_projector(hidden_size, target_dim, proj_dim=2048):
     """REPA: the same 3-layer MLP applied to every token independently; it cannot see neighbours."""
     return nn.Sequential(nn.Linear(hidden_size, proj_dim), nn.SiLU(),
                          nn.Linear(proj_dim, proj_dim), nn.SiLU(),
-                         nn.Linear(proj_dim, z_dim))
+                         nn.Linear(proj_dim, target_dim))
 
 class ConvProjector(nn.Conv2d):
     """iREPA: one 3x3 conv on the token grid, so each projected token mixes its 8 neighbours.
     (The official LDM script's flag defaults to k=1, a per-token linear map; the paper uses 3.)
     Subclasses Conv2d so its parameters are named projectors.0.{weight,bias}."""
-    def __init__(self, hidden_size, z_dim, kernel_size=3):
-        super().__init__(hidden_size, z_dim, kernel_size, padding=kernel_size // 2)
+    def __init__(self, hidden_size, target_dim, kernel_size=3):
+        super().__init__(hidden_size, target_dim, kernel_size, padding=kernel_size // 2)
 
     def forward(self, x):                                                       # x (B, T, D)
-        return grid_to_tokens(super().forward(tokens_to_grid(x)))              # (B, T, z_dim)
+        return grid_to_tokens(super().forward(tokens_to_grid(x)))              # (B, T, target_dim)
 
 # -----------------------------------------------------------------------------
-# 3. SiT itself, and the size table (checkpoints are read back in section 10)
+# 3. SiT itself, and the size table
 
 def xavier_linears(module):
     """DiT's init of every nn.Linear in `module`: xavier-uniform weights, zero biases."""
@@ -196,11 +204,11 @@ def xavier_linears(module):
     return module
 
 class SiT(nn.Module):
-    """Scalable interpolant transformer. model(x, t, y) -> (out, zs):
+    """Scalable interpolant transformer. model(x, t, y) -> (out, h_proj):
     out has x's shape (the velocity for pred='v', the clean image for pred='x');
-    zs (B, T, z_dim) is the projected hidden state after block `encoder_depth`, or None if z_dim is None."""
+    h_proj (B, T, target_dim) is the projected hidden state after block `encoder_depth` (None without target_dim)."""
     def __init__(self, input_size=32, patch_size=2, in_channels=3, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, num_classes=1000, encoder_depth=8, z_dim=None,
+                 mlp_ratio=4.0, num_classes=1000, encoder_depth=8, target_dim=None,
                  projector='mlp', pred='v', proj_kernel=3):
         super().__init__()
         assert input_size % patch_size == 0, f"image size {input_size} is not divisible by patch size {patch_size}"
@@ -219,9 +227,9 @@ class SiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.projectors = None
         self.initialize_weights()
-        if z_dim is not None:       # built last: a seed gives the same SiT weights with any projector, or none
-            proj = (mlp_projector(hidden_size, z_dim) if projector == 'mlp'
-                    else ConvProjector(hidden_size, z_dim, proj_kernel))
+        if target_dim is not None:       # built last: a seed gives the same SiT weights with any projector, or none
+            proj = (mlp_projector(hidden_size, target_dim) if projector == 'mlp'
+                    else ConvProjector(hidden_size, target_dim, proj_kernel))
             self.projectors = nn.ModuleList([xavier_linears(proj)])             # the conv keeps torch's default init
 
     def initialize_weights(self):
@@ -251,20 +259,13 @@ class SiT(nn.Module):
 
     def forward(self, x, t, y):
         h, c = self.embed(x, t, y)                                              # (B, T, D), (B, D)
-        zs = None
+        h_proj = None
         for i, block in enumerate(self.blocks):
             h = block(h, c)
             if i + 1 == self.encoder_depth:
-                zs = self.project(h)                                            # residual stream, before any norm
-        return self.unpatchify(self.final_layer(h, c)), zs
+                h_proj = self.project(h)                                            # residual stream, before any norm
+        return self.unpatchify(self.final_layer(h, c)), h_proj
 
-    @torch.no_grad()
-    def align_features(self, x, t, y):
-        """(h, zs): the raw hidden state after block encoder_depth (B, T, D) and its projection (or None)."""
-        h, c = self.embed(x, t, y)
-        for block in self.blocks[:self.encoder_depth]:
-            h = block(h, c)
-        return h, self.project(h)
 
 # name -> constructor; encoder_depth is REPA's choice per size (4 for 12-block models, 8 for L/XL; sihyun-yu/REPA
 # issue #5)
@@ -273,6 +274,7 @@ SiT_sizes = {'T': dict(depth=6, hidden_size=192, num_heads=3, encoder_depth=2), 
              'B': dict(depth=12, hidden_size=768, num_heads=12, encoder_depth=4),
              'L': dict(depth=24, hidden_size=1024, num_heads=16, encoder_depth=8),
              'XL': dict(depth=28, hidden_size=1152, num_heads=16, encoder_depth=8)}
+
 SiT_models = {f'SiT-{s}/{p}': partial(SiT, patch_size=p, **cfg)
               for s, cfg in SiT_sizes.items() for p in ((2, 4) if s == 'T' else (2, 4, 8, 16))}
 
@@ -281,8 +283,14 @@ SiT_models = {f'SiT-{s}/{p}': partial(SiT, patch_size=p, **cfg)
 #    Input: images (B, 3, H, W) as floats in 0..255 -- the images that SiT (or, in the latent setting, the SD-VAE)
 #    gets, before the [-1, 1] scaling.
 
+# The torch.hub encoders of the paper: DINOv2 (patch 14), DINOv3 (patch 16; Tables 2, 3b and 4 use DINOv3-B) and
+# DINOv1 (patch 16). Each family's repository and its preprocessing follow the official ldm/vision_encoder.py.
+HUB_FAMILIES = {'dinov2': 'facebookresearch/dinov2', 'dinov3': 'facebookresearch/dinov3',
+                'dino': 'facebookresearch/dino'}
 DINOV2 = [f'dinov2_vit{s}14{r}' for s in 'sblg' for r in ('', '_reg')]
-ENCODERS = ('hog',) + tuple(DINOV2)
+DINOV3 = ['dinov3_vits16', 'dinov3_vitb16', 'dinov3_vitl16']
+DINOV1 = ['dino_vits16', 'dino_vitb16']
+ENCODERS = ('hog',) + tuple(DINOV2 + DINOV3 + DINOV1)
 
 class HOG(nn.Module):
     """Weight-free Histogram of Oriented Gradients target (Dalal & Triggs 2005), one cell per SiT token.
@@ -328,14 +336,21 @@ class HOG(nn.Module):
                 feats.append(blocks[:, :, k, by:by + G, bx:bx + G])              # (B, nb, G, G)
         return grid_to_tokens(torch.cat(feats, dim=1))                          # (B, G*G, 36)
 
+def hub_family(name):
+    """'dinov2', 'dinov3' or 'dino' (DINOv1) from an entry's name; another --hub-dir entry counts as DINOv2-like."""
+    return next((f for f in ('dinov2', 'dinov3') if name.startswith(f + '_')), 'dino' if name in DINOV1 else 'dinov2')
+
 class HubEncoder(nn.Module):
-    """DINOv2 from torch.hub, with REPA's preprocessing: /255, ImageNet mean/std, bicubic resize to
-    14 * grid so its patch grid equals SiT's; the position embedding is resampled once to that grid.
-    Any other torch.hub entry with DINOv2's interface (embed_dim, patch_size,
-    forward_features(x)['x_norm_patchtokens']) works the same way, e.g. experiments/hubconf.py's ResNet-20."""
+    """A torch.hub ViT with the official preprocessing for its family (ldm/vision_encoder.py): /255, ImageNet
+    mean/std, and a resize to patch * grid so that its patch grid equals SiT's (at 256 px: 16x16 for patch 14 and 16):
+        DINOv2: bicubic resize to 14 * grid; absolute position embedding resampled once to the grid;
+        DINOv1: bicubic resize to 16 * grid; the same resampling; patch tokens of get_intermediate_layers (normed);
+        DINOv3: bilinear antialiased resize to 16 * grid (torchvision's Resize); RoPE needs no resampling.
+    Any other torch.hub entry with DINOv2's interface (embed_dim, patch_size, forward_features(x)['x_norm_patchtokens'])
+    is treated as DINOv2, e.g. experiments/hubconf.py's ResNet-20."""
     def __init__(self, name, grid_size, hub_repo=None):
         super().__init__()
-        self.name, self.grid_size = name, grid_size
+        self.name, self.grid_size, self.family = name, grid_size, hub_family(name)
         self.model = hub_load(name, hub_repo)
         self.embed_dim, p = self.model.embed_dim, self.model.patch_size
         self.resolution = p * grid_size
@@ -349,37 +364,19 @@ class HubEncoder(nn.Module):
         self.register_buffer('std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255)
 
     def forward(self, img):                                                     # (B, 3, H, W) in 0..255
-        x = (img.float() - self.mean) / self.std
-        if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode='bicubic', align_corners=False)
+        x, size = (img.float() - self.mean) / self.std, (self.resolution, self.resolution)
+        if x.shape[-2:] != size:                     # resizing after the norm is the same (weights sum to 1)
+            x = F.interpolate(x, size=size, mode='bilinear' if self.family == 'dinov3' else 'bicubic',
+                              antialias=self.family == 'dinov3', align_corners=False)
+        if self.family == 'dino':
+            return self.model.get_intermediate_layers(x)[0][:, 1:]              # (B, T, D), no CLS
         return self.model.forward_features(x)['x_norm_patchtokens']             # (B, T, D), no CLS/registers
-
-def hub_load(name, hub_repo=None):
-    """torch.hub, offline when possible: an explicit local hub directory (--hub-dir), else the hub cache
-    ($TORCH_HOME/hub/facebookresearch_dinov2_main), else GitHub. Weights: $TORCH_HOME/hub/checkpoints/."""
-    cached = os.path.join(torch.hub.get_dir(), 'facebookresearch_dinov2_main')
-    if hub_repo is None and os.path.isfile(os.path.join(cached, 'hubconf.py')):
-        hub_repo = cached
-    old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(60)                                                # a stalled network fails, not hangs
-    try:
-        if hub_repo is not None:
-            return torch.hub.load(hub_repo, name, source='local')
-        return torch.hub.load('facebookresearch/dinov2:main', name)
-    except Exception as e:
-        raise RuntimeError(f"could not load encoder '{name}' through torch.hub from "
-                           f"{hub_repo or 'github facebookresearch/dinov2'} ({type(e).__name__}: {e}). Offline? Put "
-                           f"the dinov2 repo in {cached} and its weights in "
-                           f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, or pass --hub-dir DIR (a folder "
-                           f"with hubconf.py).") from e
-    finally:
-        socket.setdefaulttimeout(old_timeout)
 
 def load_encoder(name, grid_size, hub_repo=None, device='cpu'):
     """A frozen encoder: eval mode, no gradients, .embed_dim; call it under torch.no_grad()."""
     if name == 'hog':
         enc = HOG(grid_size)
-    elif name in DINOV2 or hub_repo is not None:                               # or an entry of --hub-dir's hubconf.py
+    elif name in ENCODERS or hub_repo is not None:                             # or an entry of --hub-dir's hubconf.py
         enc = HubEncoder(name, grid_size, hub_repo)
     else:
         raise ValueError(f"unknown encoder '{name}'; choose one of: {', '.join(ENCODERS)}, "
@@ -390,14 +387,14 @@ def load_encoder(name, grid_size, hub_repo=None, device='cpu'):
 # 5. iREPA's spatial normalisation of the encoder targets (iREPA section 4; official ldm/utils.py spatial_zscore,
 #    jit/spnorm.py)
 
-def spatial_norm(z, gamma=0.6, eps=1e-6):
-    """z (B, T, D) -> (z - gamma * mean_T z) / (std_T z + eps), statistics over the token axis. (gamma is the
+def spatial_norm(target, gamma=0.6, eps=1e-6):
+    """target (B, T, D) -> (target - gamma * mean_T) / (std_T + eps), statistics over the token axis. (gamma is the
     official code's zscore_alpha: --zscore-alpha in ldm/train.py and jit/main_jit.py.)
     Subtracting the mean token removes the global component shared by all patches, so what is left to
     align with is the contrast between patches: the spatial structure."""
-    mean = z.mean(dim=1, keepdim=True)                                          # (B, 1, D)
-    std = z.std(dim=1, keepdim=True)                                            # unbiased; shift invariant
-    return (z - gamma * mean) / (std + eps)
+    mean = target.mean(dim=1, keepdim=True)                                     # (B, 1, D)
+    std = target.std(dim=1, keepdim=True)                                       # unbiased; shift invariant
+    return (target - gamma * mean) / (std + eps)
 
 # -----------------------------------------------------------------------------
 # 6. Flow matching and alignment losses (SiT section 2; REPA eq. 8; official jit/denoiser.py for x-prediction)
@@ -414,23 +411,23 @@ def to_velocity(out, x_t, t, pred):
         return out
     return (x_t - out) / t.clamp(min=0.05).view(-1, 1, 1, 1)
 
-def alignment_loss(zs, z_target):
-    """Mean over tokens and batch of -cos(h_proj, z_target), in float32 (fp16 gave NaNs, sihyun-yu/REPA issue #46)."""
-    zs, z_target = F.normalize(zs.float(), dim=-1), F.normalize(z_target.float(), dim=-1)
-    return -(zs * z_target).sum(dim=-1).mean()
+def alignment_loss(h_proj, target):
+    """Mean over tokens and batch of -cos(h_proj, target), in float32 (fp16 gave NaNs, sihyun-yu/REPA issue #46)."""
+    h_proj, target = F.normalize(h_proj.float(), dim=-1), F.normalize(target.float(), dim=-1)
+    return -(h_proj * target).sum(dim=-1).mean()
 
-def flow_matching_loss(model, x, y, noise, t, z_target=None, pred='v'):
+def flow_matching_loss(model, x, y, noise, t, target=None, pred='v'):
     """The training objective of one batch. x (B, C, H, W) in [-1, 1], noise like x, t (B,) in [0, 1],
-    z_target (B, T, D) or None. Returns (denoising loss, alignment loss or None).
+    target (B, T, D) or None. Returns (denoising loss, alignment loss or None).
     With x-prediction both velocities go through the same clamped t (official jit/denoiser.py), so the loss is
     ||x_hat - x||^2 / max(t, 0.05)^2 and its optimum is x_hat = x at every t."""
     x_t, v = interpolant(x, noise, t)
-    out, zs = model(x_t, t, y)
+    out, h_proj = model(x_t, t, y)
     v_hat = to_velocity(out.float(), x_t, t, pred)
     if pred == 'x':
         v = to_velocity(x, x_t, t, pred)                                        # = noise - x for t >= 0.05
     denoise = ((v_hat - v) ** 2).mean(dim=(1, 2, 3)).mean()                    # per-sample mean, then batch mean
-    align = alignment_loss(zs, z_target) if z_target is not None else None
+    align = alignment_loss(h_proj, target) if target is not None else None
     return denoise, align
 
 def sample_time(u, n, logit_normal=None):
@@ -441,9 +438,14 @@ def sample_time(u, n, logit_normal=None):
     mean, std = logit_normal
     return torch.sigmoid(mean + std * n)
 
+# =============================================================================
+# Training: the data, the settings, the loop
+# =============================================================================
+
 # -----------------------------------------------------------------------------
-# 7. Data: class-per-folder images with the ADM center crop, or procedural shapes (ADM / DiT's center crop); in the
-#    latent setting the frozen SD-VAE turns the images into SiT's input
+# 7. Data: images as uint8 (3, S, S) with labels, from class folders (ImageFolder, with the ADM center crop below) or
+#    drawn on the fly (Shapes, the demo's), both in appendix B; in the latent setting the frozen SD-VAE (SDVAE,
+#    appendix B) turns them into SiT's input
 
 def center_crop_arr(pil_image, image_size):
     """ADM: halve with BOX while the short side is >= 2S, BICUBIC so the short side is S, crop the centre."""
@@ -454,6 +456,300 @@ def center_crop_arr(pil_image, image_size):
     arr = np.array(pil_image)
     top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
     return arr[top:top + image_size, left:left + image_size]
+
+def global_batches(num_samples, global_batch, seed, epoch):
+    """The epoch's global batches: a seeded permutation cut into batches of `global_batch` (the last,
+    incomplete one dropped). Rank r of W trains on slice r of each, so any world size sees the same batches."""
+    perm = np.random.default_rng([seed, epoch]).permutation(num_samples).tolist()  # its own order per (seed, epoch)
+    return [perm[i:i + global_batch] for i in range(0, num_samples - global_batch + 1, global_batch)]
+
+# -----------------------------------------------------------------------------
+# 8. Settings: one recipe per setting (nanoGPT's config files, as dicts). `--setting` picks one; explicit flags
+#    win; every resolved value is printed to log.txt and stored in the checkpoint's args.
+
+RECIPES = {
+    # The paper's main setting: SiT on SD-VAE latents with REPA's recipe (iREPA Appendix G; official ldm/train.py,
+    # ldm/configs/irepa.yaml and repa.yaml; REPA section 4.1). 256 px images -> 32x32x4 latents -> SiT-XL/2's 16x16
+    # grid.
+    'latent': dict(vae='sd-vae-ft-mse', model='SiT-XL/2', image_size=256, encoder='dinov2_vitb14', pred='v',
+                   time_dist=None, lr=1e-4, betas=(0.9, 0.999), warmup_epochs=0, clip_grad=1.0, hflip=False,
+                   ema_decay=0.9999, spnorm_gamma=0.6, proj_coeff=dict(repa=0.5, irepa=1.0), global_batch_size=256,
+                   max_steps=400_000, ckpt_every=50_000, log_every=100, num_workers=4,
+                   sampler=dict(mode='sde', num_steps=250, cfg_scale=1.0)),            # REPA's FID sampler
+    # Pixel space: SiT trained with JiT's recipe (iREPA Table 10; official jit/main_jit.py, engine_jit.py,
+    # jit/configs/irepa.yaml). Not JiT's architecture: the network is still SiT. x-prediction, logit-normal t
+    # (JiT's P_mean -0.8 on its reversed time is +0.8 here), lr 5e-5 per 256 images with a 5-epoch warm-up,
+    # betas (0.9, 0.95), no clipping, flips; JiT-B/16's size, aligned after block 4 (SiT-B's default, as in the
+    # official README.md's JiT-B/16 commands; jit/main_jit.py's flag default is 8).
+    'pixel': dict(vae=None, model='SiT-B/16', image_size=256, encoder='dinov2_vitb14', pred='x',
+                  time_dist=(0.8, 0.8), lr=None, base_lr=5e-5, betas=(0.9, 0.95), warmup_epochs=5, clip_grad=None,
+                  hflip=True, ema_decay=0.9999, spnorm_gamma=0.8, proj_coeff=0.5, global_batch_size=256,
+                  max_steps=200_000, ckpt_every=50_000, log_every=100, num_workers=4,
+                  sampler=dict(mode='ode', heun=True, num_steps=50, cfg_scale=1.0)),   # JiT: Heun 50, no CFG
+    # The CPU demo: tiny SiT on 16 px procedural shapes with a HOG target and iREPA, ~3.5 minutes on 2 cores (bf16).
+    'demo': dict(vae=None, model='SiT-T/2', image_size=16, encoder='hog', irepa=True, pred='v', time_dist=None,
+                 lr=2e-3, betas=(0.9, 0.999), warmup_epochs=0, clip_grad=1.0, hflip=False, ema_decay=0.995,
+                 spnorm_gamma=0.6, proj_coeff=0.5, global_batch_size=32, max_steps=1200, ckpt_every=1200,
+                 log_every=50, num_workers=0,
+                 sampler=dict(mode='ode', heun=True, num_steps=25, cfg_scale=4.0)),
+}
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument('--setting', default='latent', choices=list(RECIPES),
+                   help="latent: SD-VAE latents, REPA's recipe (the paper's); pixel: JiT's recipe; demo: CPU, 3.5 min")
+    g = p.add_argument_group('what to train (defaults: the setting\'s recipe)')
+    g.add_argument('--model', choices=list(SiT_models))
+    g.add_argument('--image-size', type=int)
+    g.add_argument('--encoder', help=f"alignment target: {', '.join(ENCODERS)} (hog needs no download), "
+                                     f"an entry of --hub-dir's hubconf.py, or 'none' for plain SiT")
+    g.add_argument('--hub-dir', default=None, help="local torch.hub folder (with hubconf.py), e.g. for offline DINOv2/v3/v1")
+    g.add_argument('--irepa', action=argparse.BooleanOptionalAction, default=False,
+                   help="iREPA: conv projector + spatial norm (--no-irepa: REPA's MLP and raw targets)")
+    g.add_argument('--proj-coeff', type=float, help="lambda of the alignment loss (latent: REPA 0.5, iREPA 1.0)")
+    g.add_argument('--encoder-depth', type=int, default=None, help="align after this block (default: per size)")
+    g.add_argument('--data-path', default=None, help="root/<class>/<image>; none: the procedural Shapes set")
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--global-batch-size', type=int)
+    g.add_argument('--grad-accum', type=int, default=1, help="micro-batches per optimizer step and GPU")
+    g.add_argument('--lr', type=float, help="learning rate (pixel: 5e-5 x global batch / 256)")
+    g.add_argument('--max-steps', type=int)
+    g.add_argument('--seed', type=int, default=0)
+    g = p.add_argument_group('run')
+    g.add_argument('--results-dir', default='results')
+    g.add_argument('--resume', default=None, help="a run folder: continue from its latest checkpoint")
+    g.add_argument('--ckpt-every', type=int)
+    g.add_argument('--log-every', type=int)
+    g.add_argument('--num-workers', type=int)
+    g.add_argument('--compile', action='store_true', help="torch.compile the model")
+    return p
+
+def get_args(argv=None):
+    p = get_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    setting = p.parse_known_args(argv)[0].setting
+    p.set_defaults(**RECIPES[setting])                                          # explicit flags still win
+    args = p.parse_args(argv)
+    if isinstance(args.proj_coeff, dict):                                       # REPA and iREPA differ (latent)
+        args.proj_coeff = args.proj_coeff['irepa' if args.irepa else 'repa']
+    if args.lr is None:                                                         # JiT: linear scaling with the batch
+        args.lr = args.base_lr * args.global_batch_size / 256
+    # iREPA's two changes follow --irepa; a recipe may set either one alone (iREPA Table 2's ablation)
+    if getattr(args, 'projector', None) is None:
+        args.projector = 'conv' if args.irepa else 'mlp'
+    if getattr(args, 'spatial_norm', None) is None:
+        args.spatial_norm = args.irepa
+    return args
+
+# -----------------------------------------------------------------------------
+# 9. The training loop (REPA's train.py / DiT's train.py): SiT + EMA + AdamW, one step's inputs and gradient, the
+#    loop. The checks, process set-up, run folders and checkpoints it calls are in the appendix below.
+
+def new_model(args, run_args, ckpt, device):
+    """SiT, its EMA and AdamW, from the seed or, on a resume, from the checkpoint. -> (model, ema, opt, step)"""
+    torch.manual_seed(args.seed)                                                # the same initial weights on every rank
+    model = build_model(run_args).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)                            # EMA starts as an exact copy
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=tuple(args.betas),
+                            weight_decay=0, eps=1e-8, fused=device.type == 'cuda')
+    if ckpt is None:
+        return model, ema, opt, 0
+    model.load_state_dict(ckpt['model'])
+    ema.load_state_dict(ckpt['ema'])
+    opt.load_state_dict(ckpt['opt'])
+    return model, ema, opt, ckpt['step']
+
+def step_seed(seed, step):
+    """The seed of a step's generator: the run seed hashed to 32 bits (numpy's SeedSequence; torch's CPU generator
+    keeps only 32 bits of a seed, so seed * 2**32 + step would give every run seed the same draws), plus the step."""
+    return (int(np.random.SeedSequence(seed).generate_state(1)[0]) + step) % 2 ** 32
+
+LABEL_DROP = 0.1        # labels replaced by the null class in training, for classifier-free guidance (DiT, SiT, REPA)
+
+def training_inputs(images, labels, step, args, run_args, *, rank, world, generator, sd_vae, encoder,
+                    mixed_precision):
+    """One step's training inputs for this rank: (x, y, noise, t, target). All randomness of a step is drawn for the
+    whole global batch from a generator seeded by the step, and each rank takes its slice: any world size or
+    --grad-accum trains the same, and resume is exact. (Each rank draws the whole global batch: cheap next to SiT.)"""
+    GB, C, S, dev = args.global_batch_size, run_args['in_channels'], run_args['input_size'], images.device
+    mine = slice(rank * (GB // world), (rank + 1) * (GB // world))
+    generator.manual_seed(step_seed(args.seed, step))
+    u, drop, flip = torch.rand(3, GB, device=dev, generator=generator)[:, mine]
+    n = torch.randn(GB, device=dev, generator=generator)[mine]
+    noise = torch.randn((GB, C, S, S), device=dev, generator=generator)[mine]   # (B, C, S, S)
+    t = sample_time(u, n, args.time_dist)
+    if args.hflip:                                                              # drawn either way: same stream
+        images = torch.where((flip < 0.5).view(-1, 1, 1, 1), images.flip(-1), images)
+    y = torch.where(drop < LABEL_DROP, run_args['num_classes'], labels)        # the null class = num_classes
+    x = images.float() / 127.5 - 1                                              # SiT (or the VAE) sees [-1, 1]
+    if sd_vae is not None:                                                      # a posterior sample, normalised
+        x = sd_vae.encode(x, torch.randn((GB, C, S, S), device=dev, generator=generator)[mine])
+    target = None
+    if encoder is not None:
+        with torch.no_grad(), mixed_precision:
+            target = encoder(images.float()).float()                            # the same (flipped) 0..255 image
+        if args.spatial_norm:
+            target = spatial_norm(target, args.spnorm_gamma)                    # iREPA: on the targets only
+    return x, y, noise, t, target
+
+def accumulate_gradient(model, x, y, noise, t, target, pred, proj_coeff, grad_accum=1,
+                        mixed_precision=nullcontext()):
+    """Accumulate into .grad the gradient of the batch's mean loss, denoise + proj_coeff * align, over `grad_accum`
+    micro-batches (each loss scaled by 1 / grad_accum; DDP syncs only on the last). Returns the detached
+    (loss, denoise, align) of the batch, averaged over the micro-batches: (3,)."""
+    n = len(x) // grad_accum
+    sums = torch.zeros(3, device=x.device)
+    for i in range(grad_accum):
+        mb = slice(i * n, (i + 1) * n)
+        sync = i == grad_accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
+        with (nullcontext() if sync else model.no_sync()), mixed_precision:
+            denoise, align = flow_matching_loss(model, x[mb], y[mb], noise[mb], t[mb],
+                                                None if target is None else target[mb], pred)
+            loss = denoise + proj_coeff * align if align is not None else denoise
+        (loss / grad_accum).backward()
+        sums += torch.stack([loss.detach(), denoise.detach(),
+                             align.detach() if align is not None else torch.zeros((), device=x.device)]) / grad_accum
+    return sums
+
+def main(argv=None):
+    # -- setup: settings (a resume takes the run's own), invariants, processes, data, frozen networks, model
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, ckpt = get_args(argv), None
+    if args.resume:
+        ckpt = load_latest_checkpoint(args.resume)
+        args = resume_args(args, given_flags(argv), ckpt['args'])
+    check_settings(args)
+    size_cfg = check_model(args)
+    rank, world, device = setup_distributed()
+    check_batch_split(args, world)
+    local_batch, master = args.global_batch_size // world, rank == 0
+    dataset = open_dataset(args, ckpt)
+    steps_per_epoch = len(dataset) // args.global_batch_size
+    input_size = args.image_size // 8 if args.vae else args.image_size        # SD-VAE: 8x smaller, 4 channels
+    sd_vae, encoder = frozen_networks(args, input_size // size_cfg['patch_size'], device, world, master)
+
+    run_args = dict(vars(args), num_classes=len(dataset.classes), class_names=list(dataset.classes),
+                    num_images=len(dataset), input_size=input_size, in_channels=4 if args.vae else 3,
+                    encoder_depth=args.encoder_depth if args.encoder_depth is not None else size_cfg['encoder_depth'],
+                    target_dim=encoder.embed_dim if encoder is not None else None,
+                    method=method_name(args), world_size=world, precision=precision(device))
+    model, ema, opt, step = new_model(args, run_args, ckpt, device)
+    run_dir = args.resume or new_run_dir(args, master, world)
+    log = Logger(run_dir, master)
+    log_start(log, args, run_args, ckpt, model, dataset, step, run_dir)
+    raw_model = model                                                           # saved without DDP/compile prefixes
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+    # -- the loop: batch -> gradient -> clip -> AdamW -> EMA; a log line every log_every steps, a checkpoint every
+    #    ckpt_every. The data position follows from the step, so a resume continues the same epoch.
+    mixed_precision, generator = autocast(device), torch.Generator(device=device)
+    warmup_steps = args.warmup_epochs * steps_per_epoch
+    sums = torch.zeros(4, device=device)                                        # loss, denoise, align, grad norm
+    t0, last_step = time.time(), step
+    model.train()
+    while step < args.max_steps:
+        epoch, start = divmod(step, steps_per_epoch)
+        batches = [b[rank * local_batch:(rank + 1) * local_batch]
+                   for b in global_batches(len(dataset), args.global_batch_size, args.seed, epoch)[start:]]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
+                                             pin_memory=device.type == 'cuda')
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            x, y, noise, t, target = training_inputs(images, labels, step, args, run_args, rank=rank, world=world,
+                                                     generator=generator, sd_vae=sd_vae, encoder=encoder,
+                                                     mixed_precision=mixed_precision)
+            if warmup_steps:                                                    # JiT: linear warm-up, then constant
+                for group in opt.param_groups:
+                    group['lr'] = args.lr * min(1.0, step / warmup_steps)
+            sums[:3] += accumulate_gradient(model, x, y, noise, t, target, args.pred, args.proj_coeff,
+                                            args.grad_accum, mixed_precision)
+            sums[3] += torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad or float('inf'))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - args.ema_decay)
+            step += 1
+
+            if step % args.log_every == 0 or step == args.max_steps:
+                if world > 1:
+                    dist.all_reduce(sums)                                       # sum over ranks (gloo has no AVG)
+                loss, denoise, align, grad_norm = (sums / ((step - last_step) * world)).tolist()
+                if not math.isfinite(loss):
+                    fail(f"loss is {loss} at step {step}; stopping. The last good checkpoint is in "
+                         f"{run_dir}/checkpoints (a new run with a lower --lr may help)")
+                dt = (time.time() - t0) / (step - last_step)
+                log(f"step {step}/{args.max_steps} | loss {loss:.4f} (fm {denoise:.4f}, align {align:.4f}) | "
+                    f"grad {grad_norm:.3f} | {dt * 1000:.0f} ms | {args.global_batch_size / dt:.0f} img/s")
+                sums.zero_()
+                t0, last_step = time.time(), step
+            if step % args.ckpt_every == 0 or step == args.max_steps:
+                save_run(log, run_dir, step, raw_model, ema, opt, run_args, master, world)
+            if step >= args.max_steps:
+                break
+    if master and args.setting == 'demo':
+        print(f"demo: now sample a grid with  python sample.py --ckpt {run_dir}", flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+    return run_dir
+
+# =============================================================================
+# Appendix: what a real run needs and a learner can skip
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# A. Processes and precision: DDP set-up (torchrun), bf16 autocast
+
+def setup_distributed():
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; otherwise one process on cuda, mps or cpu. TF32 matmuls on CUDA."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if 'RANK' in os.environ:
+        rank, local_rank, world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
+        if torch.cuda.is_available():
+            device = torch.device('cuda', local_rank)
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device('cpu')
+        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+        return rank, world, device
+    if torch.cuda.is_available():
+        return 0, 1, torch.device('cuda')
+    return 0, 1, torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
+
+def cpu_has_bf16():
+    """Native bf16 matmuls: x86 AVX512-BF16 or AMX, or Arm's BF16 extension (Linux /proc/cpuinfo flags)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {'avx512_bf16', 'amx_bf16', 'bf16'})
+
+def precision(device):
+    """'bf16' where the hardware computes bf16 natively (CUDA, and CPUs with bf16 instructions, where autocast is
+    2-3x faster than fp32 in bench.py), else 'fp32'. IREPA_PRECISION=fp32 (or bf16) in the environment forces it."""
+    want = os.environ.get('IREPA_PRECISION', 'auto')
+    if want not in ('auto', 'bf16', 'fp32'):
+        raise ValueError(f"IREPA_PRECISION={want}: use auto, bf16 or fp32")
+    if device.type not in ('cuda', 'cpu'):
+        return 'fp32'
+    if want == 'auto':
+        return 'bf16' if device.type == 'cuda' or cpu_has_bf16() else 'fp32'
+    return want
+
+def autocast(device):
+    """The forward passes' context: bf16 autocast or nothing. Losses are reduced in float32 either way
+    (flow_matching_loss, alignment_loss); samplers keep their state in float64."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision(device) == 'bf16')
+
+# -----------------------------------------------------------------------------
+# B. Data sources and frozen networks: class folders that survive bad files, the demo's shapes, torch.hub offline,
+#    the SD-VAE
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.ppm')
 
@@ -529,15 +825,44 @@ class Shapes(torch.utils.data.Dataset):
         im = im.resize((self.image_size, self.image_size), resample=Image.BOX)
         return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous(), label
 
-def global_batches(num_samples, global_batch, seed, epoch):
-    """The epoch's global batches: a seeded permutation cut into batches of `global_batch` (the last,
-    incomplete one dropped). Rank r of W trains on slice r of each, so any world size sees the same batches."""
-    perm = np.random.default_rng([seed, epoch]).permutation(num_samples).tolist()  # its own order per (seed, epoch)
-    return [perm[i:i + global_batch] for i in range(0, num_samples - global_batch + 1, global_batch)]
+# DINOv3's weights are gated (granted on request, facebookresearch/dinov3's README): the file a download gives, looked
+# for beside the other hub weights
+DINOV3_WEIGHTS = {'dinov3_vits16': 'dinov3_vits16_pretrain_lvd1689m-08c60483.pth',
+                  'dinov3_vitb16': 'dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth',
+                  'dinov3_vitl16': 'dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth'}
+
+def hub_load(name, hub_repo=None):
+    """torch.hub, offline when possible: an explicit local hub directory (--hub-dir), else the hub cache
+    ($TORCH_HOME/hub/facebookresearch_<family>_main), else GitHub. Weights: $TORCH_HOME/hub/checkpoints/ (DINOv3's
+    must be put there by hand)."""
+    family = hub_family(name)
+    github = HUB_FAMILIES[family]
+    cached = os.path.join(torch.hub.get_dir(), github.replace('/', '_') + '_main')
+    checkpoints = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    if hub_repo is None and os.path.isfile(os.path.join(cached, 'hubconf.py')):
+        hub_repo = cached
+    kwargs = {}
+    if name in DINOV3_WEIGHTS:
+        kwargs['weights'] = os.path.join(checkpoints, DINOV3_WEIGHTS[name])
+        if not os.path.isfile(kwargs['weights']):
+            raise RuntimeError(f"encoder '{name}': DINOv3's weights are gated; request them (facebookresearch/dinov3's "
+                               f"README) and put {DINOV3_WEIGHTS[name]} in {checkpoints} (set TORCH_HOME to move it)")
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)                                                # a stalled network fails, not hangs
+    try:
+        if hub_repo is not None:
+            return torch.hub.load(hub_repo, name, source='local', **kwargs)
+        return torch.hub.load(f'{github}:main', name, **kwargs)
+    except Exception as e:
+        raise RuntimeError(f"could not load encoder '{name}' through torch.hub from {hub_repo or 'github ' + github} "
+                           f"({type(e).__name__}: {e}). Offline? Put the {github} repo in {cached} and its weights in "
+                           f"{checkpoints}, or pass --hub-dir DIR (a folder with hubconf.py).") from e
+    finally:
+        socket.setdefaulttimeout(old_timeout)
 
 class SDVAE:
     """The latent setting's frozen SD-VAE (vae.py; iREPA Appendix G): images in [-1, 1] <-> the normalised
-    latents SiT is trained on, (z - bias) * scale with the official per-channel statistics."""
+    latents SiT is trained on, (latent - bias) * scale with the official per-channel statistics."""
     def __init__(self, device):
         import vae                                                              # sibling file, torch only
         self.lib = vae
@@ -549,144 +874,18 @@ class SDVAE:
         return self.lib.normalize_latents(self.lib.sample_posterior(mean, logvar, eps), self.scale, self.bias)
 
     @torch.no_grad()
-    def decode(self, z):                                                        # (B, 4, h, w) -> (B, 3, 8h, 8w)
-        return self.vae.decode(self.lib.denormalize_latents(z, self.scale, self.bias))
+    def decode(self, latent):                                                   # (B, 4, h, w) -> (B, 3, 8h, 8w)
+        return self.vae.decode(self.lib.denormalize_latents(latent, self.scale, self.bias))
 
 # -----------------------------------------------------------------------------
-# 8. Settings: one recipe per setting (nanoGPT's config files, as dicts). `--setting` picks one; explicit flags
-#    win; every resolved value is printed to log.txt and stored in the checkpoint's args.
-
-RECIPES = {
-    # The paper's main setting: SiT on SD-VAE latents with REPA's recipe (iREPA Appendix G; official ldm/train.py,
-    # ldm/configs/irepa.yaml and repa.yaml; REPA section 4.1). 256 px images -> 32x32x4 latents -> SiT-XL/2's 16x16
-    # grid.
-    'latent': dict(vae='sd-vae-ft-mse', model='SiT-XL/2', image_size=256, encoder='dinov2_vitb14', pred='v',
-                   time_dist=None, lr=1e-4, betas=(0.9, 0.999), warmup_epochs=0, clip_grad=1.0, hflip=False,
-                   ema_decay=0.9999, spnorm_gamma=0.6, proj_coeff=dict(repa=0.5, irepa=1.0), global_batch_size=256,
-                   max_steps=400_000, ckpt_every=50_000, log_every=100, num_workers=4,
-                   sampler=dict(mode='sde', num_steps=250, cfg_scale=1.0)),            # REPA's FID sampler
-    # Pixel space: SiT trained with JiT's recipe (iREPA Table 10; official jit/main_jit.py, engine_jit.py,
-    # jit/configs/irepa.yaml). Not JiT's architecture: the network is still SiT. x-prediction, logit-normal t
-    # (JiT's P_mean -0.8 on its reversed time is +0.8 here), lr 5e-5 per 256 images with a 5-epoch warm-up,
-    # betas (0.9, 0.95), no clipping, flips; JiT-B/16's size, aligned after block 4 (SiT-B's default, as in the
-    # official README.md's JiT-B/16 commands; jit/main_jit.py's flag default is 8).
-    'pixel': dict(vae=None, model='SiT-B/16', image_size=256, encoder='dinov2_vitb14', pred='x',
-                  time_dist=(0.8, 0.8), lr=None, base_lr=5e-5, betas=(0.9, 0.95), warmup_epochs=5, clip_grad=None,
-                  hflip=True, ema_decay=0.9999, spnorm_gamma=0.8, proj_coeff=0.5, global_batch_size=256,
-                  max_steps=200_000, ckpt_every=50_000, log_every=100, num_workers=4,
-                  sampler=dict(mode='ode', heun=True, num_steps=50, cfg_scale=1.0)),   # JiT: Heun 50, no CFG
-    # The CPU demo: tiny SiT on 16 px procedural shapes with a HOG target and iREPA, ~3.5 minutes on 2 cores (bf16).
-    'demo': dict(vae=None, model='SiT-T/2', image_size=16, encoder='hog', irepa=True, pred='v', time_dist=None,
-                 lr=2e-3, betas=(0.9, 0.999), warmup_epochs=0, clip_grad=1.0, hflip=False, ema_decay=0.995,
-                 spnorm_gamma=0.6, proj_coeff=0.5, global_batch_size=32, max_steps=1200, ckpt_every=1200,
-                 log_every=50, num_workers=0,
-                 sampler=dict(mode='ode', heun=True, num_steps=25, cfg_scale=4.0)),
-}
-
-def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument('--setting', default='latent', choices=list(RECIPES),
-                   help="latent: SD-VAE latents, REPA's recipe (the paper's); pixel: JiT's recipe; demo: CPU, 3.5 min")
-    g = p.add_argument_group('what to train (defaults: the setting\'s recipe)')
-    g.add_argument('--model', choices=list(SiT_models))
-    g.add_argument('--image-size', type=int)
-    g.add_argument('--encoder', help=f"alignment target: {', '.join(ENCODERS)} (hog needs no download), "
-                                     f"an entry of --hub-dir's hubconf.py, or 'none' for plain SiT")
-    g.add_argument('--hub-dir', default=None, help="local torch.hub folder (with hubconf.py), e.g. for offline DINOv2")
-    g.add_argument('--irepa', action=argparse.BooleanOptionalAction, default=False,
-                   help="iREPA: conv projector + spatial norm (--no-irepa: REPA's MLP and raw targets)")
-    g.add_argument('--proj-coeff', type=float, help="lambda of the alignment loss (latent: REPA 0.5, iREPA 1.0)")
-    g.add_argument('--encoder-depth', type=int, default=None, help="align after this block (default: per size)")
-    g.add_argument('--data-path', default=None, help="root/<class>/<image>; none: the procedural Shapes set")
-    g = p.add_argument_group('optimisation')
-    g.add_argument('--global-batch-size', type=int)
-    g.add_argument('--grad-accum', type=int, default=1, help="micro-batches per optimizer step and GPU")
-    g.add_argument('--lr', type=float, help="learning rate (pixel: 5e-5 x global batch / 256)")
-    g.add_argument('--max-steps', type=int)
-    g.add_argument('--seed', type=int, default=0)
-    g = p.add_argument_group('run')
-    g.add_argument('--results-dir', default='results')
-    g.add_argument('--resume', default=None, help="a run folder: continue from its latest checkpoint")
-    g.add_argument('--ckpt-every', type=int)
-    g.add_argument('--log-every', type=int)
-    g.add_argument('--num-workers', type=int)
-    g.add_argument('--compile', action='store_true', help="torch.compile the model")
-    return p
-
-def given_flags(argv):
-    """The settings named on the command line (abbreviations are off, so every flag is spelled out)."""
-    dest = {opt: a.dest for a in get_parser()._actions for opt in a.option_strings}
-    return {dest[tok.split('=')[0]] for tok in argv if tok.split('=')[0] in dest}
-
-def get_args(argv=None):
-    p = get_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    setting = p.parse_known_args(argv)[0].setting
-    p.set_defaults(**RECIPES[setting])                                          # explicit flags still win
-    args = p.parse_args(argv)
-    if isinstance(args.proj_coeff, dict):                                       # REPA and iREPA differ (latent)
-        args.proj_coeff = args.proj_coeff['irepa' if args.irepa else 'repa']
-    if args.lr is None:                                                         # JiT: linear scaling with the batch
-        args.lr = args.base_lr * args.global_batch_size / 256
-    # iREPA's two changes follow --irepa; a recipe may set either one alone (iREPA Table 2's ablation)
-    if getattr(args, 'projector', None) is None:
-        args.projector = 'conv' if args.irepa else 'mlp'
-    if getattr(args, 'spatial_norm', None) is None:
-        args.spatial_norm = args.irepa
-    return args
-
-# -----------------------------------------------------------------------------
-# 9. Processes, precision and errors: DDP set-up (torchrun), bf16 autocast, one-line errors for bad input
-
-def setup_distributed():
-    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; otherwise one process on cuda, mps or cpu."""
-    if 'RANK' in os.environ:
-        rank, local_rank, world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
-        if torch.cuda.is_available():
-            device = torch.device('cuda', local_rank)
-            torch.cuda.set_device(device)
-        else:
-            device = torch.device('cpu')
-        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
-        return rank, world, device
-    if torch.cuda.is_available():
-        return 0, 1, torch.device('cuda')
-    return 0, 1, torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
-
-def cpu_has_bf16():
-    """Native bf16 matmuls: x86 AVX512-BF16 or AMX, or Arm's BF16 extension (Linux /proc/cpuinfo flags)."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {'avx512_bf16', 'amx_bf16', 'bf16'})
-
-def precision(device):
-    """'bf16' where the hardware computes bf16 natively (CUDA, and CPUs with bf16 instructions, where autocast is
-    2-3x faster than fp32 in bench.py), else 'fp32'. IREPA_PRECISION=fp32 (or bf16) in the environment forces it."""
-    want = os.environ.get('IREPA_PRECISION', 'auto')
-    if want not in ('auto', 'bf16', 'fp32'):
-        raise ValueError(f"IREPA_PRECISION={want}: use auto, bf16 or fp32")
-    if device.type not in ('cuda', 'cpu'):
-        return 'fp32'
-    if want == 'auto':
-        return 'bf16' if device.type == 'cuda' or cpu_has_bf16() else 'fp32'
-    return want
-
-def autocast(device):
-    """The forward passes' context: bf16 autocast or nothing. Losses are reduced in float32 either way
-    (flow_matching_loss, alignment_loss); samplers keep their state in float64."""
-    device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision(device) == 'bf16')
+# C. Bad input: one-line errors, range checks and the invariants checked before anything heavy starts
 
 def fail(msg):
     """A one-line error for bad input, instead of a traceback from deep inside; named after the script that runs
     (irepa.py, sample.py, metrics.py), as argparse names its own errors."""
     sys.exit(f"{os.path.basename(sys.argv[0])}: error: {msg}")
 
-def guarded(fn, *args):
+def call_or_fail(fn, *args):
     """fn(*args), with this file's errors for bad input (no images, an unknown encoder, not a checkpoint, offline
     without the weights: ValueError, RuntimeError, FileNotFoundError) as one fail() line."""
     try:
@@ -714,11 +913,70 @@ def output_dir_problem(path):
         return f"{path}: cannot create it ({e.strerror})"
     return None if os.access(path, os.W_OK) else f"{path} is not writable"
 
-# -----------------------------------------------------------------------------
-# 10. Runs: names, logs, atomic checkpoints and exact resume (a resume continues the run with its own settings);
-#     a trained SiT read back from a checkpoint of this file or of the official code (for sample.py, metrics.py)
+def check_settings(args):
+    """Every numeric setting in range, and the output folder usable, before anything heavy starts."""
+    check_ranges(args, dict(image_size=1, global_batch_size=1, grad_accum=1, max_steps=1, ckpt_every=1, log_every=1,
+                            num_workers=0, seed=0, proj_coeff=0, spnorm_gamma=(0, 1)), recipe=('spnorm_gamma',))
+    if not 0 < args.lr < math.inf:
+        fail(f"--lr must be > 0, got {args.lr}")
+    if not 0 <= args.ema_decay < 1:
+        fail(f"the recipe's ema_decay must be in [0, 1), got {args.ema_decay}")
+    if not args.resume and (problem := output_dir_problem(args.results_dir)):
+        fail(f"--results-dir {problem}")
 
-def method(args):
+def check_batch_split(args, world):
+    if args.global_batch_size % (world * args.grad_accum):
+        fail(f"--global-batch-size {args.global_batch_size} is not divisible by world size {world} "
+             f"x --grad-accum {args.grad_accum}")
+
+def check_model(args):
+    """The model-shape invariants, before anything heavy starts. Returns the size's config (patch, depth, ...)."""
+    size_cfg = SiT_models[args.model].keywords                                  # patch_size, depth, encoder_depth, ...
+    patch, depth = size_cfg['patch_size'], size_cfg['depth']
+    if args.encoder not in ENCODERS + ('none',) and not args.hub_dir:
+        fail(f"unknown encoder '{args.encoder}'; choose one of: {', '.join(ENCODERS)}, none, "
+             f"or an entry of the hubconf.py in --hub-dir")
+    if args.image_size % (8 ** bool(args.vae) * patch):                          # the SD-VAE downsamples by 8
+        fail(f"--image-size {args.image_size} is not divisible by the patch size of {args.model}"
+             + (" x 8 (the VAE's downsampling)" if args.vae else ""))
+    if args.encoder_depth is not None and not 1 <= args.encoder_depth <= depth:
+        fail(f"--encoder-depth {args.encoder_depth} is outside 1..{depth}, the blocks of {args.model}")
+    return size_cfg
+
+def open_dataset(args, ckpt):
+    dataset = (call_or_fail(ImageFolder, args.data_path, args.image_size) if args.data_path
+               else Shapes(50_000, args.image_size, seed=args.seed))
+    if len(dataset) < args.global_batch_size:
+        fail(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
+    if ckpt is not None and list(dataset.classes) != ckpt['args']['class_names']:
+        fail(f"the classes in {args.data_path} differ from the run's ({len(dataset.classes)} vs "
+             f"{len(ckpt['args']['class_names'])}); --data-path may move the data, not change it")
+    if ckpt is not None and len(dataset) != ckpt['args']['num_images']:       # else another epoch order
+        fail(f"{args.data_path} has {len(dataset)} images, the run had {ckpt['args']['num_images']}; "
+             f"--data-path may move the data, not change it")
+    return dataset
+
+def frozen_networks(args, grid, device, world, master):
+    """The SD-VAE (latent setting) and the alignment encoder, or None; rank 0 loads first, so a download happens
+    once. The encoder's token grid must be SiT's."""
+    if world > 1 and not master:
+        dist.barrier()
+    sd_vae = call_or_fail(SDVAE, device) if args.vae else None                  # one-line error without the VAE files
+    encoder = None if args.encoder == 'none' else call_or_fail(load_encoder, args.encoder, grid, args.hub_dir, device)
+    if world > 1 and master:
+        dist.barrier()
+    if encoder is not None:
+        with torch.no_grad():
+            T = encoder(torch.zeros(1, 3, args.image_size, args.image_size, device=device)).shape[1]
+        if T != grid * grid:
+            fail(f"encoder {args.encoder} gives {T} tokens but {args.model} at {args.image_size} px has a "
+                 f"{grid}x{grid} grid; change --image-size or --model so the grids match")
+    return sd_vae, encoder
+
+# -----------------------------------------------------------------------------
+# D. Runs: names, logs, atomic checkpoints and exact resume (a resume continues the run with its own settings)
+
+def method_name(args):
     """What is trained, in words: 'vanilla' (plain SiT), 'repa', 'irepa', or one of iREPA's halves ('conv-only':
     conv projector on raw targets; 'spnorm-only': REPA's MLP on spatially normalised targets)."""
     if args.encoder == 'none':
@@ -729,7 +987,7 @@ def method(args):
 def run_name(args):
     """<setting>-<model>-<encoder>-<method>, e.g. latent-SiT-XL-2-dinov2_vitb14-irepa, demo-SiT-T-2-vanilla."""
     target = '' if args.encoder == 'none' else f"{args.encoder}-"
-    return f"{args.setting}-{args.model.replace('/', '-')}-{target}{method(args)}"
+    return f"{args.setting}-{args.model.replace('/', '-')}-{target}{method_name(args)}"
 
 def new_run_dir(args, master, world):
     """results_dir/<run name>, with -1, -2, ... if taken; chosen by rank 0."""
@@ -746,9 +1004,11 @@ def new_run_dir(args, master, world):
     return run_dir
 
 class Logger:
-    """print + append to <run>/log.txt, on rank 0 only."""
-    def __init__(self, path, active):
-        self.path, self.active = path, active
+    """print + append to <run>/log.txt, on rank 0 only (which also makes the run's checkpoints/ folder)."""
+    def __init__(self, run_dir, active):
+        self.path, self.active = os.path.join(run_dir, 'log.txt'), active
+        if active:
+            os.makedirs(os.path.join(run_dir, 'checkpoints'), exist_ok=True)
 
     def __call__(self, msg):
         if self.active:
@@ -756,11 +1016,40 @@ class Logger:
             with open(self.path, 'a') as f:
                 f.write(msg + '\n')
 
+def log_start(log, args, run_args, ckpt, model, dataset, step, run_dir):
+    """Provenance (versions, device, precision, parameters), every resolved setting, and what this run is."""
+    device = next(model.parameters()).device
+    log(f"provenance: torch {torch.__version__} | cuda {torch.version.cuda} | python {platform.python_version()} | "
+        f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type} x "
+        f"{run_args['world_size']} | precision {run_args['precision']} | encoder {args.encoder} | "
+        f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M params")
+    log(f"args: {json.dumps(run_args)}")
+    log(f"run: {args.setting} setting, {args.model}, {run_args['method']}"
+        + (f" with the {args.encoder} target" if args.encoder != 'none' else '')
+        + f" | {len(dataset)} images, {len(dataset.classes)} classes | {'resuming at' if step else 'starting at'} "
+          f"step {step} | {run_dir}")
+    if ckpt is not None and ckpt['args']['precision'] != run_args['precision']:
+        log(f"note: the run trained in {ckpt['args']['precision']} until now and goes on in {run_args['precision']} "
+            f"(IREPA_PRECISION or the machine): not bit-identical to a run without the break")
+
 def save_checkpoint(path, ckpt):
     """Atomic: write a temp file, then rename, so a kill mid-write never corrupts the last good one."""
     tmp = path + '.tmp'
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
+
+def save_run(log, run_dir, step, model, ema, opt, run_args, master, world):
+    """The checkpoint <run>/checkpoints/<step>.pt: model, EMA, optimizer, args, step; atomically, by rank 0, and
+    never with non-finite weights."""
+    if not all(torch.isfinite(p).all() for p in [*model.parameters(), *ema.parameters()]):
+        fail(f"non-finite weights at step {step}; not saving. The last good checkpoint is in {run_dir}/checkpoints")
+    if master:
+        path = os.path.join(run_dir, 'checkpoints', f"{step:07d}.pt")
+        save_checkpoint(path, dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                                   args=run_args, step=step))
+        log(f"saved {path}")
+    if world > 1:
+        dist.barrier()
 
 def checkpoints(run_dir):
     """A run's checkpoint files <step>.pt, oldest first (by step: 10000000.pt comes after 9999999.pt)."""
@@ -788,31 +1077,32 @@ def load_latest_checkpoint(run_dir):
 RESUME_FLAGS = ('max_steps', 'ckpt_every', 'log_every', 'num_workers', 'compile', 'hub_dir', 'data_path',
                 'grad_accum', 'resume')
 
-# What checkpoints written before the settings existed (irepa.py before commit 1475db2) trained with, for the keys
-# their args lack: pixel space, REPA's optimizer.
-LEGACY = dict(setting='legacy', vae=None, time_dist=None, betas=(0.9, 0.999), warmup_epochs=0, clip_grad=1.0,
-              hflip=False, spnorm_gamma=0.6, sampler=None)
+def given_flags(argv):
+    """The settings named on the command line (abbreviations are off, so every flag is spelled out)."""
+    dest = {opt: a.dest for a in get_parser()._actions for opt in a.option_strings}
+    return {dest[tok.split('=')[0]] for tok in argv if tok.split('=')[0] in dest}
 
 def resume_args(args, given, run_args):
     """The run's own settings, with the RESUME_FLAGS named on the command line. A flag that would change the
-    training itself is refused. A key that an older checkpoint lacks takes its LEGACY value, else today's default."""
+    training itself is refused."""
     for k in sorted(given - set(RESUME_FLAGS)):
         if k in run_args and run_args[k] != getattr(args, k):
             fail(f"--resume continues the run as it began, but --{k.replace('_', '-')} {getattr(args, k)} differs from "
                  f"the run's {run_args[k]}; only --{', --'.join(f.replace('_', '-') for f in RESUME_FLAGS[:-1])} may "
                  f"change (start a new run to change the rest)")
-    return argparse.Namespace(**{k: getattr(args, k) if k in given and k in RESUME_FLAGS
-                                 else run_args.get(k, LEGACY.get(k, v)) for k, v in vars(args).items()})
+    return argparse.Namespace(**{k: getattr(args, k) if k in given and k in RESUME_FLAGS else run_args[k]
+                                 for k in vars(args)})
+
+# -----------------------------------------------------------------------------
+# E. A trained SiT read back from a checkpoint of this file or of the official code (for sample.py, metrics.py)
 
 def build_model(run_args):
-    """A SiT from a run's args dict (main's run_args, a checkpoint's 'args'). Keys that checkpoints written before
-    the settings existed (irepa.py before commit 1475db2) lack take their defaults: pixel space, 3 channels, MLP
-    projector, v-prediction."""
+    """A SiT from a run's args dict (main's run_args, a checkpoint's 'args')."""
     a = run_args
-    return SiT_models[a['model']](input_size=a.get('input_size', a['image_size']), in_channels=a.get('in_channels', 3),
-                                  num_classes=a['num_classes'], encoder_depth=a['encoder_depth'], z_dim=a.get('z_dim'),
-                                  projector=a.get('projector', 'mlp'), pred=a.get('pred', 'v'),
-                                  proj_kernel=a.get('proj_kernel', 3))
+    return SiT_models[a['model']](input_size=a['input_size'], in_channels=a['in_channels'],
+                                  num_classes=a['num_classes'], encoder_depth=a['encoder_depth'],
+                                  target_dim=a.get('target_dim'), projector=a.get('projector', 'mlp'),
+                                  pred=a['pred'], proj_kernel=a.get('proj_kernel', 3))
 
 # the official code's encoder names (ldm/vision_encoder.py) -> this file's; the others are not loadable here
 OFFICIAL_ENCODERS = {f'dinov2{r}-vit-{s}': f'dinov2_vit{s}14{"_" * bool(r)}{r}' for s in 'sblg' for r in ('', 'reg')}
@@ -826,6 +1116,12 @@ def official_checkpoint(ema, ns, model=None):
         raise ValueError("its args have no spnorm_method, so it is not from End2End-Diffusion/iREPA's ldm/train.py; "
                          "sihyun-yu/REPA's checkpoints train on latents scaled by 0.18215, not on the per-channel "
                          "statistics this code decodes with")
+    if getattr(ns, 'path_type', 'linear') != 'linear':
+        raise ValueError(f"its path_type is {ns.path_type}; this code trains and samples the linear path only")
+    if getattr(ns, 'qk_norm', False):
+        raise ValueError("it was trained with --qk-norm; this SiT has no q/k normalisation")
+    if ',' in str(getattr(ns, 'enc_type', '')) or any(k.startswith('projectors.1.') for k in ema):
+        raise ValueError(f"it aligns several encoders ({ns.enc_type}); this code aligns one")
     ema = {k.replace('projectors.0.projection_layer.', 'projectors.0.'): v for k, v in ema.items()}
     D, C, p, _ = ema['x_embedder.proj.weight'].shape
     depth = len({k.split('.')[1] for k in ema if k.startswith('blocks.')})
@@ -843,9 +1139,9 @@ def official_checkpoint(ema, ns, model=None):
     if 'projectors.0.weight' in ema:                                           # conv (4-d) or linear (2-d) projector
         w = ema['projectors.0.weight']
         ema['projectors.0.weight'] = w.view(*w.shape, 1, 1) if w.dim() == 2 else w
-        args.update(projector='conv', z_dim=w.shape[0], proj_kernel=ema['projectors.0.weight'].shape[-1])
+        args.update(projector='conv', target_dim=w.shape[0], proj_kernel=ema['projectors.0.weight'].shape[-1])
     elif 'projectors.0.4.weight' in ema:
-        args.update(projector='mlp', z_dim=ema['projectors.0.4.weight'].shape[0])
+        args.update(projector='mlp', target_dim=ema['projectors.0.4.weight'].shape[0])
     return ema, args
 
 def load_sit(path, device='cpu', model=None):
@@ -861,7 +1157,7 @@ def load_sit(path, device='cpu', model=None):
         raise ValueError(f"no checkpoint at {path}")
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)  # AdamW's moments stay on disk
     except Exception as e:
         raise ValueError(f"{path} is truncated or not a torch checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -878,6 +1174,13 @@ def load_sit(path, device='cpu', model=None):
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     return sit.to(device).eval(), args
 
+def hidden_state(model, x, t, y):
+    """(h, h_proj): SiT's raw hidden state after block encoder_depth (B, T, D) and its projection (or None)."""
+    h, c = model.embed(x, t, y)
+    for block in model.blocks[:model.encoder_depth]:
+        h = block(h, c)
+    return h, model.project(h)
+
 @torch.no_grad()
 def noised_features(model, x, y, t, generator=None, sd_vae=None):
     """What the alignment loss sees, for analysis (metrics.py; iREPA Fig. 6c): SiT's hidden state h after block
@@ -889,248 +1192,9 @@ def noised_features(model, x, y, t, generator=None, sd_vae=None):
     t = torch.full((len(x),), float(t), device=x.device)
     x_t, _ = interpolant(x, torch.randn(x.shape, device=x.device, generator=generator), t)
     with autocast(x.device):
-        h, zs = model.align_features(x_t, t, y)
-    return h.float(), None if zs is None else zs.float()
-
-# -----------------------------------------------------------------------------
-# 11. Training (REPA's train.py / DiT's train.py): checks, data and frozen networks, SiT + EMA + AdamW, one step's
-#     inputs and gradient, and the loop
-
-def check_settings(args):
-    """Every numeric setting in range, and the output folder usable, before anything heavy starts."""
-    check_ranges(args, dict(image_size=1, global_batch_size=1, grad_accum=1, max_steps=1, ckpt_every=1, log_every=1,
-                            num_workers=0, seed=0, proj_coeff=0, spnorm_gamma=(0, 1)), recipe=('spnorm_gamma',))
-    if not 0 < args.lr < math.inf:
-        fail(f"--lr must be > 0, got {args.lr}")
-    if not 0 <= args.ema_decay < 1:
-        fail(f"the recipe's ema_decay must be in [0, 1), got {args.ema_decay}")
-    if not args.resume and (problem := output_dir_problem(args.results_dir)):
-        fail(f"--results-dir {problem}")
-
-def check_model(args):
-    """The model-shape invariants, before anything heavy starts. Returns the size's config (patch, depth, ...)."""
-    size_cfg = SiT_models[args.model].keywords                                  # patch_size, depth, encoder_depth, ...
-    patch, depth = size_cfg['patch_size'], size_cfg['depth']
-    if args.encoder not in ENCODERS + ('none',) and not args.hub_dir:
-        fail(f"unknown encoder '{args.encoder}'; choose one of: {', '.join(ENCODERS)}, none, "
-             f"or an entry of the hubconf.py in --hub-dir")
-    if args.image_size % (8 ** bool(args.vae) * patch):                          # the SD-VAE downsamples by 8
-        fail(f"--image-size {args.image_size} is not divisible by the patch size of {args.model}"
-             + (" x 8 (the VAE's downsampling)" if args.vae else ""))
-    if args.encoder_depth is not None and not 1 <= args.encoder_depth <= depth:
-        fail(f"--encoder-depth {args.encoder_depth} is outside 1..{depth}, the blocks of {args.model}")
-    return size_cfg
-
-def open_dataset(args, ckpt):
-    dataset = (guarded(ImageFolder, args.data_path, args.image_size) if args.data_path
-               else Shapes(50_000, args.image_size, seed=args.seed))
-    if len(dataset) < args.global_batch_size:
-        fail(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
-    if ckpt is not None and list(dataset.classes) != ckpt['args']['class_names']:
-        fail(f"the classes in {args.data_path} differ from the run's ({len(dataset.classes)} vs "
-             f"{len(ckpt['args']['class_names'])}); --data-path may move the data, not change it")
-    if ckpt is not None and len(dataset) != ckpt['args'].get('num_images', len(dataset)):   # else another epoch order
-        fail(f"{args.data_path} has {len(dataset)} images, the run had {ckpt['args']['num_images']}; "
-             f"--data-path may move the data, not change it")
-    return dataset
-
-def frozen_networks(args, grid, device, world, master):
-    """The SD-VAE (latent setting) and the alignment encoder, or None; rank 0 loads first, so a download happens
-    once. The encoder's token grid must be SiT's."""
-    if world > 1 and not master:
-        dist.barrier()
-    sd_vae = guarded(SDVAE, device) if args.vae else None                       # one-line error without the VAE files
-    encoder = None if args.encoder == 'none' else guarded(load_encoder, args.encoder, grid, args.hub_dir, device)
-    if world > 1 and master:
-        dist.barrier()
-    if encoder is not None:
-        with torch.no_grad():
-            T = encoder(torch.zeros(1, 3, args.image_size, args.image_size, device=device)).shape[1]
-        if T != grid * grid:
-            fail(f"encoder {args.encoder} gives {T} tokens but {args.model} at {args.image_size} px has a "
-                 f"{grid}x{grid} grid; change --image-size or --model so the grids match")
-    return sd_vae, encoder
-
-def new_model(args, run_args, ckpt, device):
-    """SiT, its EMA and AdamW, from the seed or, on a resume, from the checkpoint. -> (model, ema, opt, step)"""
-    torch.manual_seed(args.seed)                                                # the same initial weights on every rank
-    model = build_model(run_args).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)                            # EMA starts as an exact copy
-    # AdamW's saved state is matched to the parameters by position: list them in the checkpoint's order (older
-    # versions registered the projector before the final layer)
-    named = dict(model.named_parameters())
-    params = [named[k] for k in (ckpt['model'] if ckpt is not None else named) if k in named and named[k].requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=0, eps=1e-8,
-                            fused=device.type == 'cuda')
-    if ckpt is None:
-        return model, ema, opt, 0
-    model.load_state_dict(ckpt['model'])
-    ema.load_state_dict(ckpt['ema'])
-    opt.load_state_dict(ckpt['opt'])
-    return model, ema, opt, ckpt['step']
-
-def step_seed(seed, step):
-    """The seed of a step's generator. torch's CPU generator keeps only the low 32 bits of a seed (so seed * 2**32 +
-    step would give every run seed the same draws): the run seed is hashed to 32 bits (numpy's SeedSequence) and the
-    step added, so the steps of a run never share a seed and two run seeds overlap with odds ~ steps / 2**31."""
-    return (int(np.random.SeedSequence(seed).generate_state(1)[0]) + step) % 2 ** 32
-
-LABEL_DROP = 0.1        # labels replaced by the null class in training, for classifier-free guidance (DiT, SiT, REPA)
-
-def make_batch(img, y, step, args, run_args, rank, world, gen, sd_vae, encoder, amp):
-    """One step's training inputs for this rank: (x, y, noise, t, z). All randomness of a step is drawn for the whole
-    global batch from a generator seeded by the step, and each rank takes its slice: any world size or --grad-accum
-    trains the same, and resume is exact. (Each rank draws the whole global batch: cheap next to the model.)"""
-    GB, C, S = args.global_batch_size, run_args['in_channels'], run_args['input_size']
-    mine = slice(rank * (GB // world), (rank + 1) * (GB // world))
-    gen.manual_seed(step_seed(args.seed, step))
-    u, drop, flip = torch.rand(3, GB, device=img.device, generator=gen)[:, mine]
-    n = torch.randn(GB, device=img.device, generator=gen)[mine]
-    noise = torch.randn((GB, C, S, S), device=img.device, generator=gen)[mine]   # (B, C, S, S)
-    t = sample_time(u, n, args.time_dist)
-    if args.hflip:                                                              # drawn either way: same stream
-        img = torch.where((flip < 0.5).view(-1, 1, 1, 1), img.flip(-1), img)
-    y = torch.where(drop < LABEL_DROP, run_args['num_classes'], y)              # the null class = num_classes
-    x = img.float() / 127.5 - 1                                                 # SiT (or the VAE) sees [-1, 1]
-    if sd_vae is not None:                                                      # a posterior sample, normalised
-        x = sd_vae.encode(x, torch.randn((GB, C, S, S), device=img.device, generator=gen)[mine])
-    z = None
-    if encoder is not None:
-        with torch.no_grad(), amp:
-            z = encoder(img.float()).float()                                    # the encoder sees the 0..255 image
-        if args.spatial_norm:
-            z = spatial_norm(z, args.spnorm_gamma)                              # iREPA: on the targets only
-    return x, y, noise, t, z
-
-def backward(model, x, y, noise, t, z, pred, proj_coeff, grad_accum=1, amp=nullcontext()):
-    """Accumulate into .grad the gradient of the batch's mean loss, denoise + proj_coeff * align, over `grad_accum`
-    micro-batches (each loss scaled by 1 / grad_accum; DDP syncs only on the last). Returns the detached
-    (loss, denoise, align) of the batch, averaged over the micro-batches: (3,)."""
-    n = len(x) // grad_accum
-    sums = torch.zeros(3, device=x.device)
-    for i in range(grad_accum):
-        mb = slice(i * n, (i + 1) * n)
-        sync = i == grad_accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
-        with (nullcontext() if sync else model.no_sync()), amp:
-            denoise, align = flow_matching_loss(model, x[mb], y[mb], noise[mb], t[mb],
-                                                None if z is None else z[mb], pred)
-            loss = denoise + proj_coeff * align if align is not None else denoise
-        (loss / grad_accum).backward()
-        sums += torch.stack([loss.detach(), denoise.detach(),
-                             align.detach() if align is not None else torch.zeros((), device=x.device)]) / grad_accum
-    return sums
-
-def main(argv=None):
-    # -- setup: settings (a resume takes the run's own), invariants, processes, data, frozen networks, model
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args, ckpt = get_args(argv), None
-    if args.resume:
-        ckpt = load_latest_checkpoint(args.resume)
-        args = resume_args(args, given_flags(argv), ckpt['args'])
-    check_settings(args)
-    size_cfg = check_model(args)
-    rank, world, device = setup_distributed()
-    if args.global_batch_size % (world * args.grad_accum):
-        fail(f"--global-batch-size {args.global_batch_size} is not divisible by world size {world} "
-             f"x --grad-accum {args.grad_accum}")
-    local_batch, master = args.global_batch_size // world, rank == 0
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    dataset = open_dataset(args, ckpt)
-    steps_per_epoch = len(dataset) // args.global_batch_size
-    input_size = args.image_size // 8 if args.vae else args.image_size        # SD-VAE: 8x smaller, 4 channels
-    sd_vae, encoder = frozen_networks(args, input_size // size_cfg['patch_size'], device, world, master)
-
-    run_args = dict(vars(args), num_classes=len(dataset.classes), class_names=list(dataset.classes),
-                    num_images=len(dataset), input_size=input_size, in_channels=4 if args.vae else 3,
-                    encoder_depth=args.encoder_depth if args.encoder_depth is not None else size_cfg['encoder_depth'],
-                    z_dim=encoder.embed_dim if encoder is not None else None,
-                    method=method(args), world_size=world,
-                    precision=precision(device), seeding='step_seed')                # step_seed(), global_batches()
-    model, ema, opt, step = new_model(args, run_args, ckpt, device)
-    run_dir = args.resume or new_run_dir(args, master, world)
-    if master:
-        os.makedirs(os.path.join(run_dir, 'checkpoints'), exist_ok=True)
-    log = Logger(os.path.join(run_dir, 'log.txt'), master)
-    log(f"provenance: torch {torch.__version__} | cuda {torch.version.cuda} | python {platform.python_version()} | "
-        f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type} x {world} | "
-        f"precision {run_args['precision']} | "
-        f"encoder {args.encoder} | {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M params")
-    log(f"args: {json.dumps(run_args)}")
-    log(f"run: {args.setting} setting, {args.model}, {method(args)}"
-        + (f" with the {args.encoder} target" if args.encoder != 'none' else '')
-        + f" | {len(dataset)} images, {len(dataset.classes)} classes | {'resuming at' if step else 'starting at'} "
-          f"step {step} | {run_dir}")
-    if ckpt is not None and ckpt['args'].get('precision', run_args['precision']) != run_args['precision']:
-        log(f"note: the run trained in {ckpt['args']['precision']} until now and goes on in {run_args['precision']} "
-            f"(IREPA_PRECISION or the machine): not bit-identical to a run without the break")
-    if ckpt is not None and ckpt['args'].get('seeding') != run_args['seeding']:
-        log("note: the run began with an older irepa.py whose per-step draws (t, noise, label drops) and data order "
-            "were seeded differently; it goes on with today's: not bit-identical to a run without the break")
-    raw_model = model                                                           # saved without DDP/compile prefixes
-    if args.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-
-    # -- the loop: batch -> gradient -> clip -> AdamW -> EMA; a log line every log_every steps, a checkpoint every
-    #    ckpt_every. The data position follows from the step, so a resume continues the same epoch.
-    amp, gen = autocast(device), torch.Generator(device=device)
-    warmup_steps = args.warmup_epochs * steps_per_epoch
-    loss_sums = torch.zeros(4, device=device)                                   # total, denoise, align, grad norm
-    t0, last_step = time.time(), step
-    model.train()
-    while step < args.max_steps:
-        epoch, start = divmod(step, steps_per_epoch)
-        batches = [b[rank * local_batch:(rank + 1) * local_batch]
-                   for b in global_batches(len(dataset), args.global_batch_size, args.seed, epoch)[start:]]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
-                                             pin_memory=device.type == 'cuda')
-        for img, y in loader:
-            img, y = img.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x, y, noise, t, z = make_batch(img, y, step, args, run_args, rank, world, gen, sd_vae, encoder, amp)
-            if warmup_steps:                                                    # JiT: linear warm-up, then constant
-                for group in opt.param_groups:
-                    group['lr'] = args.lr * min(1.0, step / warmup_steps)
-            loss_sums[:3] += backward(model, x, y, noise, t, z, args.pred, args.proj_coeff, args.grad_accum, amp)
-            loss_sums[3] += torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad or float('inf'))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - args.ema_decay)
-            step += 1
-
-            if step % args.log_every == 0 or step == args.max_steps:
-                if world > 1:
-                    dist.all_reduce(loss_sums)                                  # sum over ranks (gloo has no AVG)
-                tot, fm, al, gn = (loss_sums / ((step - last_step) * world)).tolist()
-                if not math.isfinite(tot):
-                    fail(f"loss is {tot} at step {step}; stopping. The last good checkpoint is in "
-                         f"{run_dir}/checkpoints (a new run with a lower --lr may help)")
-                dt = (time.time() - t0) / (step - last_step)
-                log(f"step {step}/{args.max_steps} | loss {tot:.4f} (fm {fm:.4f}, align {al:.4f}) | grad {gn:.3f} | "
-                    f"{dt * 1000:.0f} ms | {args.global_batch_size / dt:.0f} img/s")
-                loss_sums.zero_()
-                t0, last_step = time.time(), step
-            if step % args.ckpt_every == 0 or step == args.max_steps:
-                # -- save: model, EMA, optimizer, args, step; atomically; never non-finite weights
-                if not all(torch.isfinite(p).all() for p in [*raw_model.parameters(), *ema.parameters()]):
-                    fail(f"non-finite weights at step {step}; not saving. The last good checkpoint is in "
-                         f"{run_dir}/checkpoints")
-                if master:
-                    path = os.path.join(run_dir, 'checkpoints', f"{step:07d}.pt")
-                    save_checkpoint(path, dict(model=raw_model.state_dict(), ema=ema.state_dict(),
-                                               opt=opt.state_dict(), args=run_args, step=step))
-                    log(f"saved {path}")
-                if world > 1:
-                    dist.barrier()
-            if step >= args.max_steps:
-                break
-    if master and args.setting == 'demo':
-        print(f"demo: now sample a grid with  python sample.py --ckpt {run_dir}", flush=True)
-    if world > 1:
-        dist.destroy_process_group()
-    return run_dir
+        h, h_proj = hidden_state(model, x_t, t, y)
+    return h.float(), None if h_proj is None else h_proj.float()
 
 if __name__ == '__main__':
     main()
+

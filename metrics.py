@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 from scipy import stats
 
 import irepa
-from irepa import fail, guarded                                                 # one-line errors, no traceback
+from irepa import fail, call_or_fail                                               # one-line errors, no traceback
 
 METRICS = ('lds', 'cds', 'srss', 'rmsc')
 
@@ -254,14 +254,14 @@ def measure(args, encoder_name, device):
     """Per-image metrics {row: {metric: (N,) array}} of the encoder's tokens, raw and after spatial normalisation,
     and with --ckpt of SiT's hidden state h after block encoder_depth and its projection, at noise level --t.
     encoder_name None: the checkpoint's encoder with --ckpt, else dinov2_vitb14."""
-    model, ck = guarded(irepa.load_sit, args.ckpt, device) if args.ckpt else (None, {})
-    sd_vae = guarded(irepa.SDVAE, device) if ck.get('vae') else None            # latent SiT: the VAE makes its input
+    model, ck = call_or_fail(irepa.load_sit, args.ckpt, device) if args.ckpt else (None, {})
+    sd_vae = call_or_fail(irepa.SDVAE, device) if ck.get('vae') else None       # latent SiT: the VAE makes its input
     encoder_name = encoder_name or (ck.get('encoder', 'none') if model else 'dinov2_vitb14')
     size, grid = (ck['image_size'], model.grid_size) if model else (args.image_size, args.grid_size)
-    dataset = guarded(irepa.ImageFolder, args.data_path, size)
+    dataset = call_or_fail(irepa.ImageFolder, args.data_path, size)
     indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:args.num_images]
     indices, masks = load_masks(args, dataset, indices.tolist(), grid) if args.masks else (indices.tolist(), None)
-    encoder = None if encoder_name == 'none' else guarded(irepa.load_encoder, encoder_name, grid,
+    encoder = None if encoder_name == 'none' else call_or_fail(irepa.load_encoder, encoder_name, grid,
                                                           args.hub_dir or ck.get('hub_dir'), device)
     same_classes = model is not None and dataset.classes == ck.get('class_names')   # else the null (CFG) class
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=args.batch_size,
@@ -276,13 +276,13 @@ def measure(args, encoder_name, device):
             rows[f"{encoder_name} raw"] = z
             rows[f"{encoder_name} spatial norm (gamma {args.spnorm_gamma})"] = irepa.spatial_norm(z, args.spnorm_gamma)
         if model is not None:                                                       # SiT (or the VAE) sees [-1, 1]
-            h, zs = irepa.noised_features(model, img.float() / 127.5 - 1, y if same_classes else
+            h, h_proj = irepa.noised_features(model, img.float() / 127.5 - 1, y if same_classes else
                                           torch.full_like(y, model.num_classes), args.t, gen, sd_vae)
             rows[f"SiT h (block {model.encoder_depth}, t={args.t})"] = h           # (B, T, D)
-            if zs is not None:
-                rows[f"SiT projector(h) ({ck.get('projector', 'mlp')})"] = zs      # (B, T, D_enc)
+            if h_proj is not None:
+                rows[f"SiT projector(h) ({ck.get('projector', 'mlp')})"] = h_proj      # (B, T, D_enc)
         for name, feats in rows.items():
-            for k, v in guarded(all_metrics, feats, m).items():                    # m: this batch's masks or None
+            for k, v in call_or_fail(all_metrics, feats, m).items():               # m: this batch's masks or None
                 vals.setdefault(name, {}).setdefault(k, []).append(v.double().cpu().numpy())
     if model is not None and not same_classes:
         print("note: the image folder's classes differ from the checkpoint's, so SiT was given the null class")
@@ -300,7 +300,7 @@ def visualise(args, device):
     r, c = args.anchor or (H // 2, H // 2)
     if not (0 <= r < H and 0 <= c < H):
         fail(f"--anchor {r} {c} is outside the {H}x{H} token grid")
-    encoder = guarded(irepa.load_encoder, args.encoder or 'dinov2_vitb14', H, args.hub_dir, device)
+    encoder = call_or_fail(irepa.load_encoder, args.encoder or 'dinov2_vitb14', H, args.hub_dir, device)
     with irepa.autocast(device):
         z = encoder(torch.from_numpy(img).permute(2, 0, 1)[None].float().to(device)).float()   # (1, T, D)
     maps = {'raw tokens': z, f'spatial norm, gamma {args.spnorm_gamma}': irepa.spatial_norm(z, args.spnorm_gamma)}
@@ -347,7 +347,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data-path', default=None, help="root/<class>/<image>")
     p.add_argument('--encoder', choices=irepa.ENCODERS, help="default: the --ckpt's encoder, else dinov2_vitb14")
-    p.add_argument('--hub-dir', default=None, help="local torch.hub folder (with hubconf.py) for offline DINOv2")
+    p.add_argument('--hub-dir', default=None, help="local torch.hub folder (with hubconf.py), for offline DINOv2/v3/v1")
     p.add_argument('--image-size', type=int, default=256)
     p.add_argument('--grid-size', type=int, default=16, help="token grid side (16: the paper's 16x16 at 256 px)")
     p.add_argument('--num-images', type=int, default=1000)

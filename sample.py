@@ -189,8 +189,8 @@ def main(argv=None):
         rank, world, device = 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    model, ckpt_args = irepa.guarded(irepa.load_sit, args.ckpt, device, args.model)
-    sd_vae = irepa.guarded(irepa.SDVAE, device) if ckpt_args.get("vae") else None   # latent: decode with the SD-VAE
+    model, ckpt_args = irepa.call_or_fail(irepa.load_sit, args.ckpt, device, args.model)
+    sd_vae = irepa.call_or_fail(irepa.SDVAE, device) if ckpt_args.get("vae") else None  # latent: decode with the VAE
     K, class_names = model.num_classes, ckpt_args.get("class_names")
     recipe = {**dict(mode="sde", num_steps=250, heun=False, cfg_scale=1.0), **(ckpt_args.get("sampler") or {})}
     args.mode = args.mode or recipe["mode"]

@@ -221,8 +221,8 @@ def test_cli_mask_and_folder_errors(tmp_path):
 
 
 def test_cli_checkpoint_features(tmp_path, capsys):
-    args = dict(model='SiT-T/4', image_size=32, num_classes=2, class_names=['c0', 'c1'], encoder='hog',
-                encoder_depth=2, z_dim=36, projector='conv', pred='v')
+    args = dict(model='SiT-T/4', image_size=32, input_size=32, in_channels=3, num_classes=2, class_names=['c0', 'c1'],
+                encoder='hog', encoder_depth=2, target_dim=36, projector='conv', pred='v')
     model = irepa.build_model(args)
     os.makedirs(tmp_path / 'run' / 'checkpoints')
     torch.save(dict(ema=model.state_dict(), args=args), tmp_path / 'run' / 'checkpoints' / '0000010.pt')
