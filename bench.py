@@ -83,8 +83,8 @@ def main():
         if enc is not None:
             with torch.no_grad(), mixed_precision:
                 target = irepa.spatial_norm(enc(img.float()).float())
-        irepa.accumulate_gradient(fwd, x, y, torch.randn_like(x), torch.rand(B, device=device), target, 'v', 0.5,
-                                  mixed_precision=mixed_precision)
+        batch = (x, y, torch.randn_like(x), torch.rand(B, device=device), target)
+        irepa.accumulate_gradient(fwd, batch, irepa.flow_matching_loss, 0.5, mixed_precision=mixed_precision)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -206,10 +206,11 @@ def xavier_linears(module):
 class SiT(nn.Module):
     """Scalable interpolant transformer. model(x, t, y) -> (out, h_proj):
     out has x's shape (the velocity for pred='v', the clean image for pred='x');
-    h_proj (B, T, target_dim) is the projected hidden state after block `encoder_depth` (None without target_dim)."""
+    h_proj (B, T, target_dim) is the projected hidden state after block `encoder_depth` (None without target_dim).
+    With meanflow=True it also embeds the interval t - r (MeanFlow's h; section 10): model(x, t, y, interval) is u."""
     def __init__(self, input_size=32, patch_size=2, in_channels=3, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, num_classes=1000, encoder_depth=8, target_dim=None,
-                 projector='mlp', pred='v', proj_kernel=3):
+                 projector='mlp', pred='v', proj_kernel=3, meanflow=False):
         super().__init__()
         assert input_size % patch_size == 0, f"image size {input_size} is not divisible by patch size {patch_size}"
         assert 1 <= encoder_depth <= depth, f"encoder_depth must be in [1, {depth}], got {encoder_depth}"
@@ -225,8 +226,12 @@ class SiT(nn.Module):
         self.pos_embed = nn.Parameter(pos, requires_grad=False)                 # fixed; a Parameter: official names
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
-        self.projectors = None
+        self.projectors, self.interval_embedder = None, None
         self.initialize_weights()
+        if meanflow:                # a second time embedding, for t - r, initialised like t's (MeanFlow's DiT)
+            self.interval_embedder = xavier_linears(TimestepEmbedder(hidden_size))
+            for layer in (self.interval_embedder.mlp[0], self.interval_embedder.mlp[2]):
+                nn.init.normal_(layer.weight, std=0.02)
         if target_dim is not None:       # built last: a seed gives the same SiT weights with any projector, or none
             proj = (mlp_projector(hidden_size, target_dim) if projector == 'mlp'
                     else ConvProjector(hidden_size, target_dim, proj_kernel))
@@ -251,19 +256,22 @@ class SiT(nn.Module):
         x = x.view(B, h, h, p, p, C)
         return torch.einsum('bhwpqc->bchpwq', x).reshape(B, C, h * p, h * p)     # (B, C, H, W)
 
-    def embed(self, x, t, y):
-        return self.x_embedder(x) + self.pos_embed, self.t_embedder(t) + self.y_embedder(y)
+    def embed(self, x, t, y, interval=None):
+        c = self.t_embedder(t) + self.y_embedder(y)                             # (B, D)
+        if self.interval_embedder is not None:                                  # MeanFlow; interval 0: the velocity
+            c = c + self.interval_embedder(torch.zeros_like(t) if interval is None else interval)
+        return self.x_embedder(x) + self.pos_embed, c
 
     def project(self, h):
         return None if self.projectors is None else self.projectors[0](h)
 
-    def forward(self, x, t, y):
-        h, c = self.embed(x, t, y)                                              # (B, T, D), (B, D)
+    def forward(self, x, t, y, interval=None):
+        h, c = self.embed(x, t, y, interval)                                    # (B, T, D), (B, D)
         h_proj = None
         for i, block in enumerate(self.blocks):
             h = block(h, c)
             if i + 1 == self.encoder_depth:
-                h_proj = self.project(h)                                            # residual stream, before any norm
+                h_proj = self.project(h)                                        # residual stream, before any norm
         return self.unpatchify(self.final_layer(h, c)), h_proj
 
 
@@ -495,6 +503,14 @@ RECIPES = {
                  sampler=dict(mode='ode', heun=True, num_steps=25, cfg_scale=4.0)),
 }
 
+# MeanFlow (arXiv 2505.13447; section 10 below), `--objective meanflow` on top of any setting: the official ImageNet
+# SiT-B/2 recipe (Gsunshine/meanflow configs/default.py): logit-normal t and r ~ sigmoid(N(-0.4, 1)), a quarter of the
+# batch with r != t, guidance trained in (omega 1, kappa 0.5: an effective scale 2), adaptive loss weight p 1, eps
+# 0.01; AdamW betas (0.9, 0.95), no clipping; 1-step sampling. The network outputs u itself (no x-prediction).
+MEANFLOW = dict(pred='v', time_dist=(-0.4, 1.0), betas=(0.9, 0.95), clip_grad=None,
+                meanflow=dict(ratio=0.25, omega=1.0, kappa=0.5, p=1.0, eps=0.01),
+                sampler=dict(mode='meanflow', num_steps=1))
+
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
@@ -506,6 +522,8 @@ def get_parser():
     g.add_argument('--encoder', help=f"alignment target: {', '.join(ENCODERS)} (hog needs no download), "
                                      f"an entry of --hub-dir's hubconf.py, or 'none' for plain SiT")
     g.add_argument('--hub-dir', default=None, help="local torch.hub folder (with hubconf.py), e.g. for offline DINOv2")
+    g.add_argument('--objective', default='fm', choices=['fm', 'meanflow'],
+                   help="fm: flow matching (the paper's); meanflow: MeanFlow, one- and few-step (iREPA Table 3b)")
     g.add_argument('--irepa', action=argparse.BooleanOptionalAction, default=False,
                    help="iREPA: conv projector + spatial norm (--no-irepa: REPA's MLP and raw targets)")
     g.add_argument('--proj-coeff', type=float, help="lambda of the alignment loss (latent: REPA 0.5, iREPA 1.0)")
@@ -529,8 +547,8 @@ def get_parser():
 def get_args(argv=None):
     p = get_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    setting = p.parse_known_args(argv)[0].setting
-    p.set_defaults(**RECIPES[setting])                                          # explicit flags still win
+    known = p.parse_known_args(argv)[0]
+    p.set_defaults(**{**RECIPES[known.setting], **(MEANFLOW if known.objective == 'meanflow' else {})})  # flags win
     args = p.parse_args(argv)
     if isinstance(args.proj_coeff, dict):                                       # REPA and iREPA differ (latent)
         args.proj_coeff = args.proj_coeff['irepa' if args.irepa else 'repa']
@@ -570,9 +588,10 @@ LABEL_DROP = 0.1        # labels replaced by the null class in training, for cla
 
 def training_inputs(images, labels, step, args, run_args, *, rank, world, generator, sd_vae, encoder,
                     mixed_precision):
-    """One step's training inputs for this rank: (x, y, noise, t, target). All randomness of a step is drawn for the
-    whole global batch from a generator seeded by the step, and each rank takes its slice: any world size or
-    --grad-accum trains the same, and resume is exact. (Each rank draws the whole global batch: cheap next to SiT.)"""
+    """One step's training inputs for this rank: (x, y, noise, t, target), or for MeanFlow (x, y, noise, t, r, target).
+    All randomness of a step is drawn for the whole global batch from a generator seeded by the step, and each rank
+    takes its slice: any world size or --grad-accum trains the same, and resume is exact. (Each rank draws the whole
+    global batch: cheap next to SiT.)"""
     GB, C, S, dev = args.global_batch_size, run_args['in_channels'], run_args['input_size'], images.device
     mine = slice(rank * (GB // world), (rank + 1) * (GB // world))
     generator.manual_seed(step_seed(args.seed, step))
@@ -592,25 +611,30 @@ def training_inputs(images, labels, step, args, run_args, *, rank, world, genera
             target = encoder(images.float()).float()                            # the same (flipped) 0..255 image
         if args.spatial_norm:
             target = spatial_norm(target, args.spnorm_gamma)                    # iREPA: on the targets only
+    if args.objective == 'meanflow':                                            # drawn last: flow matching's draws
+        pick, u_r = torch.rand(2, GB, device=dev, generator=generator)[:, mine]   # stay what they are
+        r = sample_time(u_r, torch.randn(GB, device=dev, generator=generator)[mine], args.time_dist)
+        t, r = torch.maximum(t, r), torch.minimum(t, r)                         # two times, r <= t
+        keep = (pick < args.meanflow['ratio']) & (y != run_args['num_classes'])  # the rest (and dropped labels): r = t
+        return x, y, noise, t, torch.where(keep, r, t), target
     return x, y, noise, t, target
 
-def accumulate_gradient(model, x, y, noise, t, target, pred, proj_coeff, grad_accum=1,
-                        mixed_precision=nullcontext()):
+def accumulate_gradient(model, batch, loss_fn, proj_coeff, grad_accum=1, mixed_precision=nullcontext()):
     """Accumulate into .grad the gradient of the batch's mean loss, denoise + proj_coeff * align, over `grad_accum`
-    micro-batches (each loss scaled by 1 / grad_accum; DDP syncs only on the last). Returns the detached
+    micro-batches (each loss scaled by 1 / grad_accum; DDP syncs only on the last). batch: training_inputs' tensors,
+    loss_fn(model, *batch) -> (denoise, align or None): flow_matching_loss, or meanflow_loss. Returns the detached
     (loss, denoise, align) of the batch, averaged over the micro-batches: (3,)."""
-    n = len(x) // grad_accum
-    sums = torch.zeros(3, device=x.device)
+    n, device = len(batch[0]) // grad_accum, batch[0].device
+    sums = torch.zeros(3, device=device)
     for i in range(grad_accum):
         mb = slice(i * n, (i + 1) * n)
         sync = i == grad_accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
         with (nullcontext() if sync else model.no_sync()), mixed_precision:
-            denoise, align = flow_matching_loss(model, x[mb], y[mb], noise[mb], t[mb],
-                                                None if target is None else target[mb], pred)
+            denoise, align = loss_fn(model, *(None if b is None else b[mb] for b in batch))
             loss = denoise + proj_coeff * align if align is not None else denoise
         (loss / grad_accum).backward()
         sums += torch.stack([loss.detach(), denoise.detach(),
-                             align.detach() if align is not None else torch.zeros((), device=x.device)]) / grad_accum
+                             align.detach() if align is not None else torch.zeros((), device=device)]) / grad_accum
     return sums
 
 def main(argv=None):
@@ -648,6 +672,8 @@ def main(argv=None):
     # -- the loop: batch -> gradient -> clip -> AdamW -> EMA; a log line every log_every steps, a checkpoint every
     #    ckpt_every. The data position follows from the step, so a resume continues the same epoch.
     mixed_precision, generator = autocast(device), torch.Generator(device=device)
+    loss_fn = (partial(meanflow_loss, raw_model=raw_model, **args.meanflow) if args.objective == 'meanflow'
+               else partial(flow_matching_loss, pred=args.pred))
     warmup_steps = args.warmup_epochs * steps_per_epoch
     sums = torch.zeros(4, device=device)                                        # loss, denoise, align, grad norm
     t0, last_step = time.time(), step
@@ -660,14 +686,13 @@ def main(argv=None):
                                              pin_memory=device.type == 'cuda')
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            x, y, noise, t, target = training_inputs(images, labels, step, args, run_args, rank=rank, world=world,
-                                                     generator=generator, sd_vae=sd_vae, encoder=encoder,
-                                                     mixed_precision=mixed_precision)
+            batch = training_inputs(images, labels, step, args, run_args, rank=rank, world=world,
+                                    generator=generator, sd_vae=sd_vae, encoder=encoder,
+                                    mixed_precision=mixed_precision)
             if warmup_steps:                                                    # JiT: linear warm-up, then constant
                 for group in opt.param_groups:
                     group['lr'] = args.lr * min(1.0, step / warmup_steps)
-            sums[:3] += accumulate_gradient(model, x, y, noise, t, target, args.pred, args.proj_coeff,
-                                            args.grad_accum, mixed_precision)
+            sums[:3] += accumulate_gradient(model, batch, loss_fn, args.proj_coeff, args.grad_accum, mixed_precision)
             sums[3] += torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad or float('inf'))
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -683,7 +708,8 @@ def main(argv=None):
                     fail(f"loss is {loss} at step {step}; stopping. The last good checkpoint is in "
                          f"{run_dir}/checkpoints (a new run with a lower --lr may help)")
                 dt = (time.time() - t0) / (step - last_step)
-                log(f"step {step}/{args.max_steps} | loss {loss:.4f} (fm {denoise:.4f}, align {align:.4f}) | "
+                log(f"step {step}/{args.max_steps} | loss {loss:.4f} ({'mf' if args.objective == 'meanflow' else 'fm'} "
+                    f"{denoise:.4f}, align {align:.4f}) | "
                     f"grad {grad_norm:.3f} | {dt * 1000:.0f} ms | {args.global_batch_size / dt:.0f} img/s")
                 sums.zero_()
                 t0, last_step = time.time(), step
@@ -696,6 +722,46 @@ def main(argv=None):
     if world > 1:
         dist.destroy_process_group()
     return run_dir
+
+# -----------------------------------------------------------------------------
+# 10. A second objective: MeanFlow (arXiv 2505.13447; official Gsunshine/meanflow meanflow.py, Gsunshine/py-meanflow),
+#     the "MeanFlow w/ REPA" of iREPA Table 3b. The network u(z, t, y, interval = t - r) learns the average velocity
+#     over [r, t], so one step z_0 = z_1 - u(z_1, 1, y, 1) draws a sample. The alignment loss is unchanged.
+
+def meanflow_du_dt(model, z, t, r, y, v_g):
+    """du/dt along the flow: the Jacobian-vector product of (z, t, r) -> u(z, t, y, t - r) with the tangents
+    (v_g, 1, 0). Forward-mode AD on the plain module (never the DDP/compiled one: its gradient all-reduce must not be
+    bypassed; this is a target, so no gradient is needed); the fused attention kernels have no forward-mode AD, so
+    attention runs the math kernel here."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        _, du_dt = torch.func.jvp(lambda z, t, r: model(z, t, y, t - r)[0], (z, t, r),
+                                  (v_g, torch.ones_like(t), torch.zeros_like(r)))
+    return du_dt.float()
+
+def meanflow_loss(model, x, y, noise, t, r, target=None, *, raw_model, ratio, omega, kappa, p, eps):
+    """MeanFlow's objective for one batch (t, r (B,), r <= t; `ratio` was used when drawing r). Guidance is trained
+    in: v_g = omega v + kappa u(z_t, t | y) + (1 - omega - kappa) u(z_t, t | null), v itself where the label was
+    dropped. The target u_tgt = v_g - (t - r) du/dt is held fixed (stop-gradient); the loss per sample is the SUM of
+    squares l, weighted by 1 / stopgrad(l + eps)^p. u and the aligned hidden state come from one ordinary forward of
+    `model` (the DDP one), so the alignment loss sees the pass that carries the gradient. Returns (loss, align)."""
+    z_t, v = interpolant(x, noise, t)
+    with torch.no_grad():
+        v_g = v
+        if omega != 1 or kappa != 0:                                            # both guidance passes as one batch
+            null, zero = torch.full_like(y, raw_model.num_classes), torch.zeros_like(t)
+            u_c, u_u = raw_model(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([y, null]),
+                                 torch.cat([zero, zero]))[0].float().chunk(2)
+            dropped = (y == raw_model.num_classes).view(-1, 1, 1, 1)
+            v_g = torch.where(dropped, v, omega * v + kappa * u_c + (1 - omega - kappa) * u_u)
+        u_tgt = v_g - (t - r).view(-1, 1, 1, 1) * meanflow_du_dt(raw_model, z_t, t, r, y, v_g)
+    u, h_proj = model(z_t, t, y, t - r)
+    err = ((u.float() - u_tgt) ** 2).sum(dim=(1, 2, 3))                        # (B,): a sum, not a mean
+    loss = (err / (err.detach() + eps) ** p).mean()                             # adaptive weight
+    # with p = 1 the weighted loss is ~1 whatever the error: the value returned (and logged) is the mean error, the
+    # gradient the weighted loss's
+    loss = loss - loss.detach() + err.detach().mean()
+    return loss, alignment_loss(h_proj, target) if target is not None else None
 
 # =============================================================================
 # Appendix: what a real run needs and a learner can skip
@@ -922,6 +988,9 @@ def check_settings(args):
         fail(f"--lr must be > 0, got {args.lr}")
     if not 0 <= args.ema_decay < 1:
         fail(f"the recipe's ema_decay must be in [0, 1), got {args.ema_decay}")
+    if args.objective == 'meanflow':
+        check_ranges(argparse.Namespace(**args.meanflow), dict(ratio=(0, 1), omega=-math.inf, kappa=-math.inf, p=0,
+                                                               eps=0), recipe=('ratio', 'omega', 'kappa', 'p', 'eps'))
     if not args.resume and (problem := output_dir_problem(args.results_dir)):
         fail(f"--results-dir {problem}")
 
@@ -988,7 +1057,8 @@ def method_name(args):
 def run_name(args):
     """<setting>-<model>-<encoder>-<method>, e.g. latent-SiT-XL-2-dinov2_vitb14-irepa, demo-SiT-T-4-vanilla."""
     target = '' if args.encoder == 'none' else f"{args.encoder}-"
-    return f"{args.setting}-{args.model.replace('/', '-')}-{target}{method_name(args)}"
+    objective = '-meanflow' if args.objective == 'meanflow' else ''
+    return f"{args.setting}-{args.model.replace('/', '-')}-{target}{method_name(args)}{objective}"
 
 def new_run_dir(args, master, world):
     """results_dir/<run name>, with -1, -2, ... if taken; chosen by rank 0."""
@@ -1091,8 +1161,7 @@ def resume_args(args, given, run_args):
             fail(f"--resume continues the run as it began, but --{k.replace('_', '-')} {getattr(args, k)} differs from "
                  f"the run's {run_args[k]}; only --{', --'.join(f.replace('_', '-') for f in RESUME_FLAGS[:-1])} may "
                  f"change (start a new run to change the rest)")
-    return argparse.Namespace(**{k: getattr(args, k) if k in given and k in RESUME_FLAGS else run_args[k]
-                                 for k in vars(args)})
+    return argparse.Namespace(**{**run_args, **{k: getattr(args, k) for k in given & set(RESUME_FLAGS)}})
 
 # -----------------------------------------------------------------------------
 # E. A trained SiT read back from a checkpoint of this file or of the official code (for sample.py, metrics.py)
@@ -1103,7 +1172,8 @@ def build_model(run_args):
     return SiT_models[a['model']](input_size=a['input_size'], in_channels=a['in_channels'],
                                   num_classes=a['num_classes'], encoder_depth=a['encoder_depth'],
                                   target_dim=a.get('target_dim'), projector=a.get('projector', 'mlp'),
-                                  pred=a['pred'], proj_kernel=a.get('proj_kernel', 3))
+                                  pred=a['pred'], proj_kernel=a.get('proj_kernel', 3),
+                                  meanflow=a.get('objective') == 'meanflow')
 
 # the official code's encoder names (ldm/vision_encoder.py) -> this file's; the others are not loadable here
 OFFICIAL_ENCODERS = {f'dinov2{r}-vit-{s}': f'dinov2_vit{s}14{"_" * bool(r)}{r}' for s in 'sblg' for r in ('', 'reg')}

@@ -84,6 +84,19 @@ def euler_maruyama_sampler(model, x, y, num_steps=250, cfg_scale=1.0, guidance_l
             x = x + math.sqrt(w) * math.sqrt(-dt) * torch.randn_like(x)
     return x
 
+@torch.no_grad()
+def meanflow_sampler(model, x, y, num_steps=1):
+    """MeanFlow (irepa.py section 10): z <- z - (t_i - t_i+1) u(z, t_i, y, interval = t_i - t_i+1) on the uniform grid
+    linspace(1, 0, k + 1); one step is z_0 = z_1 - u(z_1, 1, y, 1). NFE = k. Guidance was trained in: no CFG."""
+    dtype, x = x.dtype, x.to(torch.float64)
+    t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
+    for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
+        t = torch.full((x.shape[0],), t_cur, dtype=dtype, device=x.device)
+        with irepa.autocast(x.device):
+            u = model(x.to(dtype), t, y, t - t_next)[0].to(torch.float64)
+        x = x - (t_cur - t_next) * u
+    return x
+
 # -----------------------------------------------------------------------------
 # Batched sampling to uint8 images, a picture for people, and every rank's samples gathered on rank 0
 
@@ -102,6 +115,8 @@ def sample(model, labels, mode='sde', num_steps=250, heun=False, cfg_scale=1.0, 
             y, x = y.to(device), torch.randn(len(y), C, S, S, device=device)       # (B,), (B, C, S, S)
             if mode == 'sde':
                 x = euler_maruyama_sampler(model, x, y, num_steps, cfg_scale, guidance_low, guidance_high)
+            elif mode == 'meanflow':
+                x = meanflow_sampler(model, x, y, num_steps)
             else:
                 x = euler_sampler(model, x, y, num_steps, heun, cfg_scale, guidance_low, guidance_high)
             if sd_vae is not None:
@@ -154,8 +169,9 @@ def get_args(argv=None):
     p.add_argument("--ckpt", type=str, required=True, help="checkpoint written by irepa.py, or a run folder (latest)")
     p.add_argument("--model", default=None, choices=list(irepa.SiT_models),
                    help="the SiT size of an official checkpoint (default: read off its weights)")
-    p.add_argument("--mode", type=str, choices=["sde", "ode"], default=None, help="default: the recipe's")
-    p.add_argument("--num-steps", type=int, default=None, help="SDE: NFE (REPA's FID: 250); ODE: steps")
+    p.add_argument("--mode", type=str, choices=["sde", "ode", "meanflow"], default=None,
+                   help="default: the recipe's (meanflow: a MeanFlow checkpoint's 1- or k-step sampler)")
+    p.add_argument("--num-steps", type=int, default=None, help="SDE: NFE (REPA's FID: 250); ODE: steps; meanflow: NFE")
     p.add_argument("--heun", action=argparse.BooleanOptionalAction, default=None,
                    help="ode mode: Heun's second-order correction")
     p.add_argument("--cfg-scale", type=float, default=None, help="1 = no guidance; REPA's best: 1.8")
@@ -195,12 +211,16 @@ def main(argv=None):
     recipe = {**dict(mode="sde", num_steps=250, heun=False, cfg_scale=1.0), **(ckpt_args.get("sampler") or {})}
     args.mode = args.mode or recipe["mode"]
     if args.mode != recipe["mode"]:                               # another mode: its own steps, no Heun; same CFG
-        recipe.update(num_steps=250 if args.mode == "sde" else 50, heun=False)
+        recipe.update(num_steps={"sde": 250, "ode": 50, "meanflow": 1}[args.mode], heun=False)
     for k in ("num_steps", "heun", "cfg_scale"):
         if getattr(args, k) is None:
-            setattr(args, k, recipe[k])
-    if args.mode == "sde" and args.heun:
+            setattr(args, k, recipe.get(k, {"heun": False, "cfg_scale": 1.0}.get(k)))
+    if args.mode != "ode" and args.heun:
         irepa.fail("--heun is for --mode ode")
+    if args.mode == "meanflow" and ckpt_args.get("objective") != "meanflow":   # (a MeanFlow SiT at interval 0 is a
+        irepa.fail("--mode meanflow needs a checkpoint trained with --objective meanflow")   # velocity: ode/sde work)
+    if args.mode == "meanflow" and args.cfg_scale != 1:
+        irepa.fail("MeanFlow trains its guidance in (the recipe's omega, kappa): --cfg-scale must be 1")
 
     # labels for all N samples, the same on every rank; each rank samples a contiguous share
     if args.class_labels is not None:

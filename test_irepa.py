@@ -1011,7 +1011,8 @@ def test_accumulate_gradient_gives_the_gradient_of_the_batch_mean():
     grads, sums = [], []
     for n in (1, 2, 4):
         model.zero_grad()
-        sums.append(irepa.accumulate_gradient(model, x, y, noise, t, target, 'v', 0.5, grad_accum=n))
+        sums.append(irepa.accumulate_gradient(model, (x, y, noise, t, target), irepa.flow_matching_loss, 0.5,
+                                              grad_accum=n))
         grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
     model.zero_grad()
     d, a = irepa.flow_matching_loss(model, x, y, noise, t, target)
@@ -1158,3 +1159,322 @@ def test_bench_flops_count_per_token_and_per_image_weights():
     with FlopCounterMode(display=False) as counter, torch.autocast('cpu', dtype=torch.bfloat16):
         model(torch.randn(3, 3, 16, 16), torch.rand(3), torch.tensor([0, 1, 2]))
     assert counter.get_total_flops() == 3 * bench.forward_flops(model, model.grid_size ** 2)
+
+# -----------------------------------------------------------------------------
+# Pinned by hand: what the paper's result depends on (the aligned layer, a target registered with its image, the
+# loss and the loop, the defaults a user gets), each against loops or closed forms, not against the code's output
+
+def randomised(model, std=0.1, seed=0):
+    """`model` with every trainable weight drawn from N(0, std^2): at the adaLN-Zero init every block is the identity,
+    so the output of any block would pass a test of which one is aligned."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = torch.randn(p.shape, generator=g) * std
+    return model
+
+def test_aligned_state_is_the_output_of_block_encoder_depth_before_any_norm():
+    """REPA aligns the residual stream right after block `encoder_depth` (counting from 1), before any norm (SPEC 3).
+    For every depth, against the blocks run by hand (projector replaced by the identity, so h_proj is the raw state);
+    metrics.py reads the same state through irepa.hidden_state. The output runs every block and the final layer."""
+    depth = 4
+    x, t, y = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([0.3, 0.8]), \
+        torch.tensor([1, 5])
+    for k in range(1, depth + 1):
+        model = randomised(tiny(depth=depth, encoder_depth=k, target_dim=8))
+        model.projectors = torch.nn.ModuleList([torch.nn.Identity()])
+        h = model.x_embedder(x) + model.pos_embed                              # (B, T, D)
+        c = model.t_embedder(t) + model.y_embedder.embedding_table.weight[y]   # (B, D)
+        states = []
+        for block in model.blocks:
+            h = block(h, c)
+            states.append(h)
+        out, h_proj = model(x, t, y)
+        torch.testing.assert_close(h_proj, states[k - 1])
+        assert all((states[j] - states[k - 1]).abs().max() > 0.01 for j in range(depth) if j != k - 1)  # teeth
+        h_state, h_state_proj = irepa.hidden_state(model, x, t, y)
+        torch.testing.assert_close(h_state, states[k - 1])
+        torch.testing.assert_close(h_state_proj, states[k - 1])
+        torch.testing.assert_close(out, model.unpatchify(model.final_layer(states[-1], c)))
+
+def test_patch_embedding_and_unpatchify_follow_raster_order():
+    """SiT's token r * G + c is image patch (r, c) (the patch embedding is a conv applied patch by patch), and the
+    final layer's p * p * C outputs of that token fill patch (r, c) in DiT's (row i, column j, channel) order, so
+    official checkpoints decode as they were trained. Both by explicit loops."""
+    torch.manual_seed(0)
+    model, p, G, C = tiny(), 4, 4, 3
+    x = torch.randn(2, C, 16, 16)
+    tokens = model.x_embedder(x)                                               # (B, T, D)
+    w, b = model.x_embedder.proj.weight, model.x_embedder.proj.bias
+    for r in range(G):
+        for c in range(G):
+            patch = x[:, :, r * p:(r + 1) * p, c * p:(c + 1) * p]
+            torch.testing.assert_close(tokens[:, r * G + c], torch.einsum('bkij,okij->bo', patch, w) + b,
+                                       atol=1e-5, rtol=1e-5)
+    out = torch.randn(2, G * G, p * p * C)
+    ref = torch.zeros(2, C, 16, 16)
+    for r in range(G):
+        for c in range(G):
+            for i in range(p):
+                for j in range(p):
+                    for ch in range(C):
+                        ref[:, ch, r * p + i, c * p + j] = out[:, r * G + c, (i * p + j) * C + ch]
+    assert torch.equal(model.unpatchify(out), ref)
+
+class PatchMeans(torch.nn.Module):
+    """Stub encoder on a G x G grid: token r * G + c is the mean colour of image patch (r, c), by explicit loops.
+    Records the images it is given."""
+    def __init__(self, grid):
+        super().__init__()
+        self.grid, self.embed_dim, self.seen = grid, 3, []
+
+    def forward(self, img):                                                    # (B, 3, S, S) in 0..255
+        self.seen.append(img.clone())
+        G, (B, _, S, _) = self.grid, img.shape
+        p = S // G
+        out = torch.zeros(B, G * G, 3)
+        for b in range(B):
+            for r in range(G):
+                for c in range(G):
+                    out[b, r * G + c] = img[b, :, r * p:(r + 1) * p, c * p:(c + 1) * p].mean(dim=(1, 2))
+        return out
+
+def inputs_settings(**kw):
+    """(args, run_args) for training_inputs: a global batch of 8 images of 16 px, 5 classes, U[0, 1) times, flips."""
+    args = dict(global_batch_size=8, seed=0, time_dist=None, hflip=True, spatial_norm=False, spnorm_gamma=0.6,
+                objective='fm')
+    args.update(kw)
+    return argparse.Namespace(**args), dict(in_channels=3, input_size=16, num_classes=5)
+
+def step_inputs(images, labels, step, args, run_args, rank=0, world=1, encoder=None, sd_vae=None):
+    from contextlib import nullcontext
+    return irepa.training_inputs(images, labels, step, args, run_args, rank=rank, world=world,
+                                 generator=torch.Generator(), sd_vae=sd_vae, encoder=encoder,
+                                 mixed_precision=nullcontext())
+
+def flips_of(seen, images):
+    """Per sample: False if `seen` (B, 3, S, S) in 0..255 is the image, True if its horizontal mirror; else fail."""
+    out = []
+    for s, img in zip(seen, images.float()):
+        out.append(not torch.allclose(s, img, atol=1e-3))
+        if out[-1]:
+            torch.testing.assert_close(s, img.flip(-1), atol=1e-3, rtol=0)
+    return out
+
+def test_target_is_registered_with_the_image_sit_trains_on():
+    """The encoder sees exactly the image SiT is trained on, flips included, token for token in raster order: with a
+    stub encoder of per-patch means, target token r * G + c is the mean of x's patch (r, c), and equals SiT's own token
+    r * G + c (its patch embedding set to the per-channel patch mean). Flips are horizontal, some samples flipped."""
+    images = torch.randint(0, 256, (8, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    args, run_args = inputs_settings()
+    enc = PatchMeans(4)
+    x, y, noise, t, target = step_inputs(images, torch.arange(8) % 5, 0, args, run_args, encoder=enc)
+    pixels = (x + 1) * 127.5                                                   # what SiT sees, back in 0..255
+    flipped = flips_of(pixels, images)
+    assert any(flipped) and not all(flipped)
+    for b in range(8):
+        for r in range(4):
+            for c in range(4):
+                patch = pixels[b, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4]                # (3, p, p)
+                torch.testing.assert_close(target[b, r * 4 + c], patch.mean((1, 2)), atol=1e-3, rtol=0)
+    embed = irepa.PatchEmbed(4, 3, 3)                                          # SiT's tokenisation, as patch means
+    embed.proj.weight.data = torch.eye(3).view(3, 3, 1, 1).expand(3, 3, 4, 4) / 16
+    embed.proj.bias.data.zero_()
+    torch.testing.assert_close((embed(x) + 1) * 127.5, target, atol=1e-3, rtol=0)
+    b = flipped.index(True)                                                    # the unflipped image's targets differ
+    assert (target[b] - PatchMeans(4)(images[b:b + 1].float())[0]).abs().max() > 10
+
+def test_each_rank_gets_its_slice_of_the_global_batch():
+    """Rank r of W gets slice r of what one process draws for the whole global batch: times, noise, label drops,
+    flips and targets. So any world size trains the same. iREPA's targets are the encoder's tokens spatially
+    normalised with the recipe's gamma: (z - gamma mean_T z) / (std_T z + 1e-6)."""
+    g = torch.Generator().manual_seed(1)
+    images, labels = torch.randint(0, 256, (8, 3, 16, 16), generator=g, dtype=torch.uint8), torch.arange(8) % 5
+    args, run_args = inputs_settings(spatial_norm=True, spnorm_gamma=0.8)
+    enc = PatchMeans(4)
+    full = step_inputs(images, labels, 3, args, run_args, encoder=enc)
+    z = PatchMeans(4)(enc.seen[0])                                             # raw targets of the encoder's input
+    torch.testing.assert_close(full[4], (z - 0.8 * z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-6))
+    for rank in (0, 1):
+        part = step_inputs(images[4 * rank:4 * rank + 4], labels[4 * rank:4 * rank + 4], 3, args, run_args,
+                           rank=rank, world=2, encoder=PatchMeans(4))
+        for a, b in zip(full, part):
+            torch.testing.assert_close(a[4 * rank:4 * rank + 4], b)
+
+def test_step_draws_label_drop_flips_times_noise_and_pixel_scale():
+    """Over 20,000 samples (tolerances ~5 standard errors): labels are replaced by the null class num_classes with
+    p = LABEL_DROP = 0.1 and otherwise kept; half the images are mirrored, independently of the drops; t ~ U[0, 1);
+    noise ~ N(0, 1); pixels map to [-1, 1] by /127.5 - 1 (0 -> -1, 51 -> -0.6, 204 -> 0.6, 255 -> 1)."""
+    n = 20_000
+    img = torch.tensor([[0, 255], [51, 204]], dtype=torch.uint8)               # left / right differ: a flip shows
+    images, labels = img.expand(n, 3, 2, 2).clone(), torch.arange(n) % 5
+    args, run_args = inputs_settings(global_batch_size=n)
+    run_args['input_size'] = 2
+    x, y, noise, t, target = step_inputs(images, labels, 0, args, run_args)
+    assert target is None
+    assert irepa.LABEL_DROP == 0.1
+    dropped = y == 5
+    assert torch.equal(y[~dropped], labels[~dropped])
+    assert abs(dropped.double().mean().item() - 0.1) < 5 * (0.09 / n) ** 0.5
+    ref = torch.tensor([[-1.0, 1.0], [-0.6, 0.6]])
+    flipped = x[:, 0, 0, 0] == 1
+    torch.testing.assert_close(x[~flipped], ref.expand(int((~flipped).sum()), 3, 2, 2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(x[flipped], ref.flip(-1).expand(int(flipped.sum()), 3, 2, 2), atol=1e-6, rtol=0)
+    assert abs(flipped.double().mean().item() - 0.5) < 5 * (0.25 / n) ** 0.5
+    drop_if_flipped, drop_if_not = dropped[flipped].double().mean(), dropped[~flipped].double().mean()
+    assert abs(drop_if_flipped - drop_if_not) < 5 * (0.09 / (n / 2) * 2) ** 0.5   # independent draws
+    assert abs(torch.corrcoef(torch.stack([t, flipped.float()]))[0, 1]) < 5 / n ** 0.5
+    assert t.min() >= 0 and t.max() < 1
+    assert abs(t.mean() - 0.5) < 5 * (1 / 12 / n) ** 0.5 and abs(t.var() - 1 / 12) < 5 * (1 / 180 / n) ** 0.5
+    assert noise.shape == (n, 3, 2, 2) and abs(noise.mean()) < 0.01 and abs(noise.std() - 1) < 0.01
+
+class PoolVAE:
+    """Stub SD-VAE: the latent of an image in [-1, 1] is its 8x8 average pool (channel mean, repeated over 4
+    channels) plus the posterior noise eps. Records its inputs."""
+    def __init__(self):
+        self.seen = []
+
+    def encode(self, x, eps):
+        self.seen.append((x.clone(), eps.clone()))
+        return F.avg_pool2d(x, 8).mean(1, keepdim=True).expand(-1, 4, -1, -1) + eps
+
+def test_latent_setting_encodes_the_same_image_the_encoder_sees():
+    """In the latent setting SiT trains on the SD-VAE posterior sample of the [-1, 1] image, flipped like the
+    alignment encoder's input, while the encoder sees the 0..255 pixel image itself, not the latents (SPEC 13);
+    the posterior's eps is its own draw, not the flow's noise."""
+    images = torch.randint(0, 256, (8, 3, 16, 16), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    args, _ = inputs_settings()
+    run_args = dict(in_channels=4, input_size=2, num_classes=5)
+    enc, vae = PatchMeans(2), PoolVAE()
+    x, y, noise, t, target = step_inputs(images, torch.arange(8) % 5, 0, args, run_args, encoder=enc, sd_vae=vae)
+    (vae_in, eps), = vae.seen
+    flipped = flips_of(enc.seen[0], images)
+    assert any(flipped) and not all(flipped)
+    torch.testing.assert_close(vae_in, enc.seen[0] / 127.5 - 1)
+    assert eps.shape == noise.shape == x.shape == (8, 4, 2, 2) and not torch.equal(eps, noise)
+    torch.testing.assert_close(x, F.avg_pool2d(vae_in, 8).mean(1, keepdim=True).expand(-1, 4, -1, -1) + eps)
+    torch.testing.assert_close(target, PatchMeans(2)(enc.seen[0]))
+
+def test_hog_an_edge_in_cell_r_c_shows_in_token_r_times_g_plus_c():
+    """A 2x2 bright square inside cell (r, c) (its gradients stay inside the cell) gives a non-zero HOG token at
+    r * G + c and nowhere else: the target's tokens are SiT's raster order (a transposed or mirrored order would
+    light another token)."""
+    enc = irepa.load_encoder('hog', grid_size=4)
+    for r, c in ((0, 2), (3, 1), (2, 3), (1, 0)):
+        img = torch.zeros(1, 3, 32, 32)
+        img[..., 8 * r + 3:8 * r + 5, 8 * c + 3:8 * c + 5] = 255
+        assert enc(img)[0].norm(dim=-1).nonzero().flatten().tolist() == [r * 4 + c], (r, c)
+
+class Recorder(torch.nn.Module):
+    """Stub SiT: out = 0.5 * x_t; h_proj = x_t's 48 values per image as 12 tokens of 4 dims. Records its inputs."""
+    def forward(self, x_t, t, y):
+        self.seen = (x_t.clone(), t.clone(), y.clone())
+        return 0.5 * x_t, x_t.reshape(len(x_t), 12, 4)
+
+def test_flow_matching_loss_by_hand():
+    """flow_matching_loss calls model(x_t, t, y) with x_t = (1 - t) x + t eps and t as drawn (in [0, 1], no x1000);
+    v-prediction: mean over C, H, W of (out - (eps - x))^2, then over the batch; x-prediction: (x - x_hat)^2 /
+    max(t, 0.05)^2; alignment: -cos(h_proj, target) per token, averaged. All written out here."""
+    g = torch.Generator().manual_seed(0)
+    x, eps, target = (torch.randn(3, 3, 4, 4, generator=g), torch.randn(3, 3, 4, 4, generator=g),
+                      torch.randn(3, 12, 4, generator=g))
+    t, y = torch.tensor([0.0, 0.25, 0.9]), torch.tensor([2, 0, 7])
+    model = Recorder()
+    denoise, align = irepa.flow_matching_loss(model, x, y, eps, t, target)
+    x_t = torch.stack([(1 - t[b]) * x[b] + t[b] * eps[b] for b in range(3)])
+    torch.testing.assert_close(model.seen[0], x_t)
+    assert torch.equal(model.seen[1], t) and torch.equal(model.seen[2], y)
+    per_sample = [((0.5 * x_t[b] - (eps[b] - x[b])) ** 2).mean() for b in range(3)]
+    torch.testing.assert_close(denoise, sum(per_sample) / 3)
+    h = x_t.reshape(3, 12, 4)
+    cos = [(h[b, k] @ target[b, k]) / (h[b, k].norm() * target[b, k].norm()) for b in range(3) for k in range(12)]
+    torch.testing.assert_close(align, -sum(cos) / 36)
+    denoise, _ = irepa.flow_matching_loss(model, x, y, eps, t, None, pred='x')
+    per_sample = [((x[b] - 0.5 * x_t[b]) ** 2).mean() / max(t[b].item(), 0.05) ** 2 for b in range(3)]
+    torch.testing.assert_close(denoise, sum(per_sample) / 3)
+    n = torch.tensor([0.0, 1.0, -2.0])                                         # JiT's logit-normal, in this convention
+    torch.testing.assert_close(irepa.sample_time(torch.rand(3), n, (0.8, 0.8)), torch.sigmoid(0.8 + 0.8 * n))
+
+def test_training_loop_by_hand(tmp_path, monkeypatch, fp32):
+    """Two steps of the loop redone by hand: seeded init, the epoch's batches, training_inputs, loss = denoise +
+    lambda * align, the gradient clipped to total norm 0.05 (small: it acts on every step, and AdamW's later steps see
+    the clipped scale), AdamW, then EMA e <- d e + (1 - d) p with d = 0.9 from the stepped weights. Pins the clipping
+    (value, place before the step) and the EMA (decay, order) that a one-step check or a spy on the call cannot."""
+    import copy
+    monkeypatch.setitem(irepa.RECIPES, 'demo', dict(irepa.RECIPES['demo'], clip_grad=0.05, ema_decay=0.9, hflip=True))
+    run = run_train(tmp_path, '--encoder', 'hog', '--irepa', '--max-steps', '2', '--ckpt-every', '2')
+    ck = load_last(run)
+    a = ck['args']
+    assert (a['clip_grad'], a['ema_decay'], a['proj_coeff'], a['encoder_depth'], a['hflip']) == (0.05, 0.9, 0.5, 2,
+                                                                                                 True)
+    torch.manual_seed(a['seed'])
+    model = irepa.build_model(a)
+    ema = copy.deepcopy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0, eps=1e-8)
+    enc, ds = irepa.load_encoder('hog', 4), irepa.Shapes(50_000, 16, seed=0)
+    for step, idx in enumerate(irepa.global_batches(len(ds), 8, 0, 0)[:2]):
+        images, labels = torch.stack([ds[i][0] for i in idx]), torch.tensor([ds[i][1] for i in idx])
+        x, y, noise, t, target = step_inputs(images, labels, step, argparse.Namespace(**a), a, encoder=enc)
+        denoise, align = irepa.flow_matching_loss(model, x, y, noise, t, target)
+        (denoise + 0.5 * align).backward()
+        norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params))
+        assert norm > 0.05
+        for p in params:
+            p.grad *= 0.05 / (norm + 1e-6)
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.copy_(0.9 * e + 0.1 * p)
+    for part, net in (('model', model), ('ema', ema)):
+        for k, v in net.state_dict().items():
+            torch.testing.assert_close(ck[part][k], v, atol=1e-6, rtol=1e-5, msg=f'{part} {k}')
+
+def test_constructor_defaults_are_the_papers():
+    """What a user building the parts directly gets (SPEC 2-5): iREPA's 3x3 conv (padding 1) through
+    SiT(projector='conv') and ConvProjector; REPA's MLP 2048 wide through SiT and mlp_projector; spatial norm gamma
+    0.6; label drop 0.1; SiT's default size XL/2 aligned after block 8; each size's depth, width, heads and alignment
+    depth (4 for 12 blocks, 8 for L/XL); MLP ratio 4 with tanh GELU."""
+    with torch.device('meta'):
+        conv_sit, mlp_sit = irepa.SiT(target_dim=768, projector='conv'), irepa.SiT(target_dim=768)
+    conv = conv_sit.projectors[0]
+    assert (conv.kernel_size, conv.padding, conv.in_channels, conv.out_channels) == ((3, 3), (1, 1), 1152, 768)
+    assert (irepa.ConvProjector(16, 8).kernel_size, irepa.ConvProjector(16, 8).padding) == ((3, 3), (1, 1))
+    assert (conv_sit.patch_size, len(conv_sit.blocks), conv_sit.encoder_depth, conv_sit.num_classes) == (2, 28, 8, 1000)
+    assert conv_sit.pred == 'v' and conv_sit.blocks[0].attn.num_heads == 16
+    assert conv_sit.blocks[0].mlp.fc1.out_features == 4 * 1152 and conv_sit.blocks[0].mlp.act.approximate == 'tanh'
+    linear = lambda seq: [(type(m).__name__, tuple(m.weight.shape) if hasattr(m, 'weight') else None) for m in seq]
+    assert linear(mlp_sit.projectors[0]) == [('Linear', (2048, 1152)), ('SiLU', None), ('Linear', (2048, 2048)),
+                                             ('SiLU', None), ('Linear', (768, 2048))]
+    assert linear(irepa.mlp_projector(32, 8)) == [('Linear', (2048, 32)), ('SiLU', None), ('Linear', (2048, 2048)),
+                                                 ('SiLU', None), ('Linear', (8, 2048))]
+    z = torch.randn(2, 9, 5, generator=torch.Generator().manual_seed(0))
+    want = (z - 0.6 * z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(irepa.spatial_norm(z), want)
+    assert irepa.LABEL_DROP == 0.1
+    sizes = {s: (c['depth'], c['hidden_size'], c['num_heads'], c['encoder_depth']) for s, c in irepa.SiT_sizes.items()}
+    assert {s: v for s, v in sizes.items() if s != 'T'} == {'S': (12, 384, 6, 4), 'B': (12, 768, 12, 4),
+                                                            'L': (24, 1024, 16, 8), 'XL': (28, 1152, 16, 8)}
+    with torch.device('meta'):
+        for name, depth in (('SiT-S/2', 4), ('SiT-B/4', 4), ('SiT-L/2', 8), ('SiT-XL/2', 8)):
+            assert irepa.SiT_models[name](input_size=32, num_classes=10).encoder_depth == depth
+
+def test_recipes_are_the_spec_values():
+    """The recipes, entry by entry, against SPEC 8 and 13 (latent: REPA's / iREPA's LDM recipe) and 14 (pixel: JiT's
+    recipe on SiT-B/16, aligned after SiT-B's block 4); --irepa switches exactly the projector and the spatial norm."""
+    latent = dict(vae='sd-vae-ft-mse', model='SiT-XL/2', image_size=256, encoder='dinov2_vitb14', pred='v',
+                  time_dist=None, lr=1e-4, betas=(0.9, 0.999), warmup_epochs=0, clip_grad=1.0, hflip=False,
+                  ema_decay=0.9999, spnorm_gamma=0.6, proj_coeff=dict(repa=0.5, irepa=1.0), global_batch_size=256,
+                  max_steps=400_000, ckpt_every=50_000, sampler=dict(mode='sde', num_steps=250, cfg_scale=1.0))
+    pixel = dict(vae=None, model='SiT-B/16', image_size=256, encoder='dinov2_vitb14', pred='x', time_dist=(0.8, 0.8),
+                 lr=None, base_lr=5e-5, betas=(0.9, 0.95), warmup_epochs=5, clip_grad=None, hflip=True,
+                 ema_decay=0.9999, spnorm_gamma=0.8, proj_coeff=0.5, global_batch_size=256, max_steps=200_000,
+                 sampler=dict(mode='ode', heun=True, num_steps=50, cfg_scale=1.0))
+    for name, want in (('latent', latent), ('pixel', pixel)):
+        assert {k: irepa.RECIPES[name][k] for k in want} == want, name
+    assert irepa.SiT_models['SiT-B/16'].keywords['encoder_depth'] == 4
+    for argv, proj, norm, coeff in (([], 'mlp', False, 0.5), (['--irepa'], 'conv', True, 1.0),
+                                    (['--setting', 'pixel', '--irepa'], 'conv', True, 0.5)):
+        a = irepa.get_args(argv)
+        assert (a.projector, a.spatial_norm, a.proj_coeff) == (proj, norm, coeff), argv
