@@ -5,6 +5,7 @@ in fp32 and in bf16 autocast, interleaved in one run, and print the medians and 
     python bench.py                                              # SiT-B/4 + iREPA (HOG) at 32 px, batch 32
     python bench.py --model SiT-S/4 --batch-size 64
     python bench.py --model SiT-XL/2 --image-size 256 --vae --encoder dinov2_vitb14 --batch-size 32 --compile   # GPU
+    python bench.py --objective meanflow                         # MeanFlow's step (guidance passes, jvp) instead
 With --vae the step includes the SD-VAE encoding of the images (the latent setting, random VAE weights) and the
 VAE's share is printed on its own. On CUDA: peak memory and the model FLOPs utilisation (MFU) against bf16 peak.
 """
@@ -12,6 +13,7 @@ import argparse
 import statistics
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 
@@ -40,6 +42,7 @@ def main():
     p.add_argument('--repeats', type=int, default=5, help="timed steps per precision, interleaved")
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--compile', action='store_true')
+    p.add_argument('--objective', default='fm', choices=['fm', 'meanflow'], help="the loss timed (irepa.py's)")
     p.add_argument('--precisions', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16'])
     p.add_argument('--peak-tflops', type=float, default=989.0, help="bf16 dense peak of the GPU (H100 SXM: 989)")
     args = p.parse_args()
@@ -55,7 +58,7 @@ def main():
         import vae as sdvae
         vae = sdvae.AutoencoderKL().to(device).eval().requires_grad_(False)
     kw = dict(input_size=args.image_size // down, in_channels=4 if args.vae else 3, num_classes=1000, projector='conv',
-              target_dim=enc.embed_dim if enc else None)
+              target_dim=enc.embed_dim if enc else None, meanflow=args.objective == 'meanflow')
     model = irepa.SiT_models[args.model](**kw).to(device)
     ema = irepa.SiT_models[args.model](**kw).to(device).requires_grad_(False)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, weight_decay=0,
@@ -65,6 +68,9 @@ def main():
     img = torch.randint(0, 256, (B, 3, args.image_size, args.image_size), device=device, dtype=torch.uint8)
     y = torch.randint(0, 1000, (B,), device=device)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    meanflow = args.objective == 'meanflow'
+    loss_fn = (partial(irepa.meanflow_loss, raw_model=model, **irepa.MEANFLOW['meanflow']) if meanflow
+               else irepa.flow_matching_loss)
 
     def step(bf16):
         """One training step as irepa.main runs it; returns the seconds spent in the VAE."""
@@ -83,8 +89,9 @@ def main():
         if enc is not None:
             with torch.no_grad(), mixed_precision:
                 target = irepa.spatial_norm(enc(img.float()).float())
-        batch = (x, y, torch.randn_like(x), torch.rand(B, device=device), target)
-        irepa.accumulate_gradient(fwd, batch, irepa.flow_matching_loss, 0.5, mixed_precision=mixed_precision)
+        t = torch.rand(B, device=device)
+        batch = (x, y, torch.randn_like(x), t, *([t * torch.rand(B, device=device)] if meanflow else []), target)
+        irepa.accumulate_gradient(fwd, batch, loss_fn, 0.5, mixed_precision=mixed_precision)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -107,7 +114,8 @@ def main():
 
     fwd_flops = forward_flops(model, grid * grid)                               # per image
     flops = 3 * fwd_flops * B                                                   # fwd + bwd = 3 x fwd
-    print(f"{args.model} {args.image_size}px{' latent' if args.vae else ''} {args.encoder} iREPA | batch {B} | "
+    print(f"{args.model} {args.image_size}px{' latent' if args.vae else ''} {args.encoder} iREPA {args.objective} | "
+          f"batch {B} | "
           f"{fwd_flops / 1e9:.2f} GFLOPs/img fwd | {device.type} "
           f"({torch.get_num_threads()} threads) | median of {args.repeats}")
     for prec in args.precisions:
@@ -116,7 +124,7 @@ def main():
         if vae is not None:
             vae_dt = statistics.median(vae_times[prec])
             line += f" | VAE encode {vae_dt * 1000:.1f} ms ({vae_dt / dt:.0%})"
-        if device.type == 'cuda':
+        if device.type == 'cuda' and not meanflow:                         # MeanFlow's FLOPs: not 3 x forward
             line += f" | MFU {flops / dt / (args.peak_tflops * 1e12) * 100:.1f}%"
         print(line)
     if len(args.precisions) == 2:

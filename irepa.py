@@ -10,9 +10,9 @@ Time convention, used everywhere in this repo (sample.py too): t = 0 is data, t 
     x_t = (1 - t) * x + t * eps,   target velocity v = eps - x.
 
 Read it top to bottom: the method in the paper's order (sections 1-6: SiT, projectors, encoders, spatial norm,
-losses), then the data, the settings and the training loop (7-9). The appendix after the loop (A-E) holds what a
-real run needs and a first reading can skip: processes and precision, data sources, one-line errors, run folders
-and checkpoints, reading a trained SiT back.
+losses), then the data, the settings and the training loop (7-9), and MeanFlow as a second objective (10). The
+appendix (A-E) holds what a real run needs and a first reading can skip: processes and precision, data sources,
+one-line errors, run folders and checkpoints, reading a trained SiT back.
 
 Three settings, one code path (`--setting`, recipes in section 8; explicit flags win):
     latent  the paper's main setting: SiT-XL/2 on 32x32x4 SD-VAE latents of 256 px images, REPA's recipe (default)
@@ -24,6 +24,7 @@ Run it:
     python irepa.py --encoder dinov2_vitb14 --irepa --data-path /path/to/imagenet/train        # one GPU
     torchrun --nproc_per_node=8 irepa.py --encoder dinov2_vitb14 --irepa --data-path /path/to/imagenet/train
     torchrun --nproc_per_node=8 irepa.py --setting pixel --encoder dinov2_vitb14 --irepa --data-path ...
+    ... --objective meanflow                              # MeanFlow instead of flow matching (section 10)
     multi-node: torchrun --nnodes=N --node_rank=R --master_addr=... --nproc_per_node=8 irepa.py ...
 bf16 autocast on CUDA and on CPUs with bf16 instructions; IREPA_PRECISION=fp32 in the environment forces fp32.
 """
@@ -344,10 +345,6 @@ class HOG(nn.Module):
                 feats.append(blocks[:, :, k, by:by + G, bx:bx + G])              # (B, nb, G, G)
         return grid_to_tokens(torch.cat(feats, dim=1))                          # (B, G*G, 36)
 
-def hub_family(name):
-    """'dinov2', 'dinov3' or 'dino' (DINOv1) from an entry's name; another --hub-dir entry counts as DINOv2-like."""
-    return next((f for f in ('dinov2', 'dinov3') if name.startswith(f + '_')), 'dino' if name in DINOV1 else 'dinov2')
-
 class HubEncoder(nn.Module):
     """A torch.hub ViT with the official preprocessing for its family (ldm/vision_encoder.py): /255, ImageNet
     mean/std, and a resize to patch * grid so that its patch grid equals SiT's (at 256 px: 16x16 for patch 14 and 16):
@@ -451,19 +448,9 @@ def sample_time(u, n, logit_normal=None):
 # =============================================================================
 
 # -----------------------------------------------------------------------------
-# 7. Data: images as uint8 (3, S, S) with labels, from class folders (ImageFolder, with the ADM center crop below) or
-#    drawn on the fly (Shapes, the demo's), both in appendix B; in the latent setting the frozen SD-VAE (SDVAE,
-#    appendix B) turns them into SiT's input
-
-def center_crop_arr(pil_image, image_size):
-    """ADM: halve with BOX while the short side is >= 2S, BICUBIC so the short side is S, crop the centre."""
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
-    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
-    return arr[top:top + image_size, left:left + image_size]
+# 7. Data: images as uint8 (3, S, S) with labels, from class folders (ImageFolder, with ADM's center crop) or drawn
+#    on the fly (Shapes, the demo's), both in appendix B; in the latent setting the frozen SD-VAE (SDVAE, appendix B)
+#    turns them into SiT's input
 
 def global_batches(num_samples, global_batch, seed, epoch):
     """The epoch's global batches: a seeded permutation cut into batches of `global_batch` (the last,
@@ -502,14 +489,6 @@ RECIPES = {
                  log_every=50, num_workers=0,
                  sampler=dict(mode='ode', heun=True, num_steps=25, cfg_scale=4.0)),
 }
-
-# MeanFlow (arXiv 2505.13447; section 10 below), `--objective meanflow` on top of any setting: the official ImageNet
-# SiT-B/2 recipe (Gsunshine/meanflow configs/default.py): logit-normal t and r ~ sigmoid(N(-0.4, 1)), a quarter of the
-# batch with r != t, guidance trained in (omega 1, kappa 0.5: an effective scale 2), adaptive loss weight p 1, eps
-# 0.01; AdamW betas (0.9, 0.95), no clipping; 1-step sampling. The network outputs u itself (no x-prediction).
-MEANFLOW = dict(pred='v', time_dist=(-0.4, 1.0), betas=(0.9, 0.95), clip_grad=None,
-                meanflow=dict(ratio=0.25, omega=1.0, kappa=0.5, p=1.0, eps=0.01),
-                sampler=dict(mode='meanflow', num_steps=1))
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -612,11 +591,8 @@ def training_inputs(images, labels, step, args, run_args, *, rank, world, genera
         if args.spatial_norm:
             target = spatial_norm(target, args.spnorm_gamma)                    # iREPA: on the targets only
     if args.objective == 'meanflow':                                            # drawn last: flow matching's draws
-        pick, u_r = torch.rand(2, GB, device=dev, generator=generator)[:, mine]   # stay what they are
-        r = sample_time(u_r, torch.randn(GB, device=dev, generator=generator)[mine], args.time_dist)
-        t, r = torch.maximum(t, r), torch.minimum(t, r)                         # two times, r <= t
-        keep = (pick < args.meanflow['ratio']) & (y != run_args['num_classes'])  # the rest (and dropped labels): r = t
-        return x, y, noise, t, torch.where(keep, r, t), target
+        t, r = meanflow_times(t, y, args, run_args, generator, mine)            # stay what they are
+        return x, y, noise, t, r, target
     return x, y, noise, t, target
 
 def accumulate_gradient(model, batch, loss_fn, proj_coeff, grad_accum=1, mixed_precision=nullcontext()):
@@ -728,6 +704,24 @@ def main(argv=None):
 #     the "MeanFlow w/ REPA" of iREPA Table 3b. The network u(z, t, y, interval = t - r) learns the average velocity
 #     over [r, t], so one step z_0 = z_1 - u(z_1, 1, y, 1) draws a sample. The alignment loss is unchanged.
 
+# MeanFlow's recipe, `--objective meanflow` on top of any setting (get_args applies it after the setting's): the
+# official ImageNet SiT-B/2 recipe (Gsunshine/meanflow configs/default.py): logit-normal t and r ~ sigmoid(N(-0.4, 1)),
+# a quarter of the batch with r != t, guidance trained in (omega 1, kappa 0.5: an effective scale 2), adaptive loss
+# weight p 1, eps 0.01; AdamW betas (0.9, 0.95), no clipping; 1-step sampling. The network outputs u (no x-prediction).
+MEANFLOW = dict(pred='v', time_dist=(-0.4, 1.0), betas=(0.9, 0.95), clip_grad=None,
+                meanflow=dict(ratio=0.25, omega=1.0, kappa=0.5, p=1.0, eps=0.01),
+                sampler=dict(mode='meanflow', num_steps=1))
+
+def meanflow_times(t, y, args, run_args, generator, mine):
+    """MeanFlow's two times for this rank's slice: a second draw from the same time distribution, t, r = max, min;
+    then r = t except for a fraction `ratio` of the batch, and always where the label was dropped."""
+    GB, dev = args.global_batch_size, t.device
+    pick, u_r = torch.rand(2, GB, device=dev, generator=generator)[:, mine]
+    r = sample_time(u_r, torch.randn(GB, device=dev, generator=generator)[mine], args.time_dist)
+    t, r = torch.maximum(t, r), torch.minimum(t, r)
+    keep = (pick < args.meanflow['ratio']) & (y != run_args['num_classes'])
+    return t, torch.where(keep, r, t)
+
 def meanflow_du_dt(model, z, t, r, y, v_g):
     """du/dt along the flow: the Jacobian-vector product of (z, t, r) -> u(z, t, y, t - r) with the tangents
     (v_g, 1, 0). Forward-mode AD on the plain module (never the DDP/compiled one: its gradient all-reduce must not be
@@ -818,6 +812,16 @@ def autocast(device):
 # B. Data sources and frozen networks: class folders that survive bad files, the demo's shapes, torch.hub offline,
 #    the SD-VAE
 
+def center_crop_arr(pil_image, image_size):
+    """ADM: halve with BOX while the short side is >= 2S, BICUBIC so the short side is S, crop the centre."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top:top + image_size, left:left + image_size]
+
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.ppm')
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -891,6 +895,10 @@ class Shapes(torch.utils.data.Dataset):
             d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fg)
         im = im.resize((self.image_size, self.image_size), resample=Image.BOX)
         return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous(), label
+
+def hub_family(name):
+    """'dinov2', 'dinov3' or 'dino' (DINOv1) from an entry's name; another --hub-dir entry counts as DINOv2-like."""
+    return next((f for f in ('dinov2', 'dinov3') if name.startswith(f + '_')), 'dino' if name in DINOV1 else 'dinov2')
 
 # DINOv3's weights are gated (granted on request, facebookresearch/dinov3's README): the file a download gives, looked
 # for beside the other hub weights

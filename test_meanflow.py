@@ -67,7 +67,7 @@ def test_du_dt_is_the_derivative_along_the_flow(precision):
         with torch.autocast('cpu', dtype=torch.bfloat16):
             du_dt = irepa.meanflow_du_dt(model, z, t, r, y, v_g)
         model, z, t, r, v_g = model.double(), z.double(), t.double(), r.double(), v_g.double()
-    e = 1e-3                             # (SiT's time embedding computes in float32: a smaller e would see its rounding)
+    e = 1e-3                                  # SiT's time embedding computes in float32: a smaller e sees its rounding
     u = lambda e: model(z + e * v_g, t + e, y, t + e - r)[0]
     fd = (u(e) - u(-e)) / (2 * e)
     assert fd.abs().mean() > 0.1                                               # a derivative that is not ~0
@@ -188,7 +188,7 @@ class KnownU(torch.nn.Module):
 
 @pytest.mark.parametrize('k', [1, 4])
 def test_meanflow_sampler_closed_form(k):
-    """k steps on linspace(1, 0, k + 1): z <- z - d u(z, t_i, y, d) with d = t_i - t_i+1; one step z_1 - u(z_1, 1, 1)."""
+    """k steps on linspace(1, 0, k + 1): z <- z - d u(z, t_i, y, d), d = t_i - t_i+1; one step: z_1 - u(z_1, 1, 1)."""
     model = KnownU()
     z1, y = torch.tensor([0.5, -1.0, 2.0]).view(3, 1, 1, 1), torch.tensor([0, 1, 2])
     out = sample.meanflow_sampler(model, z1.clone(), y, num_steps=k)
@@ -273,3 +273,13 @@ def test_meanflow_settings_checked(tmp_path):
     args.meanflow = dict(args.meanflow, ratio=1.5)
     with pytest.raises(SystemExit, match="the recipe's ratio must be in \\[0, 1\\], got 1.5"):
         irepa.check_settings(args)
+
+
+def test_bench_times_the_meanflow_step():
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, 'bench.py', '--model', 'SiT-T/4', '--image-size', '16', '--batch-size', '4',
+                        '--repeats', '1', '--warmup', '0', '--objective', 'meanflow'], capture_output=True, text=True,
+                       timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert r.returncode == 0, r.stderr
+    assert 'iREPA meanflow' in r.stdout and r.stdout.count('ms/step') == 2
