@@ -1287,7 +1287,7 @@ def test_target_is_registered_with_the_image_sit_trains_on():
 def test_each_rank_gets_its_slice_of_the_global_batch():
     """Rank r of W gets slice r of what one process draws for the whole global batch: times, noise, label drops,
     flips and targets. So any world size trains the same. iREPA's targets are the encoder's tokens spatially
-    normalised with the recipe's gamma: (z - gamma mean_T z) / (std_T z + 1e-6)."""
+    normalised with the recipe's gamma: (z - gamma mean_T z) / (std_T z + 1e-6). Each step draws anew."""
     g = torch.Generator().manual_seed(1)
     images, labels = torch.randint(0, 256, (8, 3, 16, 16), generator=g, dtype=torch.uint8), torch.arange(8) % 5
     args, run_args = inputs_settings(spatial_norm=True, spnorm_gamma=0.8)
@@ -1300,6 +1300,8 @@ def test_each_rank_gets_its_slice_of_the_global_batch():
                            rank=rank, world=2, encoder=PatchMeans(4))
         for a, b in zip(full, part):
             torch.testing.assert_close(a[4 * rank:4 * rank + 4], b)
+    _, _, noise, t, _ = step_inputs(images, labels, 4, args, run_args, encoder=PatchMeans(4))
+    assert (t - full[3]).abs().min() > 0 and (noise - full[2]).abs().min() > 0
 
 def test_step_draws_label_drop_flips_times_noise_and_pixel_scale():
     """Over 20,000 samples (tolerances ~5 standard errors): labels are replaced by the null class num_classes with

@@ -91,6 +91,33 @@ def test_matches_brute_force(near, far, dmax, d_pos, d_neg):
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
+
+def test_official_radii_by_hand_with_nothing_passed():
+    """The official radii with no argument given: LDS 4-neighbours (d = 1) vs d >= 6, CDS d = 1..8, SRSS positives
+    at d = 1 and negatives at d >= 6. Column one-hot tokens on an 8x8 grid (cos 1 within a column, 0 across): the
+    ordered pairs at distance d number N(d) = sum_{a + b = d} m(a) m(b), m(0) = 8, m(k) = 2 (8 - k), of which
+    8 m(d) share a column (d <= 7)."""
+    x = column_onehot(1, 8)
+    n_d = np.array([224, 388, 496, 552, 560, 524, 448, 336])                  # N(1..8); all 14 sum to 64 * 63
+    same = np.array([112, 96, 80, 64, 48, 32, 16, 0])                        # 8 m(d)
+    # LDS: d = 1 gives 112 of 224 in a column; d >= 6 gives 32 + 16 of 4032 - 2220 = 1812 pairs
+    assert metrics.lds(x).item() == pytest.approx(1 / 2 - 48 / 1812, rel=1e-12)
+    d = np.arange(1, 9)                                                       # CDS: least-squares slope over d = 1..8
+    g = same / n_d
+    assert metrics.cds(x).item() == pytest.approx(-((d - 4.5) * g).sum() / ((d - 4.5) ** 2).sum(), rel=1e-12)
+    assert metrics.rmsc(x).item() == pytest.approx(math.sqrt(7 / 8), rel=1e-12)
+    # SRSS, object = the left 4 columns: negatives (other columns) have cos 0, so an anchor scores nv / (nv + nh) with
+    # nv = 1 or 2 vertical (cos 1) and nh = 1 or 2 horizontal (cos 0) object neighbours:
+    # (4 * 1/2 + 4 * 1/3 + 12 * 2/3 + 12 * 1/2) / 32 = 13/24
+    left = (torch.arange(64) % 8 < 4)[None]
+    assert metrics.srss(x, left).item() == pytest.approx(13 / 24, rel=1e-12)
+    # object = the top 4 rows: background in the anchor's own column is a negative only from 6 rows down
+    top = (torch.arange(64) < 32)[None]
+    got = metrics.all_metrics(x, top)
+    want = brute_force(x[0].numpy(), top[0].numpy(), 1, 6, 8, 1, 6)
+    assert [got[k].item() for k in ('lds', 'cds', 'srss', 'rmsc')] == pytest.approx(want, rel=1e-12)
+    assert brute_force(x[0].numpy(), top[0].numpy(), 1, 6, 8, 1, 5)[2] != pytest.approx(want[2], rel=1e-3)
+
 def test_paper_lds_variant():
     # paper text: d in (0, H/2) vs d >= H/2
     x = torch.randn(2, 64, 4, dtype=torch.float64)

@@ -240,3 +240,137 @@ def test_torchrun_two_ranks_write_one_npz(tiny_ckpt, tmp_path):
     ref = np.concatenate([sample.sample(model, labels[:3], num_steps=3, seed=2, batch_size=2),
                           sample.sample(model, labels[3:], num_steps=3, seed=3, batch_size=2)])
     assert np.abs(arr.astype(int) - ref).max() <= 1                         # <= 1: thread counts differ
+
+
+# -----------------------------------------------------------------------------
+# Pinned by hand: the Euler-Maruyama chain in closed form, the guidance interval's ends, pixels out, the defaults
+
+def em_moments(mu, s, grid, m, var, w=lambda t: 2 * t, score_sign=1.0, noise_var=lambda w, dt: w * abs(dt)):
+    """Mean and variance of Euler-Maruyama (SPEC 10) for data N(mu, s^2), started from N(m, var), on `grid`.
+    The exact velocity v(x, t) = k (x - (1 - t) mu) - mu, k = (t - (1 - t) s^2) / var_t, is affine in x, so each step
+    maps N(m, V) to N(m + dt (A m + B), (1 + dt A)^2 V + w |dt|) with A x + B = v - w / 2 * score and
+    score = (-(1 - t) v - x) / t; the last step (to t = 0) adds no noise. The keywords give wrong variants."""
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        dt = t_next - t
+        k = (t - (1 - t) * s ** 2) / ((1 - t) ** 2 * s ** 2 + t ** 2)
+        av, bv = k, -k * (1 - t) * mu - mu                                    # v = av x + bv
+        a_s, b_s = score_sign * (-(1 - t) * av - 1) / t, score_sign * -(1 - t) * bv / t   # score = a_s x + b_s
+        A, B = av - 0.5 * w(t) * a_s, bv - 0.5 * w(t) * b_s
+        m, var = m + dt * (A * m + B), (1 + dt * A) ** 2 * var + (noise_var(w(t), dt) if t_next > 0 else 0.0)
+    return m, var
+
+
+@pytest.mark.parametrize("mu, s, start, steps", [(0.5, 0.4, "normal", 3), (0.5, 0.4, "point", 3),
+                                                 (1.5, 0.0, "normal", 3), (1.5, 0.0, "normal", 50)])
+def test_sde_matches_the_chain_in_closed_form(mu, s, start, steps):
+    """Euler-Maruyama on Gaussian data (grid linspace(1, 0.04, N), then a noise-free step to 0): the samples' mean
+    and variance match em_moments within 5 standard errors (400,000 or 20,000 samples). With 3 steps the diffusion
+    w = 2t, the score's sign and the sqrt(|dt|) noise scale each move the result far outside that (checked on the
+    closed form; with 250 steps any w samples the data); with 50 steps on a point mass, so does noise on the last
+    step."""
+    torch.manual_seed(0)
+    n, (m0, v0) = 400_000 if steps == 3 else 20_000, (0.0, 1.0) if start == "normal" else (-0.3, 0.0)
+    x = m0 + v0 ** 0.5 * torch.randn(n // 4, 1, 2, 2, dtype=torch.float64)
+    model = GaussianData(mu=[mu], s=s)
+    out = sample.euler_maruyama_sampler(model, x, torch.zeros(n // 4, dtype=torch.long), num_steps=steps)
+    grid = [1 - 0.96 * i / (steps - 1) for i in range(steps)]
+    assert [t for _, t in model.calls] == pytest.approx(grid, abs=1e-12)
+    m, v = em_moments(mu, s, grid + [0.0], m0, v0)
+    se_m, se_v = (v / n) ** 0.5, v * (2 / n) ** 0.5
+    assert abs(out.mean().item() - m) < 5 * se_m and abs(out.var().item() - v) < 5 * se_v, (out.mean(), m, out.var())
+    if steps == 3:
+        wrong = [em_moments(mu, s, grid + [0.0], m0, v0, w=lambda t: t),
+                 em_moments(mu, s, grid + [0.0], m0, v0, score_sign=-1.0),
+                 em_moments(mu, s, grid + [0.0], m0, v0, noise_var=lambda w, dt: w)]
+    else:
+        wrong = [em_moments(mu, s, grid + [1e-300], m0, v0)]                  # noise on the last step too
+    for mw, vw in wrong:
+        assert abs(mw - m) > 10 * se_m or abs(vw - v) > 10 * se_v
+
+
+def test_guidance_interval_includes_both_ends():
+    """low <= t <= high with both ends guided (REPA's interval): on the exact grid 1, 0.75, 0.5, 0.25 (4 Euler steps)
+    with the interval [0.25, 0.75] the last three times run the doubled batch and t = 1 does not."""
+    torch.manual_seed(0)
+    model = GaussianData(mu=[1.0, -1.0], s=0.5)
+    x, y = torch.randn(4, 1, 2, 2, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
+    sample.euler_sampler(model, x, y, 4, cfg_scale=2.0, guidance_low=0.25, guidance_high=0.75)
+    assert model.calls == [(4, 1.0), (8, 0.75), (8, 0.5), (8, 0.25)]
+
+
+class Canvas(torch.nn.Module):
+    """Stand-in model for sample.sample: 3 x 2 x 2 images, 5 classes; one parameter tells the device."""
+    in_channels, input_size, num_classes, pred = 3, 2, 5, 'v'
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+
+def test_pixels_out_and_the_samplers_inputs(monkeypatch):
+    """sample.sample maps the sampler's [-1, 1] to uint8 as ((x + 1) * 127.5) clamped to [0, 255] and rounded:
+    -1 -> 0, 0 -> 128 (127.5, to even), 1 -> 255, -3 -> 0, 2 -> 255, 10.4 -> 10, 10.6 -> 11; laid out (N, H, W, 3),
+    rows first. Its starting noise is N(0, 1) from torch.manual_seed(seed), batch after batch, with each batch's
+    labels and the sampler settings handed on."""
+    chw = torch.tensor([[[-1.0, 1.0], [0.0, 2.0]],
+                        [[-3.0, 10.4 / 127.5 - 1], [10.6 / 127.5 - 1, 200 / 127.5 - 1]],
+                        [[-1.0, -1.0], [1.0, -1.0]]], dtype=torch.float64)    # (C, H, W)
+    seen = []
+    def fake(model, x, y, *settings):
+        seen.append((x.clone(), y.clone(), settings))
+        return chw.expand(len(x), -1, -1, -1).clone()
+    monkeypatch.setattr(sample, 'euler_maruyama_sampler', fake)
+    out = sample.sample(Canvas(), [0, 3, 4], mode='sde', num_steps=7, cfg_scale=1.5, guidance_high=0.7, seed=5,
+                        batch_size=2)
+    want = np.array([[[0, 255], [128, 255]], [[0, 10], [11, 200]], [[0, 0], [255, 0]]]).transpose(1, 2, 0)
+    assert out.dtype == np.uint8 and out.shape == (3, 2, 2, 3) and (out == want).all()
+    torch.manual_seed(5)
+    noise = torch.randn(2, 3, 2, 2), torch.randn(1, 3, 2, 2)
+    assert [s[1].tolist() for s in seen] == [[0, 3], [4]]
+    for (x, _, settings), ref in zip(seen, noise):
+        assert torch.equal(x, ref) and settings == (7, 1.5, 0.0, 0.7)
+    monkeypatch.setattr(sample, 'euler_sampler', fake)
+    seen.clear()
+    sample.sample(Canvas(), [1], mode='ode', num_steps=9, heun=True, guidance_low=0.1)
+    assert seen[0][2] == (9, True, 1.0, 0.1, 1.0)
+
+
+def test_sampler_defaults_are_spec_section_10():
+    """REPA's FID sampler is the default wherever a user starts: the SDE with 250 steps (NFE 250), no CFG, guidance
+    interval [0, 1]; the ODE defaults to 50 Euler steps; the CLI's guidance interval is [0, 1] and seed 0."""
+    import inspect
+    defaults = lambda f: {k: p.default for k, p in inspect.signature(f).parameters.items()
+                          if p.default is not inspect.Parameter.empty}
+    assert defaults(sample.euler_maruyama_sampler) == dict(num_steps=250, cfg_scale=1.0, guidance_low=0.0,
+                                                           guidance_high=1.0)
+    assert defaults(sample.euler_sampler) == dict(num_steps=50, heun=False, cfg_scale=1.0, guidance_low=0.0,
+                                                  guidance_high=1.0)
+    d = defaults(sample.sample)
+    assert (d['mode'], d['num_steps'], d['heun'], d['cfg_scale'], d['guidance_low'], d['guidance_high']) == (
+        'sde', 250, False, 1.0, 0.0, 1.0)
+    a = sample.get_args(['--ckpt', 'x'])
+    assert (a.guidance_low, a.guidance_high, a.seed, a.mode, a.num_steps, a.cfg_scale) == (0.0, 1.0, 0, None, None,
+                                                                                           None)
+
+
+def test_cli_takes_the_sampler_from_the_recipe(tiny_ckpt, tmp_path, monkeypatch):
+    """Without sampler flags sample.py samples as the checkpoint's recipe says (demo: Heun, 25 steps, CFG 4); another
+    --mode gets that mode's own steps (SDE 250, ODE 50) without Heun, the same CFG; the guidance interval is [0, 1];
+    a checkpoint without a recipe (e.g. an official one) gets REPA's FID sampler: SDE, 250 steps, no CFG. With 4
+    classes and no --num-samples: 8 of each, in class order, seed 0."""
+    calls = []
+    def fake(model, labels, *settings, **kw):
+        calls.append((list(labels), settings, kw['seed']))
+        return np.zeros((len(labels), 16, 16, 3), np.uint8)
+    monkeypatch.setattr(sample, 'sample', fake)
+    ck = torch.load(tiny_ckpt, weights_only=False)
+    del ck['args']['sampler']
+    torch.save(ck, tmp_path / 'bare.pt')
+    cases = [([], ('ode', 25, True, 4.0, 0.0, 1.0)), (['--mode', 'sde'], ('sde', 250, False, 4.0, 0.0, 1.0)),
+             (['--mode', 'ode'], ('ode', 25, True, 4.0, 0.0, 1.0)),
+             (['--ckpt', tmp_path / 'bare.pt'], ('sde', 250, False, 1.0, 0.0, 1.0))]
+    for argv, want in cases:
+        calls.clear()
+        sample.main(['--ckpt', tiny_ckpt, '--out', str(tmp_path / 'out'), *map(str, argv)])
+        (labels, settings, seed), = calls
+        assert settings == want and labels == list(range(4)) * 8 and seed == 0, argv
