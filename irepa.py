@@ -4,7 +4,7 @@ irepa.py -- REPA and iREPA in one file: SiT, flow matching, representation align
 iREPA ("What matters for Representation Alignment: Global Information or Spatial Structure?",
 arXiv 2512.10794) improves REPA (arXiv 2410.06940) with two changes, both switched on by `--irepa`:
   1. a 3x3 conv projector on the token grid instead of REPA's per-token MLP,
-  2. spatial normalisation of the encoder's patch tokens: (z - gamma * mean_T z) / std_T z.
+  2. spatial normalisation of the encoder's patch tokens: (target - gamma * mean_T target) / std_T target.
 
 Time convention, used everywhere in this repo (sample.py too): t = 0 is data, t = 1 is noise,
     x_t = (1 - t) * x + t * eps,   target velocity v = eps - x.
@@ -97,7 +97,7 @@ class TimestepEmbedder(nn.Module):
 
 class LabelEmbedder(nn.Module):
     """Class label -> (B, D). Row `num_classes` is the null class of classifier-free guidance.
-    Labels are dropped to the null class by the training loop (make_batch), not in here,
+    Labels are dropped to the null class by the training loop (training_inputs), not in here,
     so that model(x, t, y) is a deterministic function."""
     def __init__(self, num_classes, hidden_size):
         super().__init__()
@@ -701,8 +701,8 @@ def main(argv=None):
 
 # -----------------------------------------------------------------------------
 # 10. A second objective: MeanFlow (arXiv 2505.13447; official Gsunshine/meanflow meanflow.py, Gsunshine/py-meanflow),
-#     the "MeanFlow w/ REPA" of iREPA Table 3b. The network u(z, t, y, interval = t - r) learns the average velocity
-#     over [r, t], so one step z_0 = z_1 - u(z_1, 1, y, 1) draws a sample. The alignment loss is unchanged.
+#     the "MeanFlow w/ REPA" of iREPA Table 3b. The network u(x_t, t, y, interval = t - r) learns the average velocity
+#     over [r, t], so one step x_0 = x_1 - u(x_1, 1, y, 1) draws a sample. The alignment loss is unchanged.
 
 # MeanFlow's recipe, `--objective meanflow` on top of any setting (get_args applies it after the setting's): the
 # official ImageNet SiT-B/2 recipe (Gsunshine/meanflow configs/default.py): logit-normal t and r ~ sigmoid(N(-0.4, 1)),
@@ -722,34 +722,34 @@ def meanflow_times(t, y, args, run_args, generator, mine):
     keep = (pick < args.meanflow['ratio']) & (y != run_args['num_classes'])
     return t, torch.where(keep, r, t)
 
-def meanflow_du_dt(model, z, t, r, y, v_g):
-    """du/dt along the flow: the Jacobian-vector product of (z, t, r) -> u(z, t, y, t - r) with the tangents
+def meanflow_du_dt(model, x_t, t, r, y, v_g):
+    """du/dt along the flow: the Jacobian-vector product of (x_t, t, r) -> u(x_t, t, y, t - r) with the tangents
     (v_g, 1, 0). Forward-mode AD on the plain module (never the DDP/compiled one: its gradient all-reduce must not be
     bypassed; this is a target, so no gradient is needed); the fused attention kernels have no forward-mode AD, so
     attention runs the math kernel here."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        _, du_dt = torch.func.jvp(lambda z, t, r: model(z, t, y, t - r)[0], (z, t, r),
+        _, du_dt = torch.func.jvp(lambda x, t, r: model(x, t, y, t - r)[0], (x_t, t, r),
                                   (v_g, torch.ones_like(t), torch.zeros_like(r)))
     return du_dt.float()
 
 def meanflow_loss(model, x, y, noise, t, r, target=None, *, raw_model, ratio, omega, kappa, p, eps):
     """MeanFlow's objective for one batch (t, r (B,), r <= t; `ratio` was used when drawing r). Guidance is trained
-    in: v_g = omega v + kappa u(z_t, t | y) + (1 - omega - kappa) u(z_t, t | null), v itself where the label was
+    in: v_g = omega v + kappa u(x_t, t | y) + (1 - omega - kappa) u(x_t, t | null), v itself where the label was
     dropped. The target u_tgt = v_g - (t - r) du/dt is held fixed (stop-gradient); the loss per sample is the SUM of
     squares l, weighted by 1 / stopgrad(l + eps)^p. u and the aligned hidden state come from one ordinary forward of
     `model` (the DDP one), so the alignment loss sees the pass that carries the gradient. Returns (loss, align)."""
-    z_t, v = interpolant(x, noise, t)
+    x_t, v = interpolant(x, noise, t)
     with torch.no_grad():
         v_g = v
         if omega != 1 or kappa != 0:                                            # both guidance passes as one batch
             null, zero = torch.full_like(y, raw_model.num_classes), torch.zeros_like(t)
-            u_c, u_u = raw_model(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([y, null]),
+            u_c, u_u = raw_model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]),
                                  torch.cat([zero, zero]))[0].float().chunk(2)
             dropped = (y == raw_model.num_classes).view(-1, 1, 1, 1)
             v_g = torch.where(dropped, v, omega * v + kappa * u_c + (1 - omega - kappa) * u_u)
-        u_tgt = v_g - (t - r).view(-1, 1, 1, 1) * meanflow_du_dt(raw_model, z_t, t, r, y, v_g)
-    u, h_proj = model(z_t, t, y, t - r)
+        u_tgt = v_g - (t - r).view(-1, 1, 1, 1) * meanflow_du_dt(raw_model, x_t, t, r, y, v_g)
+    u, h_proj = model(x_t, t, y, t - r)
     err = ((u.float() - u_tgt) ** 2).sum(dim=(1, 2, 3))                        # (B,): a sum, not a mean
     loss = (err / (err.detach() + eps) ** p).mean()                             # adaptive weight
     # with p = 1 the weighted loss is ~1 whatever the error: the value returned (and logged) is the mean error, the

@@ -86,8 +86,8 @@ def euler_maruyama_sampler(model, x, y, num_steps=250, cfg_scale=1.0, guidance_l
 
 @torch.no_grad()
 def meanflow_sampler(model, x, y, num_steps=1):
-    """MeanFlow (irepa.py section 10): z <- z - (t_i - t_i+1) u(z, t_i, y, interval = t_i - t_i+1) on the uniform grid
-    linspace(1, 0, k + 1); one step is z_0 = z_1 - u(z_1, 1, y, 1). NFE = k. Guidance was trained in: no CFG."""
+    """MeanFlow (irepa.py section 10): x <- x - (t_i - t_i+1) u(x, t_i, y, interval = t_i - t_i+1) on the uniform grid
+    linspace(1, 0, k + 1); one step is x_0 = x_1 - u(x_1, 1, y, 1). NFE = k. Guidance was trained in: no CFG."""
     dtype, x = x.dtype, x.to(torch.float64)
     t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
     for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
