@@ -69,8 +69,8 @@ def main():
     y = torch.randint(0, 1000, (B,), device=device)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     meanflow = args.objective == 'meanflow'
-    loss_fn = (partial(irepa.meanflow_loss, raw_model=model, **irepa.MEANFLOW['meanflow']) if meanflow
-               else irepa.flow_matching_loss)
+    mf = {k: irepa.MEANFLOW['meanflow'][k] for k in ('omega', 'kappa', 'p', 'eps')}
+    loss_fn = partial(irepa.meanflow_loss, raw_model=model, **mf) if meanflow else irepa.flow_matching_loss
 
     def step(bf16):
         """One training step as irepa.main runs it; returns the seconds spent in the VAE."""

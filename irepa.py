@@ -233,7 +233,7 @@ class SiT(nn.Module):
             self.interval_embedder = xavier_linears(TimestepEmbedder(hidden_size))
             for layer in (self.interval_embedder.mlp[0], self.interval_embedder.mlp[2]):
                 nn.init.normal_(layer.weight, std=0.02)
-        if target_dim is not None:       # built last: a seed gives the same SiT weights with any projector, or none
+        if target_dim is not None:       # built after SiT: a seed gives the same SiT weights with any projector
             proj = (mlp_projector(hidden_size, target_dim) if projector == 'mlp'
                     else ConvProjector(hidden_size, target_dim, proj_kernel))
             self.projectors = nn.ModuleList([xavier_linears(proj)])             # the conv keeps torch's default init
@@ -351,13 +351,13 @@ class HubEncoder(nn.Module):
         DINOv2: bicubic resize to 14 * grid; absolute position embedding resampled once to the grid;
         DINOv1: bicubic resize to 16 * grid; the same resampling; patch tokens of get_intermediate_layers (normed);
         DINOv3: bilinear antialiased resize to 16 * grid (torchvision's Resize); RoPE needs no resampling.
-    Any other torch.hub entry with DINOv2's interface (embed_dim, patch_size, forward_features(x)['x_norm_patchtokens'])
-    is treated as DINOv2, e.g. experiments/hubconf.py's ResNet-20."""
+    Other --hub-dir entries with DINOv2's interface count as DINOv2 (e.g. experiments/hubconf.py's ResNet-20)."""
     def __init__(self, name, grid_size, hub_repo=None):
         super().__init__()
         self.name, self.grid_size, self.family = name, grid_size, hub_family(name)
         self.model = hub_load(name, hub_repo)
-        self.embed_dim, p = self.model.embed_dim, self.model.patch_size
+        self.embed_dim = self.model.embed_dim
+        p = getattr(self.model, 'patch_size', 0) or self.model.patch_embed.patch_size   # DINOv1 keeps it there
         self.resolution = p * grid_size
         pe = getattr(self.model, 'pos_embed', None)
         if pe is not None and pe.shape[1] - 1 != grid_size ** 2:               # (1, 1 + N, D): CLS + patch positions
@@ -648,8 +648,8 @@ def main(argv=None):
     # -- the loop: batch -> gradient -> clip -> AdamW -> EMA; a log line every log_every steps, a checkpoint every
     #    ckpt_every. The data position follows from the step, so a resume continues the same epoch.
     mixed_precision, generator = autocast(device), torch.Generator(device=device)
-    loss_fn = (partial(meanflow_loss, raw_model=raw_model, **args.meanflow) if args.objective == 'meanflow'
-               else partial(flow_matching_loss, pred=args.pred))
+    loss_fn = (partial(meanflow_loss, raw_model=raw_model, **{k: args.meanflow[k] for k in ('omega', 'kappa', 'p',
+               'eps')}) if args.objective == 'meanflow' else partial(flow_matching_loss, pred=args.pred))
     warmup_steps = args.warmup_epochs * steps_per_epoch
     sums = torch.zeros(4, device=device)                                        # loss, denoise, align, grad norm
     t0, last_step = time.time(), step
@@ -733,8 +733,8 @@ def meanflow_du_dt(model, x_t, t, r, y, v_g):
                                   (v_g, torch.ones_like(t), torch.zeros_like(r)))
     return du_dt.float()
 
-def meanflow_loss(model, x, y, noise, t, r, target=None, *, raw_model, ratio, omega, kappa, p, eps):
-    """MeanFlow's objective for one batch (t, r (B,), r <= t; `ratio` was used when drawing r). Guidance is trained
+def meanflow_loss(model, x, y, noise, t, r, target=None, *, raw_model, omega, kappa, p, eps):
+    """MeanFlow's objective for one batch (t, r (B,), r <= t: meanflow_times). Guidance is trained
     in: v_g = omega v + kappa u(x_t, t | y) + (1 - omega - kappa) u(x_t, t | null), v itself where the label was
     dropped. The target u_tgt = v_g - (t - r) du/dt is held fixed (stop-gradient); the loss per sample is the SUM of
     squares l, weighted by 1 / stopgrad(l + eps)^p. u and the aligned hidden state come from one ordinary forward of
@@ -1164,6 +1164,9 @@ def given_flags(argv):
 def resume_args(args, given, run_args):
     """The run's own settings, with the RESUME_FLAGS named on the command line. A flag that would change the
     training itself is refused."""
+    if missing := sorted(set(vars(args)) - set(run_args) - {'meanflow'}):
+        fail(f"--resume {args.resume}: its checkpoint has no {', '.join(missing)}: an older irepa.py wrote it; "
+             f"resume it with the commit that wrote it")
     for k in sorted(given - set(RESUME_FLAGS)):
         if k in run_args and run_args[k] != getattr(args, k):
             fail(f"--resume continues the run as it began, but --{k.replace('_', '-')} {getattr(args, k)} differs from "
@@ -1183,8 +1186,12 @@ def build_model(run_args):
                                   pred=a['pred'], proj_kernel=a.get('proj_kernel', 3),
                                   meanflow=a.get('objective') == 'meanflow')
 
-# the official code's encoder names (ldm/vision_encoder.py) -> this file's; the others are not loadable here
-OFFICIAL_ENCODERS = {f'dinov2{r}-vit-{s}': f'dinov2_vit{s}14{"_" * bool(r)}{r}' for s in 'sblg' for r in ('', 'reg')}
+# the official code's encoder names (ldm/vision_encoder.py: <type>-<arch>-<config>) -> this file's; the official
+# code's other encoders (SigLIP, CLIP, MoCo v3, ...) are not loadable here
+OFFICIAL_ENCODERS = {**{f'dinov2{r}-vit-{s}': f'dinov2_vit{s}14{"_" * bool(r)}{r}' for s in 'sblg'
+                        for r in ('', 'reg')},
+                     **{f'dinov3-vit-{s}{p}': f'dinov3_vit{s}16' for s in 'sbl' for p in ('', '16')},
+                     **{f'dino-vit-{s}': f'dino_vit{s}16' for s in 'sb'}}
 
 def official_checkpoint(ema, ns, model=None):
     """A checkpoint of the official iREPA code (End2End-Diffusion/iREPA ldm/train.py, its REPA and iREPA runs: weights
@@ -1249,7 +1256,7 @@ def load_sit(path, device='cpu', model=None):
         sit = build_model(args)
         sit.load_state_dict(ema)
     except Exception as e:
-        raise ValueError(f"{path} is not an irepa.py or official iREPA/REPA checkpoint "
+        raise ValueError(f"{path} is not an irepa.py or official iREPA (ldm/train.py) checkpoint "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     return sit.to(device).eval(), args
 

@@ -1,7 +1,7 @@
 """
 Sample images from an irepa.py checkpoint: REPA's Euler-Maruyama SDE sampler (its FID setting) or the
-Euler / Heun ODE, with classifier-free guidance (CFG) and REPA's guidance interval. The checkpoint is all
-it needs: the SiT is rebuilt from the checkpoint's args and the EMA weights are used.
+Euler / Heun ODE, with classifier-free guidance (CFG) and REPA's guidance interval; MeanFlow checkpoints in 1 or k
+steps. The checkpoint is all it needs: the SiT is rebuilt from the checkpoint's args and the EMA weights are used.
 
 One process (CPU or one GPU), a labelled grid of a few classes:
     python sample.py --ckpt results/latent-SiT-XL-2-dinov2_vitb14-irepa --class-labels 207 360 --num-samples 16
@@ -162,7 +162,7 @@ def gather_to_rank0(images, rank, world, chunk=1024):
 
 # -----------------------------------------------------------------------------
 # Command line. Sampler defaults come from the checkpoint's recipe (latent: REPA's SDE 250 steps; pixel: JiT's
-# Heun 50; demo: Heun 25 with CFG 4); every flag overrides them.
+# Heun 50; demo: Heun 25 with CFG 4; MeanFlow: 1 step); every flag overrides them.
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Sample from an irepa.py checkpoint (defaults: its recipe's sampler).")
@@ -214,7 +214,7 @@ def main(argv=None):
         recipe.update(num_steps={"sde": 250, "ode": 50, "meanflow": 1}[args.mode], heun=False)
     for k in ("num_steps", "heun", "cfg_scale"):
         if getattr(args, k) is None:
-            setattr(args, k, recipe.get(k, {"heun": False, "cfg_scale": 1.0}.get(k)))
+            setattr(args, k, recipe[k])
     if args.mode != "ode" and args.heun:
         irepa.fail("--heun is for --mode ode")
     if args.mode == "meanflow" and ckpt_args.get("objective") != "meanflow":   # (a MeanFlow SiT at interval 0 is a

@@ -386,8 +386,9 @@ HUBCONF = textwrap.dedent('''
     class TinyDINO(nn.Module):                    # DINOv1: patch 16, absolute pos_embed for 4x4, no forward_features
         def __init__(self):
             super().__init__()
-            self.patch_size, self.embed_dim = 16, 12
+            self.embed_dim = 12                   # like dino's VisionTransformer: patch_size only on patch_embed
             self.patch_embed = nn.Conv2d(3, 12, 16, 16)
+            self.patch_embed.patch_size = 16
             self.pos_embed = nn.Parameter(torch.randn(1, 1 + 4 * 4, 12))
 
         def get_intermediate_layers(self, x, n=1):
@@ -1480,3 +1481,14 @@ def test_recipes_are_the_spec_values():
                                     (['--setting', 'pixel', '--irepa'], 'conv', True, 0.5)):
         a = irepa.get_args(argv)
         assert (a.projector, a.spatial_norm, a.proj_coeff) == (proj, norm, coeff), argv
+
+def test_resume_of_a_checkpoint_from_an_older_irepa_is_a_one_line_error(tmp_path):
+    """No older checkpoint format is read (none was released); resuming one says so instead of a traceback."""
+    run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '1')
+    path = irepa.latest_checkpoint(run)
+    ck = torch.load(path, weights_only=False)
+    del ck['args']['objective'], ck['args']['spatial_norm']
+    torch.save(ck, path)
+    with pytest.raises(SystemExit, match=r"has no objective, spatial_norm: an older irepa.py wrote it") as e:
+        irepa.main(['--resume', run, '--max-steps', '2'])
+    assert '\n' not in str(e.value)

@@ -98,7 +98,7 @@ def test_r_equal_t_without_guidance_is_weighted_flow_matching(p, eps):
     model = tiny_mf()
     x, noise, t, _ = batch()
     y = torch.tensor([0, 1, 2, 3])
-    loss, align = irepa.meanflow_loss(model, x, y, noise, t, t, raw_model=model, ratio=0.25, omega=1.0, kappa=0.0,
+    loss, align = irepa.meanflow_loss(model, x, y, noise, t, t, raw_model=model, omega=1.0, kappa=0.0,
                                       p=p, eps=eps)
     want, err = hand_loss(model, x, y, noise, t, noise - x, p, eps)
     assert align is None
@@ -114,7 +114,7 @@ def test_guidance_mixing_by_hand_and_dropped_labels_keep_v():
     x, noise, t, _ = batch()
     y, null = torch.tensor([0, 5, 2, 5]), 5                                    # samples 1 and 3: dropped labels
     omega, kappa, p, eps = 0.6, 0.3, 1.0, 0.01
-    loss, _ = irepa.meanflow_loss(model, x, y, noise, t, t, raw_model=model, ratio=0.25, omega=omega, kappa=kappa,
+    loss, _ = irepa.meanflow_loss(model, x, y, noise, t, t, raw_model=model, omega=omega, kappa=kappa,
                                   p=p, eps=eps)
     z_t = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
     with torch.no_grad():
@@ -136,7 +136,7 @@ def test_target_subtracts_the_interval_times_du_dt(omega, kappa):
     model = tiny_mf()
     x, noise, t, r = batch()
     y = torch.tensor([0, 1, 2, 3])
-    loss, _ = irepa.meanflow_loss(model, x, y, noise, t, r, raw_model=model, ratio=0.25, omega=omega, kappa=kappa,
+    loss, _ = irepa.meanflow_loss(model, x, y, noise, t, r, raw_model=model, omega=omega, kappa=kappa,
                                   p=0.0, eps=0.01)
     z_t = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
     v, e, zero = noise - x, 1e-3, torch.zeros(4)
@@ -259,7 +259,7 @@ def test_meanflow_loss_falls_on_a_repeated_batch():
     opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=3e-3)
     losses = []
     for _ in range(60):
-        loss, _ = irepa.meanflow_loss(model, x, y, noise, t, r, raw_model=model, ratio=0.25, omega=1.0, kappa=0.5,
+        loss, _ = irepa.meanflow_loss(model, x, y, noise, t, r, raw_model=model, omega=1.0, kappa=0.5,
                                       p=1.0, eps=0.01)
         opt.zero_grad()
         loss.backward()

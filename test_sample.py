@@ -214,7 +214,7 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path):
     junk = tmp_path / "junk.pt"
     torch.save({'state_dict': {}}, junk)
     cases = [(["--ckpt", tmp_path / "missing.pt"], "no checkpoint"),
-             (["--ckpt", junk], "not an irepa.py or official iREPA/REPA checkpoint"),
+             (["--ckpt", junk], "not an irepa.py or official iREPA (ldm/train.py) checkpoint"),
              (["--ckpt", tiny_ckpt, "--cfg-scale", 0.5], "--cfg-scale"),
              (["--ckpt", tiny_ckpt, "--num-steps", 0], "--num-steps must be >= 1"),
              (["--ckpt", tiny_ckpt, "--batch-size", 0], "--batch-size must be >= 1"),
