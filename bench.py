@@ -13,7 +13,6 @@ import argparse
 import statistics
 import time
 from contextlib import nullcontext
-from functools import partial
 
 import torch
 
@@ -69,8 +68,7 @@ def main():
     y = torch.randint(0, 1000, (B,), device=device)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     meanflow = args.objective == 'meanflow'
-    mf = {k: irepa.MEANFLOW['meanflow'][k] for k in ('omega', 'kappa', 'p', 'eps')}
-    loss_fn = partial(irepa.meanflow_loss, raw_model=model, **mf) if meanflow else irepa.flow_matching_loss
+    loss_fn = irepa.objective_loss(argparse.Namespace(**irepa.MEANFLOW, objective=args.objective), model)   # pred v
 
     def step(bf16):
         """One training step as irepa.main runs it; returns the seconds spent in the VAE."""

@@ -648,8 +648,7 @@ def main(argv=None):
     # -- the loop: batch -> gradient -> clip -> AdamW -> EMA; a log line every log_every steps, a checkpoint every
     #    ckpt_every. The data position follows from the step, so a resume continues the same epoch.
     mixed_precision, generator = autocast(device), torch.Generator(device=device)
-    loss_fn = (partial(meanflow_loss, raw_model=raw_model, **{k: args.meanflow[k] for k in ('omega', 'kappa', 'p',
-               'eps')}) if args.objective == 'meanflow' else partial(flow_matching_loss, pred=args.pred))
+    loss_fn = objective_loss(args, raw_model)                                   # flow matching, or MeanFlow
     warmup_steps = args.warmup_epochs * steps_per_epoch
     sums = torch.zeros(4, device=device)                                        # loss, denoise, align, grad norm
     t0, last_step = time.time(), step
@@ -756,6 +755,14 @@ def meanflow_loss(model, x, y, noise, t, r, target=None, *, raw_model, omega, ka
     # gradient the weighted loss's
     loss = loss - loss.detach() + err.detach().mean()
     return loss, alignment_loss(h_proj, target) if target is not None else None
+
+def objective_loss(args, raw_model):
+    """The loss_fn accumulate_gradient calls: flow matching, or MeanFlow with the recipe's omega, kappa, p and eps
+    (its ratio is used by meanflow_times)."""
+    if args.objective != 'meanflow':
+        return partial(flow_matching_loss, pred=args.pred)
+    mf = args.meanflow
+    return partial(meanflow_loss, raw_model=raw_model, omega=mf['omega'], kappa=mf['kappa'], p=mf['p'], eps=mf['eps'])
 
 # =============================================================================
 # Appendix: what a real run needs and a learner can skip
