@@ -1003,9 +1003,13 @@ def check_settings(args):
         fail(f"--lr must be > 0, got {args.lr}")
     if not 0 <= args.ema_decay < 1:
         fail(f"the recipe's ema_decay must be in [0, 1), got {args.ema_decay}")
+    if args.irepa and (fixed := [k for k in ('projector', 'spatial_norm') if k in RECIPES[args.setting]]):
+        fail(f"the {args.setting} setting sets {' and '.join(fixed)} itself (an ablation of iREPA); drop --irepa")
     if args.objective == 'meanflow':
         check_ranges(argparse.Namespace(**args.meanflow), dict(ratio=(0, 1), omega=-math.inf, kappa=-math.inf, p=0,
                                                                eps=0), recipe=('ratio', 'omega', 'kappa', 'p', 'eps'))
+        if args.meanflow['p'] > 0 and args.meanflow['eps'] == 0:                # 1 / (0 + 0)^p on an exact fit
+            fail("the recipe's eps must be > 0 when p > 0 (the loss weight is 1 / (error + eps)^p)")
     if not args.resume and (problem := output_dir_problem(args.results_dir)):
         fail(f"--results-dir {problem}")
 
@@ -1114,6 +1118,9 @@ def log_start(log, args, run_args, ckpt, model, dataset, step, run_dir):
         + (f" with the {args.encoder} target" if args.encoder != 'none' else '')
         + f" | {len(dataset)} images, {len(dataset.classes)} classes | {'resuming at' if step else 'starting at'} "
           f"step {step} | {run_dir}")
+    if args.objective == 'meanflow' and RECIPES[args.setting]['pred'] != args.pred:
+        log(f"note: MeanFlow's network outputs the average velocity u: the {args.setting} setting's "
+            f"{RECIPES[args.setting]['pred']}-prediction does not apply")
     if ckpt is not None and ckpt['args']['precision'] != run_args['precision']:
         log(f"note: the run trained in {ckpt['args']['precision']} until now and goes on in {run_args['precision']} "
             f"(IREPA_PRECISION or the machine): not bit-identical to a run without the break")

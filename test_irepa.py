@@ -700,6 +700,16 @@ def test_recipe_entries_are_range_checked(tmp_path, monkeypatch, entry, value, m
     with pytest.raises(SystemExit, match=re.escape(msg)):
         run_train(tmp_path, '--encoder', 'none')
 
+def test_an_ablation_recipe_refuses_irepa(tmp_path, monkeypatch):
+    # a recipe that fixes one of iREPA's halves (iREPA Table 2's ablation) would silently ignore --irepa's other half
+    monkeypatch.setitem(irepa.RECIPES, 'demo', dict(irepa.RECIPES['demo'], projector='conv', spatial_norm=False))
+    with pytest.raises(SystemExit, match=re.escape("sets projector and spatial_norm itself (an ablation of iREPA); "
+                                                   "drop --irepa")):
+        run_train(tmp_path, '--encoder', 'hog', '--irepa')
+    args = irepa.get_args(['--setting', 'demo', '--no-irepa', '--results-dir', str(tmp_path)])
+    irepa.check_settings(args)                                                  # --no-irepa: the recipe decides
+    assert (args.projector, args.spatial_norm) == ('conv', False)
+
 @pytest.mark.parametrize('script', ['irepa.py', 'sample.py', 'metrics.py'])
 def test_errors_are_one_line_named_after_the_running_script(monkeypatch, script):
     monkeypatch.setattr(sys, 'argv', [f'/some/where/{script}', '--flag'])

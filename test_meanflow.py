@@ -215,13 +215,22 @@ def test_demo_trains_and_samples_in_1_and_4_nfe(tmp_path):
     assert a['meanflow'] == dict(ratio=0.25, omega=1.0, kappa=0.5, p=1.0, eps=0.01)
     assert a['sampler'] == dict(mode='meanflow', num_steps=1)
     assert 'interval_embedder.mlp.0.weight' in ck['model'] and 'projectors.0.weight' in ck['model']
-    assert '(mf ' in open(os.path.join(run, 'log.txt')).read()
+    log = open(os.path.join(run, 'log.txt')).read()
+    assert '(mf ' in log and 'does not apply' not in log                       # the demo predicts v already
     for extra, nfe in (([], 1), (['--num-steps', '4'], 4)):
         out = sample.main(['--ckpt', run, '--out', str(tmp_path / f's{nfe}'), *extra])
         assert np.load(os.path.join(out, 'samples.npz'))['arr_0'].shape == (32, 16, 16, 3)
     fm = run_train(tmp_path / 'fm', '--encoder', 'none', '--max-steps', '1')
     with pytest.raises(SystemExit, match='--objective meanflow'):
         sample.main(['--ckpt', fm, '--mode', 'meanflow', '--out', str(tmp_path / 'x')])
+
+
+def test_pixel_meanflow_says_it_drops_x_prediction(tmp_path):
+    run = irepa.main(['--setting', 'pixel', '--model', 'SiT-T/4', '--image-size', '16', '--encoder', 'none', *MF,
+                      '--global-batch-size', '8', '--max-steps', '1', '--num-workers', '0',
+                      '--results-dir', str(tmp_path)])
+    assert load_last(run)['args']['pred'] == 'v'
+    assert "the pixel setting's x-prediction does not apply" in open(os.path.join(run, 'log.txt')).read()
 
 
 def test_meanflow_resume_is_bit_identical(tmp_path):
@@ -273,6 +282,11 @@ def test_meanflow_settings_checked(tmp_path):
     args.meanflow = dict(args.meanflow, ratio=1.5)
     with pytest.raises(SystemExit, match="the recipe's ratio must be in \\[0, 1\\], got 1.5"):
         irepa.check_settings(args)
+    args.meanflow = dict(args.meanflow, ratio=0.25, eps=0.0)                   # 1 / (0 + 0)^p on an exact fit
+    with pytest.raises(SystemExit, match="the recipe's eps must be > 0 when p > 0"):
+        irepa.check_settings(args)
+    args.meanflow = dict(args.meanflow, p=0.0)                                  # no weight: eps unused
+    irepa.check_settings(args)
 
 
 def test_bench_times_the_meanflow_step():
