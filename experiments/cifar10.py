@@ -508,8 +508,9 @@ def fd_curve(results, steps, path, W=800, H=420, m=60, legend=170):
         return im.save(path)
     lo, hi = math.log(min(vals)), math.log(max(vals))
     hi = hi if hi > lo else lo + 1
+    lo, hi = lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)                     # no point on the frame
     right = W - legend                                                          # the axes end here
-    X = lambda s: m + (right - m - 20) * (s - steps[0]) / max(1, steps[-1] - steps[0])
+    X = lambda s: m + 20 + (right - m - 40) * (s - steps[0]) / max(1, steps[-1] - steps[0])
     Y = lambda v: H - m - (H - 2 * m) * (math.log(v) - lo) / (hi - lo)      # log scale
     d.line([(m, m - 10), (m, H - m), (right, H - m)], fill='black')
     for s in steps:
@@ -529,6 +530,7 @@ def fd_curve(results, steps, path, W=800, H=420, m=60, legend=170):
                 x = X(s) + 3 * (i - len(arms) // 2)
                 pts.append((x, Y(np.mean(v))))
                 d.line([(x, Y(min(v))), (x, Y(max(v)))], fill=c, width=2)
+                d.ellipse([(x - 3, pts[-1][1] - 3), (x + 3, pts[-1][1] + 3)], fill=c)   # an evaluation point
         if len(pts) > 1:
             d.line(pts, fill=c, width=2)
         d.line([(right + 10, m + 16 * i + 6), (right + 28, m + 16 * i + 6)], fill=c, width=3)
