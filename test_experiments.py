@@ -246,6 +246,15 @@ def test_quick_run_writes_every_output_and_resumes(tiny_cifar, monkeypatch, caps
     cifar10.main(argv)
     assert set(json.load(open(out / 'results' / 'vanilla-s1.json'))['fd']) == {'2', '4'}
     assert len(glob.glob(str(out / 'runs' / 'vanilla-s1' / '*'))) == 1
+    # a run continued under another commit names both
+    path = out / 'results' / 'REPA-ResNet20-s1.json'
+    r = json.load(open(path))
+    del r['lds'], r['fd']['4']
+    json.dump(r, open(path, 'w'))
+    monkeypatch.setattr(cifar10, 'git_commit', lambda: 'abc1234')
+    cifar10.main(argv)
+    r2 = json.load(open(path))
+    assert r2['commit'] == r['commit'] + '+abc1234' and set(r2['fd']) == {'2', '4'} and 'lds' in r2
 
 
 def test_prep_writes_class_folders_from_the_official_python_archive(tmp_path, capsys):

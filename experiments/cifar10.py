@@ -296,6 +296,8 @@ def run_arm(args, arm, seed, cfg, net, ref):
            dict(arm=arm, seed=seed, commit=git_commit(), fd={}, train_s=0.0, eval_s=0.0))
     if 'lds' in res:
         return res
+    if (here := git_commit()) not in res['commit'].split('+'):                 # continued under other code: say so
+        res['commit'] += '+' + here
     encoder, setting, use_irepa = ARMS[arm]
     root = os.path.join(args.runs_dir, f'{arm}-s{seed}')
     for step in cfg['steps']:
