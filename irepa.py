@@ -1003,7 +1003,8 @@ def check_settings(args):
         fail(f"--lr must be > 0, got {args.lr}")
     if not 0 <= args.ema_decay < 1:
         fail(f"the recipe's ema_decay must be in [0, 1), got {args.ema_decay}")
-    if args.irepa and (fixed := [k for k in ('projector', 'spatial_norm') if k in RECIPES[args.setting]]):
+    recipe = RECIPES.get(args.setting, {})            # a resumed run's setting may be one a script added (cifar10.py)
+    if args.irepa and (fixed := [k for k in ('projector', 'spatial_norm') if k in recipe]):
         fail(f"the {args.setting} setting sets {' and '.join(fixed)} itself (an ablation of iREPA); drop --irepa")
     if args.objective == 'meanflow':
         check_ranges(argparse.Namespace(**args.meanflow), dict(ratio=(0, 1), omega=-math.inf, kappa=-math.inf, p=0,
@@ -1118,9 +1119,10 @@ def log_start(log, args, run_args, ckpt, model, dataset, step, run_dir):
         + (f" with the {args.encoder} target" if args.encoder != 'none' else '')
         + f" | {len(dataset)} images, {len(dataset.classes)} classes | {'resuming at' if step else 'starting at'} "
           f"step {step} | {run_dir}")
-    if args.objective == 'meanflow' and RECIPES[args.setting]['pred'] != args.pred:
+    setting_pred = RECIPES.get(args.setting, {}).get('pred', args.pred)         # (a setting a script added: absent)
+    if args.objective == 'meanflow' and setting_pred != args.pred:
         log(f"note: MeanFlow's network outputs the average velocity u: the {args.setting} setting's "
-            f"{RECIPES[args.setting]['pred']}-prediction does not apply")
+            f"{setting_pred}-prediction does not apply")
     if ckpt is not None and ckpt['args']['precision'] != run_args['precision']:
         log(f"note: the run trained in {ckpt['args']['precision']} until now and goes on in {run_args['precision']} "
             f"(IREPA_PRECISION or the machine): not bit-identical to a run without the break")

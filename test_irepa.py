@@ -710,6 +710,15 @@ def test_an_ablation_recipe_refuses_irepa(tmp_path, monkeypatch):
     irepa.check_settings(args)                                                  # --no-irepa: the recipe decides
     assert (args.projector, args.spatial_norm) == ('conv', False)
 
+def test_resume_of_a_setting_a_script_added(tmp_path, monkeypatch):
+    # experiments/cifar10.py adds its settings to RECIPES; `irepa.py --resume` of such a run runs without them
+    monkeypatch.setitem(irepa.RECIPES, 'added', dict(irepa.RECIPES['demo']))
+    run = irepa.main(TRAIN + ['--setting', 'added', '--encoder', 'hog', '--irepa', '--objective', 'meanflow',
+                              '--max-steps', '1', '--results-dir', str(tmp_path)])
+    monkeypatch.delitem(irepa.RECIPES, 'added')
+    irepa.main(['--resume', run, '--max-steps', '2'])
+    assert load_last(run)['step'] == 2
+
 @pytest.mark.parametrize('script', ['irepa.py', 'sample.py', 'metrics.py'])
 def test_errors_are_one_line_named_after_the_running_script(monkeypatch, script):
     monkeypatch.setattr(sys, 'argv', [f'/some/where/{script}', '--flag'])
