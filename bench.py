@@ -56,8 +56,9 @@ def main():
     if args.vae:
         import vae as sdvae
         vae = sdvae.AutoencoderKL().to(device).eval().requires_grad_(False)
+    meanflow = args.objective == 'meanflow'
     kw = dict(input_size=args.image_size // down, in_channels=4 if args.vae else 3, num_classes=1000, projector='conv',
-              target_dim=enc.embed_dim if enc else None, meanflow=args.objective == 'meanflow')
+              target_dim=enc.embed_dim if enc else None, meanflow=meanflow)
     model = irepa.SiT_models[args.model](**kw).to(device)
     ema = irepa.SiT_models[args.model](**kw).to(device).requires_grad_(False)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, weight_decay=0,
@@ -67,7 +68,6 @@ def main():
     img = torch.randint(0, 256, (B, 3, args.image_size, args.image_size), device=device, dtype=torch.uint8)
     y = torch.randint(0, 1000, (B,), device=device)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    meanflow = args.objective == 'meanflow'
     loss_fn = irepa.objective_loss(argparse.Namespace(**irepa.MEANFLOW, objective=args.objective), model)   # pred v
 
     def step(bf16):

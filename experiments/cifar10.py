@@ -292,11 +292,12 @@ def run_arm(args, arm, seed, cfg, net, ref):
     """Train one arm and seed up to each evaluation step (resuming its checkpoints), record the FD there, and at
     the end the spatial structure of SiT's aligned hidden states. Results: out_dir/results/<arm>-s<seed>.json."""
     path = os.path.join(args.out_dir, 'results', f'{arm}-s{seed}.json')
+    here = git_commit()
     res = (json.load(open(path)) if os.path.isfile(path) else
-           dict(arm=arm, seed=seed, commit=git_commit(), fd={}, train_s=0.0, eval_s=0.0))
+           dict(arm=arm, seed=seed, commit=here, fd={}, train_s=0.0, eval_s=0.0))
     if 'lds' in res:
         return res
-    if (here := git_commit()) not in res['commit'].split('+'):                 # continued under other code: say so
+    if here not in res['commit'].split('+'):                                   # continued under other code: say so
         res['commit'] += '+' + here
     encoder, setting, use_irepa = ARMS[arm]
     root = os.path.join(args.runs_dir, f'{arm}-s{seed}')
