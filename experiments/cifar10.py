@@ -500,9 +500,9 @@ def write_report(args, cfg, results, targets):
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194)]
 
-def fd_curve(results, steps, path, W=800, H=420, m=60, legend=170):
+def fd_curve(results, steps, path, W=800, H=420, m=60, legend=190):
     """log FD vs training step, one line per arm (the mean over seeds) with the seeds' range as a bar; the legend
-    stands right of the axes, so it covers no line."""
+    stands right of the axes, so it covers no line, and names each arm's number of seeds."""
     from PIL import Image, ImageDraw
     im = Image.new('RGB', (W, H), 'white')
     d = ImageDraw.Draw(im)
@@ -522,7 +522,7 @@ def fd_curve(results, steps, path, W=800, H=420, m=60, legend=170):
         v = math.exp(lo + (hi - lo) * k / 4)
         d.text((4, Y(v) - 6), f"{v:.1f}", fill='black')
     d.text(((m + right) // 2 - 40, H - 22), "training step", fill='black')
-    d.text((m, 14), "FD (ResNet-56 features, log scale) vs step; line: mean over seeds, bar: seed range",
+    d.text((m, 14), "FD (ResNet-56 features, log scale) vs step; line: mean over n seeds, bar: seed range",
            fill='black')
     arms = [a for a in ARMS if any(r['arm'] == a for r in results)]
     for i, arm in enumerate(arms):
@@ -537,7 +537,8 @@ def fd_curve(results, steps, path, W=800, H=420, m=60, legend=170):
         if len(pts) > 1:
             d.line(pts, fill=c, width=2)
         d.line([(right + 10, m + 16 * i + 6), (right + 28, m + 16 * i + 6)], fill=c, width=3)
-        d.text((right + 34, m + 16 * i), arm, fill=c)
+        n = len({r['seed'] for r in results if r['arm'] == arm and r['fd']})
+        d.text((right + 34, m + 16 * i), f"{arm} n={n}", fill=c)
     im.save(path)
 
 def collect(args, cfg, arms):
