@@ -233,7 +233,7 @@ SEEDS = (0, 1, 2)
 # One recipe for every arm. SiT-T/4 (depth 6, width 192; an 8x8 token grid at 32 px, the grid of ResNet-20's last
 # stage; aligned after block 2) trains at 0.26-0.46 s per batch of 64 in bf16 on 2 cores with AVX512-BF16 (hosts
 # differ): 3,000 steps (~4 epochs) take 13-23 min, REPA's 2048-wide MLP projector adds up to as much again, and each
-# FD evaluation 1.5-3 min: the main table's 9 runs took ~3.5 h on an AMD EPYC host. lr 1e-3 suits a tiny model
+# FD evaluation 1.5-3 min: the main table's 9 runs take ~3.4 h on an AMD EPYC host. lr 1e-3 suits a tiny model
 # and a short run (the demo's value, scaled to batch 64).
 # The EMA must fit the run: the models are scored through their EMA, which after s steps still holds decay^s of the
 # initial weights, so its time constant 1 / (1 - decay) is kept at most a tenth of the first evaluation step
