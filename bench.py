@@ -20,10 +20,10 @@ import irepa
 
 def forward_flops(model, T):
     """Model FLOPs of one image's forward pass through a SiT with T tokens (2 per multiply-add). Every weight is used
-    once per token, except those of the adaLN and timestep MLPs, which act once per image on the condition c;
+    once per token, except those of the adaLN, timestep and (MeanFlow) interval MLPs, which act once per image on c;
     attention adds q @ k^T and att @ v, 2 x T x T x D multiply-adds per block. (DiT-XL/2: 2 x 118.6 GFLOPs.)"""
     per_image = {id(m) for b in [*model.blocks, model.final_layer] for m in b.adaLN_modulation.modules()}
-    per_image |= {id(m) for m in model.t_embedder.modules()}
+    per_image |= {id(m) for e in (model.t_embedder, model.interval_embedder) if e is not None for m in e.modules()}
     flops = 4 * len(model.blocks) * T * T * model.pos_embed.shape[-1]
     for m in model.modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):

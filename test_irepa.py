@@ -1174,11 +1174,12 @@ def test_bench_flops_count_per_token_and_per_image_weights():
     with torch.device('meta'):                                             # no memory: only the shapes count
         xl = irepa.SiT_models['SiT-XL/2'](input_size=32, in_channels=4, num_classes=1000)
     assert abs(bench.forward_flops(xl, 256) / 2 - 118.6e9) < 0.05e9       # DiT-XL/2: 118.6 Gflops (DiT, Table 4)
-    model = tiny(target_dim=8, projector='conv')                                # 4x4 tokens, a conv projector
-    # under CPU autocast, attention is explicit matmuls, which the counter sees (SDPA's CPU kernel it does not)
-    with FlopCounterMode(display=False) as counter, torch.autocast('cpu', dtype=torch.bfloat16):
-        model(torch.randn(3, 3, 16, 16), torch.rand(3), torch.tensor([0, 1, 2]))
-    assert counter.get_total_flops() == 3 * bench.forward_flops(model, model.grid_size ** 2)
+    for meanflow in (False, True):                                          # MeanFlow: + the interval's MLP
+        model = tiny(target_dim=8, projector='conv', meanflow=meanflow)         # 4x4 tokens, a conv projector
+        # under CPU autocast, attention is explicit matmuls, which the counter sees (SDPA's CPU kernel it does not)
+        with FlopCounterMode(display=False) as counter, torch.autocast('cpu', dtype=torch.bfloat16):
+            model(torch.randn(3, 3, 16, 16), torch.rand(3), torch.tensor([0, 1, 2]), torch.rand(3))
+        assert counter.get_total_flops() == 3 * bench.forward_flops(model, model.grid_size ** 2)
 
 # -----------------------------------------------------------------------------
 # Pinned by hand: what the paper's result depends on (the aligned layer, a target registered with its image, the
