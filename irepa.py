@@ -299,6 +299,8 @@ HUB_FAMILIES = {'dinov2': 'facebookresearch/dinov2', 'dinov3': 'facebookresearch
 DINOV2 = [f'dinov2_vit{s}14{r}' for s in 'sblg' for r in ('', '_reg')]
 DINOV3 = ['dinov3_vits16', 'dinov3_vitb16', 'dinov3_vitl16']
 DINOV1 = ['dino_vits16', 'dino_vitb16']
+HUB_INTERFACE = ("DINOv2's interface (.embed_dim, .patch_size, and forward_features(x)['x_norm_patchtokens'] "
+                 "of shape (B, tokens, embed_dim)), which a --hub-dir entry needs")
 ENCODERS = ('hog',) + tuple(DINOV2 + DINOV3 + DINOV1)
 
 class HOG(nn.Module):
@@ -356,8 +358,10 @@ class HubEncoder(nn.Module):
         super().__init__()
         self.name, self.grid_size, self.family = name, grid_size, hub_family(name)
         self.model = hub_load(name, hub_repo)
+        p = getattr(self.model, 'patch_size', 0) or getattr(getattr(self.model, 'patch_embed', None), 'patch_size', 0)
+        if not (p and hasattr(self.model, 'embed_dim')):                        # DINOv1 keeps patch_size on patch_embed
+            raise RuntimeError(f"encoder '{name}' ({type(self.model).__name__}) lacks {HUB_INTERFACE}")
         self.embed_dim = self.model.embed_dim
-        p = getattr(self.model, 'patch_size', 0) or self.model.patch_embed.patch_size   # DINOv1 keeps it there
         self.resolution = p * grid_size
         pe = getattr(self.model, 'pos_embed', None)
         if pe is not None and pe.shape[1] - 1 != grid_size ** 2:               # (1, 1 + N, D): CLS + patch positions
@@ -801,8 +805,8 @@ def precision(device):
     """'bf16' where the hardware computes bf16 natively (CUDA, and CPUs with bf16 instructions, where autocast is
     2-3x faster than fp32 in bench.py), else 'fp32'. IREPA_PRECISION=fp32 (or bf16) in the environment forces it."""
     want = os.environ.get('IREPA_PRECISION', 'auto')
-    if want not in ('auto', 'bf16', 'fp32'):
-        raise ValueError(f"IREPA_PRECISION={want}: use auto, bf16 or fp32")
+    if want not in ('auto', 'bf16', 'fp32'):                                    # set by hand: bad input, one line
+        fail(f"IREPA_PRECISION={want}: use auto, bf16 or fp32")
     if device.type not in ('cuda', 'cpu'):
         return 'fp32'
     if want == 'auto':
@@ -920,6 +924,7 @@ def hub_load(name, hub_repo=None):
     family = hub_family(name)
     github = HUB_FAMILIES[family]
     cached = os.path.join(torch.hub.get_dir(), github.replace('/', '_') + '_main')
+    given = hub_repo                                                            # --hub-dir, for the error's hint
     checkpoints = os.path.join(torch.hub.get_dir(), 'checkpoints')
     if hub_repo is None and os.path.isfile(os.path.join(cached, 'hubconf.py')):
         hub_repo = cached
@@ -936,9 +941,12 @@ def hub_load(name, hub_repo=None):
             return torch.hub.load(hub_repo, name, source='local', **kwargs)
         return torch.hub.load(f'{github}:main', name, **kwargs)
     except Exception as e:
+        hint = (f"Offline? Put the {github} repo in {cached} and its weights in {checkpoints}, or pass --hub-dir DIR "
+                f"(a folder with hubconf.py)." if not given else
+                f"--hub-dir must be a folder with hubconf.py." if not os.path.isfile(os.path.join(given, 'hubconf.py'))
+                else f"Is '{name}' an entry of {os.path.join(given, 'hubconf.py')}?")
         raise RuntimeError(f"could not load encoder '{name}' through torch.hub from {hub_repo or 'github ' + github} "
-                           f"({type(e).__name__}: {e}). Offline? Put the {github} repo in {cached} and its weights in "
-                           f"{checkpoints}, or pass --hub-dir DIR (a folder with hubconf.py).") from e
+                           f"({type(e).__name__}: {e}). {hint}") from e
     finally:
         socket.setdefaulttimeout(old_timeout)
 
@@ -1029,6 +1037,8 @@ def check_model(args):
     if args.image_size % (8 ** bool(args.vae) * patch):                          # the SD-VAE downsamples by 8
         fail(f"--image-size {args.image_size} is not divisible by the patch size of {args.model}"
              + (" x 8 (the VAE's downsampling)" if args.vae else ""))
+    if args.encoder != 'none' and args.spatial_norm and (args.image_size // 8 ** bool(args.vae) // patch) ** 2 < 2:
+        fail(f"{args.model} at {args.image_size} px has one token: the spatial norm's statistics over tokens need 2")
     if args.encoder_depth is not None and not 1 <= args.encoder_depth <= depth:
         fail(f"--encoder-depth {args.encoder_depth} is outside 1..{depth}, the blocks of {args.model}")
     return size_cfg
@@ -1056,8 +1066,12 @@ def frozen_networks(args, grid, device, world, master):
     if world > 1 and master:
         dist.barrier()
     if encoder is not None:
-        with torch.no_grad():
-            T = encoder(torch.zeros(1, 3, args.image_size, args.image_size, device=device)).shape[1]
+        try:                                                                    # a --hub-dir entry may be anything
+            with torch.no_grad():
+                T = encoder(torch.zeros(1, 3, args.image_size, args.image_size, device=device)).shape[1]
+        except Exception as e:
+            fail(f"encoder {args.encoder} failed on a blank image ({type(e).__name__}: {e}); "
+                 f"does it have {HUB_INTERFACE}?")
         if T != grid * grid:
             fail(f"encoder {args.encoder} gives {T} tokens but {args.model} at {args.image_size} px has a "
                  f"{grid}x{grid} grid; change --image-size or --model so the grids match")

@@ -400,6 +400,14 @@ HUBCONF = textwrap.dedent('''
 
     def dino_vits16(pretrained=True, **kw):
         return TinyDINO()
+
+    def not_an_encoder(pretrained=True, **kw):    # a hub entry without DINOv2's interface
+        return nn.Sequential(nn.Conv2d(3, 8, 4, 4))
+
+    def wrong_output(pretrained=True, **kw):      # the attributes, but forward_features returns a list
+        model = TinyViT(24)
+        model.forward_features = lambda x: [x]
+        return model
 ''')
 
 @pytest.fixture
@@ -488,7 +496,7 @@ def test_paper_encoders_are_known_to_every_script():
 def test_encoder_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown encoder 'clip'.*hog.*dinov2_vitb14_reg"):
         irepa.load_encoder('clip', 4)
-    with pytest.raises(RuntimeError, match="could not load encoder 'dinov2_vits14'.*--hub-dir"):
+    with pytest.raises(RuntimeError, match="could not load encoder 'dinov2_vits14'.*--hub-dir must be a folder with hubconf.py"):
         irepa.load_encoder('dinov2_vits14', 4, hub_repo=str(tmp_path))     # no hubconf.py there
 
 # -----------------------------------------------------------------------------
@@ -673,6 +681,10 @@ def test_torchrun_two_cpu_ranks_equals_one_process(tmp_path, fp32):
     (['--results-dir', 'AFILE'], 'cannot create it'),
     (['--encoder', 'dinov2_vitb14', '--hub-dir', 'HUB', '--image-size', '32'], 'gives 4 tokens but SiT-T/4 at 32 px'),
     (['--encoder', 'dinov2_vits14', '--hub-dir', 'NOHUB'], 'could not load encoder'),
+    (['--encoder', 'typo_name', '--hub-dir', 'HUB'], "Is 'typo_name' an entry of"),
+    (['--encoder', 'not_an_encoder', '--hub-dir', 'HUB'], "encoder 'not_an_encoder' (Sequential) lacks DINOv2's"),
+    (['--encoder', 'wrong_output', '--hub-dir', 'HUB'], 'wrong_output failed on a blank image (TypeError'),
+    (['--encoder', 'hog', '--irepa', '--image-size', '4'], "SiT-T/4 at 4 px has one token: the spatial norm's"),
 ])
 def test_bad_input_gives_a_clear_error(tmp_path, hub_dir, capsys, extra, message):
     (tmp_path / 'empty' / 'c').mkdir(parents=True)
@@ -776,7 +788,7 @@ def test_precision_follows_the_cpu_and_the_environment(monkeypatch):
         assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
     assert irepa.precision(torch.device('mps')) == 'fp32'
     monkeypatch.setenv('IREPA_PRECISION', 'fp16')
-    with pytest.raises(ValueError, match='use auto, bf16 or fp32'):
+    with pytest.raises(SystemExit, match='IREPA_PRECISION=fp16: use auto, bf16 or fp32'):   # one line, no traceback
         irepa.precision(cpu)
 
 def test_losses_are_float32_under_bf16_autocast():
