@@ -4,6 +4,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -255,6 +256,13 @@ def test_quick_run_writes_every_output_and_resumes(tiny_cifar, monkeypatch, caps
     cifar10.main(argv)
     r2 = json.load(open(path))
     assert r2['commit'] == r['commit'] + '+abc1234' and set(r2['fd']) == {'2', '4'} and 'lds' in r2
+    # every FD recorded but no LDS, and the run folder gone (a fresh machine): the last step is redone, FD and LDS
+    del r2['lds']
+    json.dump(r2, open(path, 'w'))
+    shutil.rmtree(out / 'runs' / 'REPA-ResNet20-s1')
+    cifar10.main(argv)
+    r3 = json.load(open(path))
+    assert r3['fd']['4'] == pytest.approx(r2['fd']['4'], rel=1e-3) and 'lds' in r3    # the same run again
 
 
 def test_prep_writes_class_folders_from_the_official_python_archive(tmp_path, capsys):

@@ -289,8 +289,8 @@ def find_run(root):
     return found
 
 def run_arm(args, arm, seed, cfg, net, ref):
-    """Train one arm and seed up to each evaluation step (resuming its checkpoints), record the FD there, and at
-    the end the spatial structure of SiT's aligned hidden states. Results: out_dir/results/<arm>-s<seed>.json."""
+    """Train one arm and seed up to each evaluation step (resuming its checkpoints), record the FD there, and with
+    the last FD the spatial structure of SiT's aligned hidden states. Results: out_dir/results/<arm>-s<seed>.json."""
     path = os.path.join(args.out_dir, 'results', f'{arm}-s{seed}.json')
     here = git_commit()
     res = (json.load(open(path)) if os.path.isfile(path) else
@@ -302,7 +302,7 @@ def run_arm(args, arm, seed, cfg, net, ref):
     encoder, setting, use_irepa = ARMS[arm]
     root = os.path.join(args.runs_dir, f'{arm}-s{seed}')
     for step in cfg['steps']:
-        if str(step) in res['fd']:
+        if str(step) in res['fd'] and (step != cfg['steps'][-1] or 'lds' in res):    # the last step: FD and LDS
             continue
         run_dir = find_run(root)
         ckpt = run_dir and os.path.join(run_dir, 'checkpoints', f'{step:07d}.pt')
@@ -322,14 +322,12 @@ def run_arm(args, arm, seed, cfg, net, ref):
             np.save(os.path.join(args.out_dir, 'results', f'{arm}-samples.npy'), images[:80])
         res['eval_s'] += time.time() - t0
         print(f"{arm} seed {seed} step {step}: FD {res['fd'][str(step)]:.3f}", flush=True)
+        if step == cfg['steps'][-1]:       # LDS / CDS of SiT's hidden state after block encoder_depth, t = METRIC_T
+            images, labels = test_images(args, cfg['metric_images'])
+            h, _ = irepa.noised_features(model, images.float() / 127.5 - 1, labels, METRIC_T,
+                                         torch.Generator().manual_seed(SEED))
+            res.update(spatial_metrics(h))
         save_json(path, res)
-    # the end: LDS / CDS of SiT's hidden state after block encoder_depth on test images at t = METRIC_T
-    model, _ = irepa.load_sit(irepa.latest_checkpoint(find_run(root)))
-    images, labels = test_images(args, cfg['metric_images'])
-    h, _ = irepa.noised_features(model, images.float() / 127.5 - 1, labels, METRIC_T,
-                                 torch.Generator().manual_seed(SEED))
-    res.update(spatial_metrics(h))
-    save_json(path, res)
     return res
 
 def target_metrics(args, cfg):
