@@ -116,7 +116,8 @@ def main():
           f"batch {B} | "
           f"{fwd_flops / 1e9:.2f} GFLOPs/img fwd | {device.type} "
           f"({torch.get_num_threads()} threads) | median of {args.repeats}"
-          + (" | fp32 means TF32 matmuls (as irepa.py); MFU counts SiT's FLOPs only" if device.type == 'cuda' else ''))
+          + (" | fp32 means TF32 matmuls (as irepa.py)" if device.type == 'cuda' and 'fp32' in args.precisions else '')
+          + (" | MFU counts SiT's FLOPs only" if device.type == 'cuda' and not meanflow else ''))
     for prec in args.precisions:
         dt = statistics.median(times[prec])
         line = f"  {prec}: {dt * 1000:8.1f} ms/step | {B / dt:7.1f} img/s"

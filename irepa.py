@@ -944,7 +944,8 @@ def hub_load(name, hub_repo=None):
         hint = (f"Offline? Put the {github} repo in {cached} and its weights in {checkpoints}, or pass --hub-dir DIR "
                 f"(a folder with hubconf.py)." if not given else
                 f"--hub-dir must be a folder with hubconf.py." if not os.path.isfile(os.path.join(given, 'hubconf.py'))
-                else f"Is '{name}' an entry of {os.path.join(given, 'hubconf.py')}?")
+                else f"Is '{name}' an entry of {os.path.join(given, 'hubconf.py')}?" if 'Cannot find callable' in str(e)
+                else f"Offline? The weights go in {checkpoints}.")
         raise RuntimeError(f"could not load encoder '{name}' through torch.hub from {hub_repo or 'github ' + github} "
                            f"({type(e).__name__}: {e}). {hint}") from e
     finally:
@@ -1038,7 +1039,8 @@ def check_model(args):
         fail(f"--image-size {args.image_size} is not divisible by the patch size of {args.model}"
              + (" x 8 (the VAE's downsampling)" if args.vae else ""))
     if args.encoder != 'none' and args.spatial_norm and (args.image_size // 8 ** bool(args.vae) // patch) ** 2 < 2:
-        fail(f"{args.model} at {args.image_size} px has one token: the spatial norm's statistics over tokens need 2")
+        fail(f"{args.model} at {args.image_size} px has one token: the spatial norm's statistics over tokens need 2; "
+             f"raise --image-size, or use a smaller patch")
     if args.encoder_depth is not None and not 1 <= args.encoder_depth <= depth:
         fail(f"--encoder-depth {args.encoder_depth} is outside 1..{depth}, the blocks of {args.model}")
     return size_cfg
@@ -1070,6 +1072,8 @@ def frozen_networks(args, grid, device, world, master):
             with torch.no_grad():
                 T = encoder(torch.zeros(1, 3, args.image_size, args.image_size, device=device)).shape[1]
         except Exception as e:
+            if args.encoder in ENCODERS or isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
             fail(f"encoder {args.encoder} failed on a blank image ({type(e).__name__}: {e}); "
                  f"does it have {HUB_INTERFACE}?")
         if T != grid * grid:

@@ -404,6 +404,9 @@ HUBCONF = textwrap.dedent('''
     def not_an_encoder(pretrained=True, **kw):    # a hub entry without DINOv2's interface
         return nn.Sequential(nn.Conv2d(3, 8, 4, 4))
 
+    def offline_entry(pretrained=True, **kw):     # a hub entry whose weights cannot be downloaded
+        raise OSError('<urlopen error [Errno -3] Temporary failure in name resolution>')
+
     def wrong_output(pretrained=True, **kw):      # the attributes, but forward_features returns a list
         model = TinyViT(24)
         model.forward_features = lambda x: [x]
@@ -496,7 +499,8 @@ def test_paper_encoders_are_known_to_every_script():
 def test_encoder_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown encoder 'clip'.*hog.*dinov2_vitb14_reg"):
         irepa.load_encoder('clip', 4)
-    with pytest.raises(RuntimeError, match="could not load encoder 'dinov2_vits14'.*--hub-dir must be a folder with hubconf.py"):
+    with pytest.raises(RuntimeError, match="could not load encoder 'dinov2_vits14'.*"
+                                           "--hub-dir must be a folder with hubconf.py"):
         irepa.load_encoder('dinov2_vits14', 4, hub_repo=str(tmp_path))     # no hubconf.py there
 
 # -----------------------------------------------------------------------------
@@ -682,6 +686,7 @@ def test_torchrun_two_cpu_ranks_equals_one_process(tmp_path, fp32):
     (['--encoder', 'dinov2_vitb14', '--hub-dir', 'HUB', '--image-size', '32'], 'gives 4 tokens but SiT-T/4 at 32 px'),
     (['--encoder', 'dinov2_vits14', '--hub-dir', 'NOHUB'], 'could not load encoder'),
     (['--encoder', 'typo_name', '--hub-dir', 'HUB'], "Is 'typo_name' an entry of"),
+    (['--encoder', 'offline_entry', '--hub-dir', 'HUB'], 'name resolution>). Offline? The weights go in'),
     (['--encoder', 'not_an_encoder', '--hub-dir', 'HUB'], "encoder 'not_an_encoder' (Sequential) lacks DINOv2's"),
     (['--encoder', 'wrong_output', '--hub-dir', 'HUB'], 'wrong_output failed on a blank image (TypeError'),
     (['--encoder', 'hog', '--irepa', '--image-size', '4'], "SiT-T/4 at 4 px has one token: the spatial norm's"),
