@@ -924,10 +924,10 @@ def hub_load(name, hub_repo=None):
     family = hub_family(name)
     github = HUB_FAMILIES[family]
     cached = os.path.join(torch.hub.get_dir(), github.replace('/', '_') + '_main')
-    given = hub_repo                                                            # --hub-dir, for the error's hint
     checkpoints = os.path.join(torch.hub.get_dir(), 'checkpoints')
-    if hub_repo is None and os.path.isfile(os.path.join(cached, 'hubconf.py')):
-        hub_repo = cached
+    local = hub_repo                                                            # --hub-dir, else the hub cache
+    if local is None and os.path.isfile(os.path.join(cached, 'hubconf.py')):
+        local = cached
     kwargs = {}
     if name in DINOV3_WEIGHTS:
         kwargs['weights'] = os.path.join(checkpoints, DINOV3_WEIGHTS[name])
@@ -937,16 +937,20 @@ def hub_load(name, hub_repo=None):
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(60)                                                # a stalled network fails, not hangs
     try:
-        if hub_repo is not None:
-            return torch.hub.load(hub_repo, name, source='local', **kwargs)
+        if local is not None:
+            return torch.hub.load(local, name, source='local', **kwargs)
         return torch.hub.load(f'{github}:main', name, **kwargs)
     except Exception as e:
-        hint = (f"Offline? Put the {github} repo in {cached} and its weights in {checkpoints}, or pass --hub-dir DIR "
-                f"(a folder with hubconf.py)." if not given else
-                f"--hub-dir must be a folder with hubconf.py." if not os.path.isfile(os.path.join(given, 'hubconf.py'))
-                else f"Is '{name}' an entry of {os.path.join(given, 'hubconf.py')}?" if 'Cannot find callable' in str(e)
-                else f"Offline? The weights go in {checkpoints}.")
-        raise RuntimeError(f"could not load encoder '{name}' through torch.hub from {hub_repo or 'github ' + github} "
+        if hub_repo is None:
+            hint = (f"Offline? Put the {github} repo in {cached} and its weights in {checkpoints}, or pass --hub-dir "
+                    f"DIR (a folder with hubconf.py).")
+        elif not os.path.isfile(os.path.join(hub_repo, 'hubconf.py')):
+            hint = "--hub-dir must be a folder with hubconf.py."
+        elif 'Cannot find callable' in str(e):                                   # torch.hub's words for a missing entry
+            hint = f"Is '{name}' an entry of {os.path.join(hub_repo, 'hubconf.py')}?"
+        else:
+            hint = f"Offline? The weights go in {checkpoints}."
+        raise RuntimeError(f"could not load encoder '{name}' through torch.hub from {local or 'github ' + github} "
                            f"({type(e).__name__}: {e}). {hint}") from e
     finally:
         socket.setdefaulttimeout(old_timeout)
@@ -1035,10 +1039,11 @@ def check_model(args):
     if args.encoder not in ENCODERS + ('none',) and not args.hub_dir:
         fail(f"unknown encoder '{args.encoder}'; choose one of: {', '.join(ENCODERS)}, none, "
              f"or an entry of the hubconf.py in --hub-dir")
-    if args.image_size % (8 ** bool(args.vae) * patch):                          # the SD-VAE downsamples by 8
+    token_px = 8 ** bool(args.vae) * patch                                      # the SD-VAE downsamples by 8
+    if args.image_size % token_px:
         fail(f"--image-size {args.image_size} is not divisible by the patch size of {args.model}"
              + (" x 8 (the VAE's downsampling)" if args.vae else ""))
-    if args.encoder != 'none' and args.spatial_norm and (args.image_size // 8 ** bool(args.vae) // patch) ** 2 < 2:
+    if args.encoder != 'none' and args.spatial_norm and (args.image_size // token_px) ** 2 < 2:
         fail(f"{args.model} at {args.image_size} px has one token: the spatial norm's statistics over tokens need 2; "
              f"raise --image-size, or use a smaller patch")
     if args.encoder_depth is not None and not 1 <= args.encoder_depth <= depth:

@@ -300,9 +300,9 @@ def run_arm(args, arm, seed, cfg, net, ref):
     if here not in res['commit'].split('+'):                                   # continued under other code: say so
         res['commit'] += '+' + here
     encoder, setting, use_irepa = ARMS[arm]
-    root = os.path.join(args.runs_dir, f'{arm}-s{seed}')
+    root, last = os.path.join(args.runs_dir, f'{arm}-s{seed}'), cfg['steps'][-1]
     for step in cfg['steps']:
-        if str(step) in res['fd'] and (step != cfg['steps'][-1] or 'lds' in res):    # the last step: FD and LDS
+        if str(step) in res['fd'] and (step != last or 'lds' in res):            # the last step: FD and LDS
             continue
         run_dir = find_run(root)
         ckpt = run_dir and os.path.join(run_dir, 'checkpoints', f'{step:07d}.pt')
@@ -318,11 +318,11 @@ def run_arm(args, arm, seed, cfg, net, ref):
         t0 = time.time()
         model, _ = irepa.load_sit(ckpt)
         res['fd'][str(step)], images = fd_of(model, net, ref, cfg['fd_samples'], seed)
-        if step == cfg['steps'][-1] and seed == cfg['seeds'][0]:                 # for the grid: 8 per class
+        if step == last and seed == cfg['seeds'][0]:                            # for the grid: 8 per class
             np.save(os.path.join(args.out_dir, 'results', f'{arm}-samples.npy'), images[:80])
         res['eval_s'] += time.time() - t0
         print(f"{arm} seed {seed} step {step}: FD {res['fd'][str(step)]:.3f}", flush=True)
-        if step == cfg['steps'][-1]:       # LDS / CDS of SiT's hidden state after block encoder_depth, t = METRIC_T
+        if step == last:                   # LDS / CDS of SiT's hidden state after block encoder_depth, t = METRIC_T
             images, labels = test_images(args, cfg['metric_images'])
             h, _ = irepa.noised_features(model, images.float() / 127.5 - 1, labels, METRIC_T,
                                          torch.Generator().manual_seed(SEED))
