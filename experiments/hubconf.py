@@ -101,6 +101,58 @@ def load_weights(model, weights, file_name):
     return model.eval()
 
 # -----------------------------------------------------------------------------
+# Variants for the title question (iREPA sections 2-3): targets whose global information and spatial structure
+# vary independently. Each is an 8x8 grid of tokens at 32 px, SiT-T/4's grid, with DINOv2's interface.
+
+class Tokens(nn.Module):
+    """tokens(x) -> (B, T, C) on an 8x8 grid, wrapped in DINOv2's interface (embed_dim, patch_size = 4 px per
+    token side, forward_features(x)['x_norm_patchtokens'])."""
+    def __init__(self, tokens, embed_dim, net=None):
+        super().__init__()
+        self.tokens, self.embed_dim, self.patch_size, self.net = tokens, embed_dim, 4, net
+
+    def forward_features(self, x):
+        return {'x_norm_patchtokens': self.tokens(x)}
+
+def stage_tokens(net, stage):
+    """Stage `stage`'s map average-pooled to 8x8 (stage 1: 4x4 pooling, 2: 2x2, 3: none), as (B, 64, C) tokens."""
+    def tokens(x):
+        f = net.stages(x, stage)[-1]                                            # (B, C, 32/16/8, 32/16/8)
+        return F.adaptive_avg_pool2d(f, 8).flatten(2).transpose(1, 2)           # (B, 64, C), raster order
+    return tokens
+
+def global_mix(tokens, alpha):
+    """iREPA Figure 3c with the average-pooled feature g that ResNet-20's classifier reads in place of DINOv2's CLS
+    token: p_i + alpha * g. More global information in every token, less contrast between tokens."""
+    def mixed(x):
+        p = tokens(x)                                                           # (B, T, C)
+        return p + alpha * p.mean(dim=1, keepdim=True)
+    return mixed
+
+def shuffled(tokens):
+    """The tokens permuted at random within each image: the same set (so the same average-pooled feature, the same
+    global information) with no spatial layout. The permutation is drawn from the image's own pixels, so an image
+    gets the same one at every call, with no generator state to save for an exact resume."""
+    def shuffle(x):
+        p = tokens(x)                                                           # (B, T, C)
+        key = torch.sin(F.avg_pool2d(x.float(), 4).sum(1).flatten(1) * 12.9898 +
+                        torch.arange(p.shape[1], device=x.device) * 78.233) * 43758.5453
+        order = (key - key.floor()).argsort(dim=1)                              # (B, T) a pseudo-random permutation
+        return p.gather(1, order[:, :, None].expand_as(p))
+    return shuffle
+
+def pixel_tokens(x):
+    """Raw 4x4 pixel patches (ImageNet-normalised RGB), (B, 64, 48): all local, no learned features."""
+    return F.unfold(x.float(), kernel_size=4, stride=4).transpose(1, 2)        # (B, 64, 3 * 4 * 4)
+
+def random_resnet20(seed=0):
+    """ResNet-20 with PyTorch's default initialisation from a fixed seed (the global generator is left untouched);
+    eval-mode BatchNorm with its initial statistics is the identity."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ResNet(3).eval()
+
+# -----------------------------------------------------------------------------
 # torch.hub entry points
 
 def resnet20_stage3(weights=None):
@@ -114,3 +166,37 @@ def resnet20_stage2(weights=None):
 def resnet56(weights=None):
     """Pretrained ResNet-56 classifier (0.85M params); `pool` gives the 64-d Frechet distance features."""
     return load_weights(ResNet(9), weights, 'resnet56-4bfd9763.th')
+
+def resnet20_stage3_global(alpha, weights=None):
+    """Pretrained ResNet-20's stage-3 tokens plus alpha times their mean: (B, 64, 64)."""
+    net = resnet20_stage3(weights)
+    return Tokens(global_mix(stage_tokens(net, 3), alpha), 64, net)
+
+def resnet20_stage3_global025(weights=None):
+    return resnet20_stage3_global(0.25, weights)
+
+def resnet20_stage3_global05(weights=None):
+    return resnet20_stage3_global(0.5, weights)
+
+def resnet20_stage3_global1(weights=None):
+    return resnet20_stage3_global(1.0, weights)
+
+def resnet20_stage3_shuffled(weights=None):
+    """Pretrained ResNet-20's stage-3 tokens, permuted within each image: (B, 64, 64)."""
+    net = resnet20_stage3(weights)
+    return Tokens(shuffled(stage_tokens(net, 3)), 64, net)
+
+def resnet20_stage2_pooled(weights=None):
+    """Pretrained ResNet-20's stage-2 map (32 channels at 16x16) average-pooled to 8x8: (B, 64, 32)."""
+    net = resnet20_stage3(weights)
+    return Tokens(stage_tokens(net, 2), 32, net)
+
+def resnet20_random_stage3():
+    """A randomly initialised ResNet-20's stage-3 tokens (seed 0): (B, 64, 64), convolutional structure, no
+    training."""
+    net = random_resnet20(0)
+    return Tokens(stage_tokens(net, 3), 64, net)
+
+def pixels():
+    """Raw 4x4 pixel patches: (B, 64, 48)."""
+    return Tokens(pixel_tokens, 48)
