@@ -56,6 +56,32 @@ def test_fd_closed_form_commuting_covariances():
     assert cifar10.frechet_distance(np.zeros(4), 4 * np.eye(4), np.ones(4), np.eye(4)) == pytest.approx(4 + 4 * 1)
 
 
+def test_fd_closed_form_non_commuting_covariances():
+    """Covariances that do not commute, where tr sqrt(S1) sqrt(S2) (a wrong square root) differs from tr sqrt(S1 S2)."""
+    # 1-D: FD = (m1 - m2)^2 + (sqrt(s1) - sqrt(s2))^2
+    assert cifar10.frechet_distance([1.0], [[4.0]], [-2.0], [[9.0]]) == pytest.approx(9 + 1, rel=1e-12)
+    # 2-D, a diagonal S1 and a rotated S2: M = S1^(1/2) S2 S1^(1/2) is 2x2 PSD with tr M = tr(S1 S2) and
+    # det M = det S1 det S2, and a 2x2 PSD matrix has tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)).
+    th = 0.7
+    R = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    S1, S2 = np.diag([4.0, 0.25]), R @ np.diag([1.0, 9.0]) @ R.T
+    assert np.abs(S1 @ S2 - S2 @ S1).max() > 1                                  # they do not commute
+    tr_sqrt = math.sqrt(np.trace(S1 @ S2) + 2 * math.sqrt(np.linalg.det(S1) * np.linalg.det(S2)))
+    mu1, mu2 = np.array([0.5, -1.0]), np.array([2.0, 1.0])
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(S1) + np.trace(S2) - 2 * tr_sqrt
+    assert cifar10.frechet_distance(mu1, S1, mu2, S2) == pytest.approx(expected, rel=1e-10)
+    wrong = np.sum((mu1 - mu2) ** 2) + np.trace(S1) + np.trace(S2) - 2 * np.trace(np.diag([2.0, 0.5]) @ R @
+                                                                                  np.diag([1.0, 3.0]) @ R.T)
+    assert abs(wrong - expected) > 0.4                                          # the test can tell them apart
+    # 8-D random pair: S1 S2 is similar to the PSD S1^(1/2) S2 S1^(1/2), so tr sqrt(S1 S2) = sum sqrt(eigenvalues)
+    rng = np.random.default_rng(3)
+    A, B = rng.standard_normal((8, 8)), rng.standard_normal((8, 8))
+    S1, S2 = A @ A.T + 0.1 * np.eye(8), B @ B.T + 0.1 * np.eye(8)
+    tr_sqrt = np.sqrt(np.linalg.eigvals(S1 @ S2).real.clip(min=0)).sum()
+    assert cifar10.frechet_distance(np.zeros(8), S1, np.zeros(8), S2) == pytest.approx(
+        np.trace(S1) + np.trace(S2) - 2 * tr_sqrt, rel=1e-8)
+
+
 def test_fd_of_a_feature_set_with_itself_is_zero():
     feats = np.random.default_rng(1).standard_normal((500, 64)) @ np.random.default_rng(2).standard_normal((64, 64))
     mu, sigma = cifar10.gaussian_stats(feats)
