@@ -173,8 +173,8 @@ def similarity_figure(img, maps, anchor):
     draw.text((2 * PANEL - 26, PANEL + STRIP + 4), '1', fill='black')
     return fig
 
-def scatter(xs, ys, labels, xlabel, size=360):
-    """gFID (y) against one column (x), each point labelled, with the least-squares line: a (size, size - 20) panel.
+def scatter(xs, ys, labels, xlabel, size=360, ylabel='gFID'):
+    """ylabel (y) against one column (x), each point labelled, with the least-squares line: a (size, size - 20) panel.
     Tick labels at the data's min, middle and max."""
     xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
     im = Image.new('RGB', (size, size - STRIP), 'white')
@@ -195,7 +195,7 @@ def scatter(xs, ys, labels, xlabel, size=360):
         w = draw.textlength(name)                                                   # near the right edge: label left
         draw.text((px(x) + 5 if px(x) + 5 + w < right else px(x) - 5 - w, py(y) - 12), name, fill='black')
     draw.text(((left + right) // 2 - 3 * len(xlabel), bottom + 22), xlabel, fill='black')
-    draw.text((left + 4, top + 4), 'gFID', fill='black')
+    draw.text((left + 4, top + 4), ylabel, fill='black')
     return im
 
 def correlation_figure(table, results, target='fid'):

@@ -339,3 +339,98 @@ def test_t_interval_and_paired_differences_by_hand():
                dict(arm='a', seed=1, fd={'9': 4.0}), dict(arm='b', seed=1, fd={'9': 3.5}),
                dict(arm='a', seed=2, fd={})]
     assert cifar10.paired(results, 'a', 'b', '9') == {0: -2.0, 1: 0.5}
+
+# -----------------------------------------------------------------------------
+# The title question: the targets of hubconf.py, the probe, the bootstrap, `title --quick`
+
+def test_title_targets_by_hand(monkeypatch):
+    monkeypatch.setattr(hubconf, 'load_weights', lambda model, weights, file_name: random_weights(model))
+    x = torch.randn(3, 3, 32, 32)
+    base = hubconf.resnet20_stage3().forward_features(x)['x_norm_patchtokens']            # (3, 64, 64)
+    tokens = lambda entry: getattr(hubconf, entry)().forward_features(x)['x_norm_patchtokens']
+    for entry, alpha in (('resnet20_stage3_global025', 0.25), ('resnet20_stage3_global05', 0.5),
+                         ('resnet20_stage3_global1', 1.0)):
+        assert torch.allclose(tokens(entry), base + alpha * base.mean(1, keepdim=True), atol=1e-6)
+    shuf = tokens('resnet20_stage3_shuffled')
+    assert torch.equal(shuf, tokens('resnet20_stage3_shuffled'))                  # the same permutation every call
+    for b in range(3):                                                          # a permutation of the image's tokens
+        assert torch.equal(shuf[b].sort(0).values, base[b].sort(0).values) and not torch.equal(shuf[b], base[b])
+    order = [torch.cdist(shuf[b], base[b]).argmin(1) for b in range(3)]
+    assert not torch.equal(order[0], order[1])                                  # each image its own permutation
+    stage2 = hubconf.resnet20_stage3().stages(x, 2)[-1]                         # (3, 32, 16, 16)
+    pooled = tokens('resnet20_stage2_pooled')
+    assert pooled.shape == (3, 64, 32) and torch.allclose(pooled[:, 3 * 8 + 5], stage2[:, :, 6:8, 10:12].mean((2, 3)))
+    pix = tokens('pixels')
+    assert pix.shape == (3, 64, 48) and torch.equal(pix[:, 2 * 8 + 7], x[:, :, 8:12, 28:32].flatten(1))
+    state = torch.random.get_rng_state()
+    a, b = hubconf.resnet20_random_stage3(), hubconf.resnet20_random_stage3()
+    assert torch.equal(torch.random.get_rng_state(), state)                     # the global generator untouched
+    assert torch.equal(a.forward_features(x)['x_norm_patchtokens'], b.forward_features(x)['x_norm_patchtokens'])
+
+
+def test_title_targets_load_as_irepa_encoders(monkeypatch):
+    """Every title target through irepa.py's own encoder wrapper and torch.hub: 8x8 tokens of its width at 32 px."""
+    monkeypatch.setattr(hubconf, 'load_weights', lambda model, weights, file_name: random_weights(model))
+    monkeypatch.setitem(sys.modules, 'hubconf', hubconf)                        # torch.hub imports hubconf.py anew
+    import irepa
+    img = torch.randint(0, 256, (2, 3, 32, 32)).float()
+    for entry in cifar10.TITLE_TARGETS:
+        if entry == 'hog':
+            continue
+        enc = irepa.load_encoder(entry, 8, os.path.join(HERE, 'experiments'))
+        with torch.no_grad():
+            assert enc(img).shape == (2, 64, enc.embed_dim), entry
+
+
+def test_linear_probe_and_bootstrap():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(400) % 4
+    centres = 5 * torch.randn(4, 8, generator=g)
+    x = centres[y] + torch.randn(400, 8, generator=g)                           # separable classes
+    assert cifar10.linear_probe(x[:200], y[:200], x[200:], y[200:]) > 0.97
+    noise = torch.randn(400, 8, generator=g)                                    # no label information: near chance
+    assert cifar10.linear_probe(noise[:200], y[:200], noise[200:], y[200:]) < 0.4
+    xs = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    c = cifar10.bootstrap(xs, 3 - 2 * xs, n=200)
+    assert c['r'] == pytest.approx((-1, -1, -1)) and c['rho'] == pytest.approx((-1, -1, -1))
+    ys = np.array([2.0, 1.0, 4.0, 3.0, 6.0, 5.0])
+    c = cifar10.bootstrap(xs, ys, n=2000)
+    assert c['r'][0] == pytest.approx(np.corrcoef(xs, ys)[0, 1]) and c['r'][1] < c['r'][0] <= c['r'][2] <= 1
+
+
+def test_quick_title_writes_every_output(tiny_cifar, monkeypatch, capsys):
+    wdir = tiny_cifar / 'weights'
+    os.makedirs(wdir)
+    for n, name in ((3, 'resnet20-12fca82f.th'), (9, 'resnet56-4bfd9763.th')):
+        torch.save({'state_dict': {'module.' + k: v for k, v in random_weights(hubconf.ResNet(n)).state_dict().items()}},
+                   wdir / name)
+    monkeypatch.setenv('CIFAR_RESNET_DIR', str(wdir))
+    monkeypatch.setattr(cifar10, 'TITLE_ARMS', dict(list(cifar10.TITLE_ARMS.items())[:2]))   # two targets train
+    out = tiny_cifar / 'out'
+    argv = ['--out-dir', str(out), 'title', '--data-path', str(tiny_cifar / 'data'), '--quick']
+    cifar10.main(argv)
+    seeds = cifar10.QUICK['seeds']
+    for arm in cifar10.TITLE_ARMS:
+        for s in seeds:
+            assert set(json.load(open(out / 'results' / f'{arm}-s{s}.json'))['fd']) == {'2', '4'}
+    targets = json.load(open(out / 'results' / 'title_targets.json'))
+    assert set(targets) == set(cifar10.TITLE_TARGETS)
+    assert all(0 <= targets[t][k] <= 1 for t in targets for k in ('probe', 'probe_token'))
+    report = open(out / 'title.md').read()
+    fd = [json.load(open(out / 'results' / f'REPA-ResNet20-global0.25-s{s}.json'))['fd']['4'] for s in seeds]
+    assert f"| resnet20_stage3_global025 | 64 | {targets['resnet20_stage3_global025']['probe']:.3f} |" in report
+    assert f"| {np.mean(fd):.2f} ± {np.std(fd, ddof=1):.2f} | 2 |" in report
+    assert os.path.isfile(out / 'title_alpha.png') and not os.path.isfile(out / 'title_fd.png')   # 2 targets: no r
+    capsys.readouterr()
+    cifar10.main(argv)                                                          # finished pieces are skipped
+    assert 'FD' not in capsys.readouterr().out.replace('wrote', '')
+    # with the main tables' REPA runs, four targets have an FD: the correlations and Figure 4
+    for arm, v in (('REPA-ResNet20', 9.0), ('REPA-HOG', 7.0)):
+        json.dump(dict(arm=arm, seed=0, fd={'4': v}, commit='x'), open(out / 'results' / f'{arm}-s0.json', 'w'))
+    cifar10.main(argv + ['--report'])
+    done = ['resnet20_stage3', 'hog'] + [enc for enc, _, _ in cifar10.TITLE_ARMS.values()]
+    fds = [9.0, 7.0] + [np.mean([json.load(open(out / 'results' / f'{arm}-s{s}.json'))['fd']['4'] for s in seeds])
+                        for arm in cifar10.TITLE_ARMS]
+    r = np.corrcoef([targets[t]['lds'] for t in done], fds)[0, 1]
+    assert f"| LDS | {r:+.2f} | [" in open(out / 'title.md').read()
+    assert Image.open(out / 'title_fd.png').size == (960, 480)

@@ -38,6 +38,7 @@ import time
 import numpy as np
 import scipy.linalg
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -258,8 +259,8 @@ irepa.RECIPES['cifar10'] = dict(irepa.RECIPES['demo'], model='SiT-T/4', image_si
                                 log_every=100, sampler=dict(mode='ode', heun=True, num_steps=12, cfg_scale=1.0))
 irepa.RECIPES['cifar10-conv'] = dict(irepa.RECIPES['cifar10'], projector='conv', spatial_norm=False)
 irepa.RECIPES['cifar10-spnorm'] = dict(irepa.RECIPES['cifar10'], projector='mlp', spatial_norm=True)
-FULL = dict(steps=STEPS, fd_samples=2000, metric_images=1000, seeds=SEEDS)
-QUICK = dict(steps=(2, 4), fd_samples=20, metric_images=20, seeds=SEEDS[:2])
+FULL = dict(steps=STEPS, fd_samples=2000, metric_images=1000, seeds=SEEDS, probe_images=10_000)
+QUICK = dict(steps=(2, 4), fd_samples=20, metric_images=20, seeds=SEEDS[:2], probe_images=40)
 METRIC_T = 0.5          # noise level of SiT's hidden states for LDS / CDS (t = 0 data, t = 1 noise)
 
 def git_commit():
@@ -556,6 +557,196 @@ def collect(args, cfg, arms):
     return [json.load(open(p)) for seed in cfg['seeds'] for arm in arms
             for p in [os.path.join(args.out_dir, 'results', f'{arm}-s{seed}.json')] if os.path.isfile(p)]
 
+# -----------------------------------------------------------------------------
+# 5. The title question (iREPA sections 2-3, Figures 1, 3c and 4): across targets, does REPA's FD follow the
+#    target's global information (linear-probe accuracy) or its spatial structure (LDS, CDS, RMSC)?
+
+# target -> its REPA arm; the first two come from the tables above. Alpha 0 of the global mix is resnet20_stage3.
+TITLE_TARGETS = {'resnet20_stage3': 'REPA-ResNet20', 'hog': 'REPA-HOG',
+                 **{enc: arm for arm, (enc, _, _) in TITLE_ARMS.items()}}
+ALPHAS = {0.0: 'resnet20_stage3', 0.25: 'resnet20_stage3_global025', 0.5: 'resnet20_stage3_global05',
+          1.0: 'resnet20_stage3_global1'}
+PREDICTORS = ('probe', 'probe_token', 'lds', 'lds_half', 'cds', 'rmsc')
+PROBE_WD = 1e-4         # L2 penalty on the probe's weights (features standardised first)
+
+def linear_probe(train_x, train_y, test_x, test_y, wd=PROBE_WD, iters=200):
+    """Test accuracy of a linear classifier: multinomial logistic regression on standardised features (train
+    statistics), cross-entropy + wd * ||W||^2, full-batch L-BFGS (strong Wolfe line search) from zero weights."""
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mu) / sd, (test_x - mu) / sd
+    W = torch.zeros(train_x.shape[1], int(train_y.max()) + 1, requires_grad=True)
+    b = torch.zeros(W.shape[1], requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=iters, history_size=20, line_search_fn='strong_wolfe')
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(train_x @ W + b, train_y) + wd * W.pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    with torch.no_grad():
+        return ((test_x @ W + b).argmax(1) == test_y).float().mean().item()
+
+@torch.no_grad()
+def target_tokens(name, images):
+    """(N, 64, C) float32 tokens of a target, as irepa.py's training gets them (its encoder wrapper), in fp32."""
+    encoder = irepa.load_encoder(name, 8, None if name == 'hog' else HERE)
+    return torch.cat([encoder(images[i:i + 250].float()).float() for i in range(0, len(images), 250)])
+
+def title_targets(args, cfg):
+    """Each target measured before any training: linear-probe accuracy on the test set, of the average-pooled tokens
+    (the paper's protocol) and of single tokens (every token of an image its own example), fit on train images;
+    LDS (official radii: d = 1 vs d >= 6; and the paper's text, d < H/2 vs d >= H/2), CDS and RMSC of the raw tokens
+    on test images. Cached in results/title_targets.json; a target missing from it is measured and added."""
+    path = os.path.join(args.out_dir, 'results', 'title_targets.json')
+    out = json.load(open(path)) if os.path.isfile(path) else {}
+    todo = [t for t in TITLE_TARGETS if t not in out]
+    if not todo:
+        return out
+    train, test = image_folder(args.data_path, 'train'), image_folder(args.data_path, 'test')
+    ref, _ = train_subsets(train)
+    train_x, train_y = load_images(train, ref[:cfg['probe_images']])
+    test_x, test_y = load_images(test, np.random.default_rng(SEED).permutation(len(test))[:cfg['probe_images']])
+    metric_x = test_x[:cfg['metric_images']]                                    # the same images as test_images()
+    for name in todo:
+        t0 = time.time()
+        z_train, z_test = target_tokens(name, train_x), target_tokens(name, test_x)     # (N, 64, C)
+        T = z_train.shape[1]
+        m, H = z_test[:len(metric_x)], math.isqrt(T)
+        out[name] = dict(
+            probe=linear_probe(z_train.mean(1), train_y, z_test.mean(1), test_y),
+            probe_token=linear_probe(z_train.flatten(0, 1), train_y.repeat_interleave(T),
+                                     z_test.flatten(0, 1), test_y.repeat_interleave(T)),
+            lds=float(metrics.lds(m).mean()), lds_half=float(metrics.lds(m, (H - 1) // 2, (H + 1) // 2).mean()),
+            cds=float(metrics.cds(m).mean()), rmsc=float(metrics.rmsc(m).mean()), dim=z_test.shape[2])
+        print(f"target {name}: " + ", ".join(f"{k} {out[name][k]:.4f}" for k in PREDICTORS) +
+              f" ({time.time() - t0:.0f} s)", flush=True)
+        save_json(path, out)
+    return out
+
+def bootstrap(x, y, n=10_000, seed=0):
+    """Pearson r and Spearman rho of y on x with 95% percentile bootstrap intervals over the points (resampled with
+    replacement; resamples in which x or y is constant are skipped) -> {'r': (r, lo, hi), 'rho': (...)}."""
+    import scipy.stats
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    rng, rs, rhos = np.random.default_rng(seed), [], []
+    for _ in range(n):
+        i = rng.integers(0, len(x), len(x))
+        if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0:
+            rs.append(np.corrcoef(x[i], y[i])[0, 1])
+            rhos.append(scipy.stats.spearmanr(x[i], y[i])[0])
+    ci = lambda v: tuple(np.nanpercentile(v, [2.5, 97.5]))
+    return dict(r=(scipy.stats.pearsonr(x, y)[0], *ci(rs)), rho=(scipy.stats.spearmanr(x, y)[0], *ci(rhos)))
+
+def title_fd(args, cfg):
+    """{target: [FD at the last step, one per finished seed]} of each target's REPA arm, and vanilla's."""
+    last, fds = str(cfg['steps'][-1]), {}
+    for target, arm in {**TITLE_TARGETS, 'none': 'vanilla'}.items():
+        rs = collect(args, cfg, [arm])
+        fds[target] = [r['fd'][last] for r in rs if last in r['fd']]
+    return fds
+
+def title_report(args, cfg, targets):
+    """title.md: the table per target, the correlations of FD with each predictor (bootstrap intervals over
+    targets), the alpha line; title_fd.png (Figure 4: FD against probe accuracy | against LDS) and title_alpha.png
+    (Figure 3c: probe accuracy, LDS and FD against alpha)."""
+    fds, last = title_fd(args, cfg), cfg['steps'][-1]
+    names = {'probe': 'probe (pooled)', 'probe_token': 'probe (token)', 'lds': 'LDS', 'lds_half': 'LDS (r = H/2)',
+             'cds': 'CDS', 'rmsc': 'RMSC'}
+    lines = ["# The title question at CPU scale: global information or spatial structure? (experiments/cifar10.py "
+             "title)", "",
+             f"REPA (MLP projector, the main table's recipe: SiT-T/4, 32 px, batch 64, {last} steps, FD of 2,000 EMA "
+             f"samples) with each alignment target below. Probe: a linear classifier (multinomial logistic "
+             f"regression, L-BFGS, L2 penalty {PROBE_WD} on standardised features) fit on {cfg['probe_images']} train "
+             f"images, accuracy on {cfg['probe_images']} test images; 'pooled' classifies the average-pooled tokens "
+             f"(the paper's protocol), 'token' each token alone. LDS / CDS / RMSC: raw tokens of "
+             f"{cfg['metric_images']} test images; LDS with the official radii (d = 1 vs d >= 6) and with the "
+             f"paper's text (d < H/2 vs d >= H/2, i.e. d <= 3 vs d >= 4 on the 8x8 grid).", "",
+             "| target | dim | " + " | ".join(names[p] for p in PREDICTORS) + f" | FD @ {last} | seeds |",
+             "|---|---|" + "---|" * (len(PREDICTORS) + 2)]
+    for t in TITLE_TARGETS:
+        m = targets[t]
+        lines.append(f"| {t} | {m['dim']} | " + " | ".join(f"{m[p]:.3f}" for p in PREDICTORS) +
+                     f" | {mean_sd(fds[t])} | {len(fds[t])} |")
+    lines.append(f"| none (vanilla SiT) | - | " + " | ".join('-' for _ in PREDICTORS) +
+                 f" | {mean_sd(fds['none'])} | {len(fds['none'])} |")
+    done = [t for t in TITLE_TARGETS if fds[t]]
+    corr = {}
+    if len(done) >= 3:
+        fd = [np.mean(fds[t]) for t in done]
+        corr = {p: bootstrap([targets[t][p] for t in done], fd) for p in PREDICTORS}
+        lines += ["", f"FD @ {last} (mean over seeds) against each predictor, over the {len(done)} targets with a "
+                  f"finished run; 95% percentile bootstrap intervals over targets (10,000 resamples). The paper "
+                  f"(27 encoders, gFID): probe |r| = 0.26, LDS 0.852, CDS 0.847, RMSC 0.888, all with better "
+                  f"structure giving lower FID (negative r).", "",
+                  "| predictor | Pearson r | 95% CI | Spearman rho | 95% CI |", "|---|---|---|---|---|"]
+        for p, c in corr.items():
+            lines.append(f"| {names[p]} | {c['r'][0]:+.2f} | [{c['r'][1]:+.2f}, {c['r'][2]:+.2f}] | "
+                         f"{c['rho'][0]:+.2f} | [{c['rho'][1]:+.2f}, {c['rho'][2]:+.2f}] |")
+    lines += ["", "The alpha line (Figure 3c in miniature: ResNet-20's stage-3 tokens p_i + alpha * g, g their "
+              "average, the feature its classifier reads):", "",
+              "| alpha | probe (pooled) | probe (token) | LDS | CDS | FD @ " + str(last) + " |", "|---|---|---|---|---|---|"]
+    for a, t in ALPHAS.items():
+        m = targets[t]
+        lines.append(f"| {a} | {m['probe']:.3f} | {m['probe_token']:.3f} | {m['lds']:.3f} | {m['cds']:.4f} | "
+                     f"{mean_sd(fds[t])} |")
+    commits = sorted({r.get('commit', '-') for t in done for r in collect(args, cfg, [TITLE_TARGETS[t]])})
+    lines += ["", f"Runs from commit(s) {', '.join(commits) or '-'}. Command: `python experiments/cifar10.py title "
+              f"--data-path ROOT{' --quick' if args.quick else ''}`."]
+    open(os.path.join(args.out_dir, 'title.md'), 'w').write('\n'.join(lines) + '\n')
+    if corr:
+        table = dict(encoder=done, fid=[float(np.mean(fds[t])) for t in done],
+                     **{p: [targets[t][p] for t in done] for p in ('probe', 'lds')})
+        panels = [(f"{names[p]}: pearson r={corr[p]['r'][0]:.2f}, spearman {corr[p]['rho'][0]:.2f}",
+                   metrics.scatter(table[p], table['fid'], done, names[p], ylabel=f'FD @ {last}', size=480))
+                  for p in ('probe', 'lds')]
+        metrics.figure(panels)[0].save(os.path.join(args.out_dir, 'title_fd.png'))
+    alpha_figure(targets, fds, os.path.join(args.out_dir, 'title_alpha.png'), last)
+
+def alpha_figure(targets, fds, path, last):
+    """Three panels against alpha: probe accuracy (pooled and per token), LDS, FD (mean; bar: seed range)."""
+    from PIL import Image, ImageDraw
+    alphas = list(ALPHAS)
+    series = [("probe accuracy (o pooled, x token)", [[targets[t]['probe'] for t in ALPHAS.values()],
+                                                      [targets[t]['probe_token'] for t in ALPHAS.values()]]),
+              ("LDS of the target", [[targets[t]['lds'] for t in ALPHAS.values()]]),
+              (f"FD @ {last} of REPA", [[np.mean(fds[t]) if fds[t] else math.nan for t in ALPHAS.values()]])]
+    panels = []
+    for title, ys in series:
+        im = Image.new('RGB', (300, 260), 'white')
+        d = ImageDraw.Draw(im)
+        left, top, right, bottom = 50, 10, 285, 220
+        vals = [v for y in ys for v in y if not math.isnan(v)] or [0, 1]
+        if title.startswith('FD'):
+            vals += [v for t in ALPHAS.values() for v in fds[t]]
+        lo, hi = min(vals), max(vals)
+        lo, hi = lo - 0.1 * ((hi - lo) or 1), hi + 0.1 * ((hi - lo) or 1)
+        X = lambda a: left + (a - alphas[0]) / (alphas[-1] - alphas[0]) * (right - left - 20) + 10
+        Y = lambda v: bottom - (v - lo) / (hi - lo) * (bottom - top)
+        d.rectangle([left, top, right, bottom], outline='black')
+        for a in alphas:
+            d.text((X(a) - 8, bottom + 6), f"{a:g}", fill='black')
+        for v in (lo, (lo + hi) / 2, hi):
+            d.text((4, Y(v) - 5), f"{v:.3g}", fill='black')
+        d.text(((left + right) // 2 - 15, bottom + 22), "alpha", fill='black')
+        for k, y in enumerate(ys):
+            pts = [(X(a), Y(v)) for a, v in zip(alphas, y) if not math.isnan(v)]
+            c = COLOURS[k]
+            if len(pts) > 1:
+                d.line(pts, fill=c, width=2)
+            for x, yy in pts:
+                if k == 0:
+                    d.ellipse([x - 3, yy - 3, x + 3, yy + 3], fill=c)
+                else:
+                    d.line([x - 3, yy - 3, x + 3, yy + 3], fill=c, width=2)
+                    d.line([x - 3, yy + 3, x + 3, yy - 3], fill=c, width=2)
+        if title.startswith('FD'):
+            for a, t in ALPHAS.items():
+                if fds[t]:
+                    d.line([X(a), Y(min(fds[t])), X(a), Y(max(fds[t]))], fill=COLOURS[0])
+        panels.append((title, im))
+    metrics.figure(panels)[0].save(path)
+
 def cmd_run(args):
     cfg = QUICK if args.quick else FULL
     if args.quick:
@@ -589,11 +780,16 @@ def cmd_title(args):
     if args.runs_dir is None:
         args.runs_dir = os.path.join(args.out_dir, 'runs') if args.quick else os.path.join(ROOT, 'results', 'cifar10')
     os.makedirs(os.path.join(args.out_dir, 'results'), exist_ok=True)
-    net = hubconf.resnet56()
-    ref = reference_stats(net, image_folder(args.data_path, 'train'), args.out_dir)
-    for seed in seeds:
-        for arm in TITLE_ARMS:
-            run_arm(args, arm, seed, cfg, net, ref)
+    targets = title_targets(args, cfg)
+    if not args.report:
+        net = hubconf.resnet56()
+        ref = reference_stats(net, image_folder(args.data_path, 'train'), args.out_dir)
+        for seed in seeds:
+            for arm in TITLE_ARMS:
+                run_arm(args, arm, seed, cfg, net, ref)
+                title_report(args, cfg, targets)
+    title_report(args, cfg, targets)
+    print(f"wrote {args.out_dir}/title.md, title_fd.png and title_alpha.png")
 
 def cmd_report(args):
     """results.md, fd_curve.png and the grids from the results written so far, without training."""
@@ -624,6 +820,7 @@ def main(argv=None):
     p.add_argument('--data-path', required=True, help="CIFAR-10 root holding train/ and test/")
     p.add_argument('--quick', action='store_true', help="tiny steps and sample counts: a smoke test of every piece")
     p.add_argument('--runs-dir', default=None, help="training runs (default results/cifar10; --quick: out-dir/runs)")
+    p.add_argument('--report', action='store_true', help="measure the targets and write the report; no training")
     p.set_defaults(func=cmd_title)
     p = sub.add_parser('report', help="results.md, fd_curve.png and grids from the results so far (no training)")
     p.add_argument('--data-path', required=True, help="CIFAR-10 root holding train/ and test/")
