@@ -13,6 +13,7 @@ import argparse
 import statistics
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 
@@ -23,7 +24,8 @@ def forward_flops(model, T):
     once per token, except those of the adaLN, timestep and (MeanFlow) interval MLPs, which act once per image on c;
     attention adds q @ k^T and att @ v, 2 x T x T x D multiply-adds per block. (DiT-XL/2: 2 x 118.6 GFLOPs.)"""
     per_image = {id(m) for b in [*model.blocks, model.final_layer] for m in b.adaLN_modulation.modules()}
-    per_image |= {id(m) for e in (model.t_embedder, model.interval_embedder) if e is not None for m in e.modules()}
+    embedders = (model.t_embedder, getattr(model, 'interval_embedder', None))   # MeanFlowSiT: + the interval's
+    per_image |= {id(m) for e in embedders if e is not None for m in e.modules()}
     flops = 4 * len(model.blocks) * T * T * model.pos_embed.shape[-1]
     for m in model.modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
@@ -57,10 +59,11 @@ def main():
         import vae as sdvae
         vae = sdvae.AutoencoderKL().to(device).eval().requires_grad_(False)
     meanflow = args.objective == 'meanflow'
-    kw = dict(input_size=args.image_size // down, in_channels=4 if args.vae else 3, num_classes=1000, projector='conv',
-              target_dim=enc.embed_dim if enc else None, meanflow=meanflow)
-    model = irepa.SiT_models[args.model](**kw).to(device)
-    ema = irepa.SiT_models[args.model](**kw).to(device).requires_grad_(False)
+    kw = dict(cfg, input_size=args.image_size // down, in_channels=4 if args.vae else 3, num_classes=1000,
+              projector='conv', target_dim=enc.embed_dim if enc else None)
+    sit = irepa.MeanFlowSiT if meanflow else irepa.SiT
+    model = sit(**kw).to(device)
+    ema = sit(**kw).to(device).requires_grad_(False)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, weight_decay=0,
                             fused=device.type == 'cuda')
     fwd = torch.compile(model) if args.compile else model
@@ -68,7 +71,12 @@ def main():
     img = torch.randint(0, 256, (B, 3, args.image_size, args.image_size), device=device, dtype=torch.uint8)
     y = torch.randint(0, 1000, (B,), device=device)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    loss_fn = irepa.objective_loss(argparse.Namespace(**irepa.MEANFLOW, objective=args.objective), model)   # pred v
+    if meanflow:                                                            # as irepa.main picks the loss
+        mf = irepa.MEANFLOW['meanflow']
+        loss_fn = partial(irepa.meanflow_loss, raw_model=model, omega=mf['omega'], kappa=mf['kappa'], p=mf['p'],
+                          eps=mf['eps'])
+    else:
+        loss_fn = irepa.flow_matching_loss
 
     def step(bf16):
         """One training step as irepa.main runs it; returns the seconds spent in the VAE."""
@@ -88,8 +96,12 @@ def main():
             with torch.no_grad(), mixed_precision:
                 target = irepa.spatial_norm(enc(img.float()).float())
         t = torch.rand(B, device=device)
-        batch = (x, y, torch.randn_like(x), t, *([t * torch.rand(B, device=device)] if meanflow else []), target)
-        irepa.accumulate_gradient(fwd, batch, loss_fn, 0.5, mixed_precision=mixed_precision)
+        if meanflow:                                                        # (B, 2): t and r <= t
+            t = torch.stack([t, t * torch.rand(B, device=device)], dim=1)
+        with mixed_precision:
+            denoise, align = loss_fn(fwd, x, y, torch.randn_like(x), t, target)
+            loss = denoise + 0.5 * align
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -9,10 +9,10 @@ arXiv 2512.10794) improves REPA (arXiv 2410.06940) with two changes, both switch
 Time convention, used everywhere in this repo (sample.py too): t = 0 is data, t = 1 is noise,
     x_t = (1 - t) * x + t * eps,   target velocity v = eps - x.
 
-Read it top to bottom: the method in the paper's order (sections 1-6: SiT, projectors, encoders, spatial norm,
-losses), then the data, the settings and the training loop (7-9), and MeanFlow as a second objective (10). The
-appendix (A-E) holds what a real run needs and a first reading can skip: processes and precision, data sources,
-one-line errors, run folders and checkpoints, reading a trained SiT back.
+Read it top to bottom: the method in the paper's order (sections 1-6: SiT, projectors, encoders, spatial
+norm, losses) and MeanFlow as a second objective (7), then the data, the settings and the training loop
+(8-10). The appendix (A-E) holds what a real run needs and a first reading can skip: processes and
+precision, data sources, one-line errors, run folders and checkpoints, reading a trained SiT back.
 
 Three settings, one code path (`--setting`, recipes in section 8; explicit flags win):
     latent  the paper's main setting: SiT-XL/2 on 32x32x4 SD-VAE latents of 256 px images, REPA's recipe (default)
@@ -24,7 +24,8 @@ Run it:
     python irepa.py --encoder dinov2_vitb14 --irepa --data-path /path/to/imagenet/train        # one GPU
     torchrun --nproc_per_node=8 irepa.py --encoder dinov2_vitb14 --irepa --data-path /path/to/imagenet/train
     torchrun --nproc_per_node=8 irepa.py --setting pixel --encoder dinov2_vitb14 --irepa --data-path ...
-    ... --objective meanflow                              # MeanFlow instead of flow matching (section 10)
+    ... --objective meanflow                              # MeanFlow instead of flow matching (section 7)
+    ... --spnorm_gamma=0.8 --ema_decay=0.9999             # any recipe key without a flag: --key=value
     multi-node: torchrun --nnodes=N --node_rank=R --master_addr=... --nproc_per_node=8 irepa.py ...
 bf16 autocast on CUDA and on CPUs with bf16 instructions; IREPA_PRECISION=fp32 in the environment forces fp32.
 """
@@ -117,12 +118,7 @@ class Attention(nn.Module):
         B, T, D = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                                    # each (B, nh, T, hs)
-        if x.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
-            # PyTorch's fused CPU kernel is 2-5x slower in bf16 than the explicit form at these lengths (measured)
-            att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5                # (B, nh, T, T)
-            x = att.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v        # (B, nh, T, hs), softmax in fp32
-        else:
-            x = F.scaled_dot_product_attention(q, k, v)                         # (B, nh, T, hs)
+        x = attention(q, k, v)                                                  # softmax(q k^T / sqrt(hs)) v
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 class Mlp(nn.Module):
@@ -155,7 +151,6 @@ class FinalLayer(nn.Module):
     def __init__(self, hidden_size, patch_size, out_channels):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        # from width D for every size (the official SiT-S builds it 768 wide and crashes)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
@@ -184,9 +179,7 @@ def mlp_projector(hidden_size, target_dim, proj_dim=2048):
                          nn.Linear(proj_dim, target_dim))
 
 class ConvProjector(nn.Conv2d):
-    """iREPA: one 3x3 conv on the token grid, so each projected token mixes its 8 neighbours.
-    (The official LDM script's flag defaults to k=1, a per-token linear map; the paper uses 3.)
-    Subclasses Conv2d so its parameters are named projectors.0.{weight,bias}."""
+    """iREPA: one 3x3 conv on the token grid, so each projected token mixes its 8 neighbours."""
     def __init__(self, hidden_size, target_dim, kernel_size=3):
         super().__init__(hidden_size, target_dim, kernel_size, padding=kernel_size // 2)
 
@@ -207,11 +200,11 @@ def xavier_linears(module):
 class SiT(nn.Module):
     """Scalable interpolant transformer. model(x, t, y) -> (out, h_proj):
     out has x's shape (the velocity for pred='v', the clean image for pred='x');
-    h_proj (B, T, target_dim) is the projected hidden state after block `encoder_depth` (None without target_dim).
-    With meanflow=True it also embeds the interval t - r (MeanFlow's h; section 10): model(x, t, y, interval) is u."""
-    def __init__(self, input_size=32, patch_size=2, in_channels=3, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, num_classes=1000, encoder_depth=8, target_dim=None,
-                 projector='mlp', pred='v', proj_kernel=3, meanflow=False):
+    h_proj (B, T, target_dim) is the projected hidden state after block `encoder_depth`
+    (None without target_dim)."""
+    def __init__(self, input_size=32, patch_size=2, in_channels=3, hidden_size=1152, depth=28,
+                 num_heads=16, mlp_ratio=4.0, num_classes=1000, encoder_depth=8, target_dim=None,
+                 projector='mlp', pred='v', proj_kernel=3):
         super().__init__()
         assert input_size % patch_size == 0, f"image size {input_size} is not divisible by patch size {patch_size}"
         assert 1 <= encoder_depth <= depth, f"encoder_depth must be in [1, {depth}], got {encoder_depth}"
@@ -223,20 +216,25 @@ class SiT(nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        pos = torch.tensor(sincos_2d(hidden_size, self.grid_size), dtype=torch.float32).unsqueeze(0)
-        self.pos_embed = nn.Parameter(pos, requires_grad=False)                 # fixed; a Parameter: official names
+        pos = torch.tensor(sincos_2d(hidden_size, self.grid_size), dtype=torch.float32)
+        self.pos_embed = nn.Parameter(pos.unsqueeze(0), requires_grad=False)    # fixed, not learned
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
-        self.projectors, self.interval_embedder = None, None
+        self.projectors = None
         self.initialize_weights()
-        if meanflow:                # a second time embedding, for t - r, initialised like t's (MeanFlow's DiT)
-            self.interval_embedder = xavier_linears(TimestepEmbedder(hidden_size))
-            for layer in (self.interval_embedder.mlp[0], self.interval_embedder.mlp[2]):
-                nn.init.normal_(layer.weight, std=0.02)
-        if target_dim is not None:       # built after SiT: a seed gives the same SiT weights with any projector
-            proj = (mlp_projector(hidden_size, target_dim) if projector == 'mlp'
-                    else ConvProjector(hidden_size, target_dim, proj_kernel))
-            self.projectors = nn.ModuleList([xavier_linears(proj)])             # the conv keeps torch's default init
+        self.add_projector(hidden_size, target_dim, projector, proj_kernel)
+
+    def add_projector(self, hidden_size, target_dim, projector, proj_kernel):
+        """The projector, built after the rest: a seed gives the same SiT weights with any projector.
+        A list of one, as in the official code (which can align several encoders): its weights are
+        named projectors.0.*. The MLP gets DiT's init; the conv keeps torch's default."""
+        if target_dim is None:
+            return
+        if projector == 'mlp':
+            proj = xavier_linears(mlp_projector(hidden_size, target_dim))
+        else:
+            proj = ConvProjector(hidden_size, target_dim, proj_kernel)
+        self.projectors = nn.ModuleList([proj])
 
     def initialize_weights(self):
         xavier_linears(self)
@@ -257,17 +255,18 @@ class SiT(nn.Module):
         x = x.view(B, h, h, p, p, C)
         return torch.einsum('bhwpqc->bchpwq', x).reshape(B, C, h * p, h * p)     # (B, C, H, W)
 
-    def embed(self, x, t, y, interval=None):
-        c = self.t_embedder(t) + self.y_embedder(y)                             # (B, D)
-        if self.interval_embedder is not None:                                  # MeanFlow; interval 0: the velocity
-            c = c + self.interval_embedder(torch.zeros_like(t) if interval is None else interval)
-        return self.x_embedder(x) + self.pos_embed, c
+    def embed(self, x, t, y):
+        """The tokens (B, T, D) and the condition c = t_emb + y_emb (B, D)."""
+        return self.x_embedder(x) + self.pos_embed, self.t_embedder(t) + self.y_embedder(y)
 
     def project(self, h):
         return None if self.projectors is None else self.projectors[0](h)
 
-    def forward(self, x, t, y, interval=None):
-        h, c = self.embed(x, t, y, interval)                                    # (B, T, D), (B, D)
+    def forward(self, x, t, y):
+        return self.trunk(*self.embed(x, t, y))
+
+    def trunk(self, h, c):
+        """The blocks and the final layer on tokens h (B, T, D) under condition c (B, D)."""
         h_proj = None
         for i, block in enumerate(self.blocks):
             h = block(h, c)
@@ -294,58 +293,14 @@ SiT_models = {f'SiT-{s}/{p}': partial(SiT, patch_size=p, **cfg)
 
 # The torch.hub encoders of the paper: DINOv2 (patch 14), DINOv3 (patch 16; Tables 2, 3b and 4 use DINOv3-B) and
 # DINOv1 (patch 16). Each family's repository and its preprocessing follow the official ldm/vision_encoder.py.
+# Besides them, 'hog': a weight-free Histogram of Oriented Gradients, one cell per token (appendix B), since
+# classical descriptors of pure spatial structure also help REPA (iREPA section 3).
 HUB_FAMILIES = {'dinov2': 'facebookresearch/dinov2', 'dinov3': 'facebookresearch/dinov3',
                 'dino': 'facebookresearch/dino'}
 DINOV2 = [f'dinov2_vit{s}14{r}' for s in 'sblg' for r in ('', '_reg')]
 DINOV3 = ['dinov3_vits16', 'dinov3_vitb16', 'dinov3_vitl16']
 DINOV1 = ['dino_vits16', 'dino_vitb16']
-HUB_INTERFACE = ("DINOv2's interface (.embed_dim, .patch_size, and forward_features(x)['x_norm_patchtokens'] "
-                 "of shape (B, tokens, embed_dim)), which a --hub-dir entry needs")
 ENCODERS = ('hog',) + tuple(DINOV2 + DINOV3 + DINOV1)
-
-class HOG(nn.Module):
-    """Weight-free Histogram of Oriented Gradients target (Dalal & Triggs 2005), one cell per SiT token.
-    The paper (section 3) shows such classical descriptors work as REPA targets: they are pure spatial
-    structure. Per cell: 9 unsigned-orientation bins, magnitude-weighted with linear bin interpolation;
-    the token of a cell is its histogram as normalised in each of the 4 overlapping 2x2-cell blocks that
-    contain it (L2-Hys on each 36-d block vector), giving 4 * 9 = 36 dims per token."""
-    def __init__(self, grid_size, cell=8, bins=9):
-        super().__init__()
-        self.grid_size, self.cell, self.bins, self.embed_dim, self.name = grid_size, cell, bins, 4 * bins, 'hog'
-
-    def forward(self, img):                                                     # (B, 3, H, W) in 0..255
-        G, c, nb = self.grid_size, self.cell, self.bins
-        x = F.interpolate(img.float() / 255, size=(G * c, G * c), mode='bilinear', antialias=True, align_corners=False)
-        xp = F.pad(x, (1, 1, 1, 1), mode='replicate')
-        gx = xp[:, :, 1:-1, 2:] - xp[:, :, 1:-1, :-2]                          # [-1, 0, 1] filters
-        gy = xp[:, :, 2:, 1:-1] - xp[:, :, :-2, 1:-1]
-        mag = torch.sqrt(gx ** 2 + gy ** 2)                                     # (B, 3, S, S)
-        best = mag.argmax(dim=1, keepdim=True)                                  # strongest colour channel per pixel
-        mag, gx, gy = (a.gather(1, best) for a in (mag, gx, gy))                # (B, 1, S, S)
-        ang = torch.atan2(gy, gx) % math.pi                                     # unsigned orientation in [0, pi)
-        pos = ang / math.pi * nb - 0.5                                          # bin centres at (i + 0.5) * pi / nb
-        lo = torch.floor(pos)
-        w_hi = pos - lo
-        bins = torch.arange(nb, device=x.device).view(1, nb, 1, 1)
-        hist = (mag * (1 - w_hi) * (bins == lo.long() % nb) + mag * w_hi * (bins == (lo.long() + 1) % nb))
-        return self.block_features(F.avg_pool2d(hist, c) * c * c)              # (B, nb, G, G) sums per cell
-
-    def block_features(self, hist):
-        """(B, nb, G, G) cell histograms -> (B, G*G, 4 * nb) tokens."""
-        G = self.grid_size
-        # Dalal-Triggs blocks of 2x2 cells (stride 1, edges replicated): each 36-d block vector is L2-normalised,
-        # clipped at 0.2 and renormalised as a whole (L2-Hys), so a cell keeps its block's local contrast.
-        hp = F.pad(hist, (1, 1, 1, 1), mode='replicate')                        # (B, nb, G+2, G+2)
-        blocks = torch.stack([hp[:, :, dy:dy + G + 1, dx:dx + G + 1] for dy in (0, 1) for dx in (0, 1)], 2)
-        blocks = blocks / torch.sqrt(blocks.pow(2).sum((1, 2), keepdim=True) + 1e-6)   # (B, nb, 4, G+1, G+1)
-        blocks = blocks.clamp(max=0.2)
-        blocks = blocks / torch.sqrt(blocks.pow(2).sum((1, 2), keepdim=True) + 1e-6)
-        feats = []
-        for by in (0, 1):
-            for bx in (0, 1):                                                   # the 4 blocks containing each cell,
-                k = (1 - by) * 2 + (1 - bx)                                     # where the cell sits in that block
-                feats.append(blocks[:, :, k, by:by + G, bx:bx + G])              # (B, nb, G, G)
-        return grid_to_tokens(torch.cat(feats, dim=1))                          # (B, G*G, 36)
 
 class HubEncoder(nn.Module):
     """A torch.hub ViT with the official preprocessing for its family (ldm/vision_encoder.py): /255, ImageNet
@@ -358,11 +313,8 @@ class HubEncoder(nn.Module):
         super().__init__()
         self.name, self.grid_size, self.family = name, grid_size, hub_family(name)
         self.model = hub_load(name, hub_repo)
-        p = getattr(self.model, 'patch_size', 0) or getattr(getattr(self.model, 'patch_embed', None), 'patch_size', 0)
-        if not (p and hasattr(self.model, 'embed_dim')):                        # DINOv1 keeps patch_size on patch_embed
-            raise RuntimeError(f"encoder '{name}' ({type(self.model).__name__}) lacks {HUB_INTERFACE}")
+        self.resolution = hub_patch_size(self.model, name) * grid_size
         self.embed_dim = self.model.embed_dim
-        self.resolution = p * grid_size
         pe = getattr(self.model, 'pos_embed', None)
         if pe is not None and pe.shape[1] - 1 != grid_size ** 2:               # (1, 1 + N, D): CLS + patch positions
             n = math.isqrt(pe.shape[1] - 1)
@@ -421,92 +373,189 @@ def to_velocity(out, x_t, t, pred):
     return (x_t - out) / t.clamp(min=0.05).view(-1, 1, 1, 1)
 
 def alignment_loss(h_proj, target):
-    """Mean over tokens and batch of -cos(h_proj, target), in float32 (fp16 gave NaNs, sihyun-yu/REPA issue #46)."""
-    h_proj, target = F.normalize(h_proj.float(), dim=-1), F.normalize(target.float(), dim=-1)
+    """Mean over tokens and batch of -cos(h_proj, target), in float32 (fp16 gave NaNs, sihyun-yu/REPA
+    issue #46). h_proj, target (B, T, D_enc)."""
+    h_proj = F.normalize(h_proj.float(), dim=-1)
+    target = F.normalize(target.float(), dim=-1)
     return -(h_proj * target).sum(dim=-1).mean()
 
 def flow_matching_loss(model, x, y, noise, t, target=None, pred='v'):
-    """The training objective of one batch. x (B, C, H, W) in [-1, 1], noise like x, t (B,) in [0, 1],
-    target (B, T, D) or None. Returns (denoising loss, alignment loss or None).
-    With x-prediction both velocities go through the same clamped t (official jit/denoiser.py), so the loss is
-    ||x_hat - x||^2 / max(t, 0.05)^2 and its optimum is x_hat = x at every t."""
+    """The two losses of one batch. x (B, C, H, W) in [-1, 1], noise like x, t (B,) in [0, 1],
+    target (B, T, D_enc) or None. Returns (denoising loss, alignment loss).
+    With x-prediction both velocities go through the same clamped t (official jit/denoiser.py), so
+    the loss is ||x_hat - x||^2 / max(t, 0.05)^2 and its optimum is x_hat = x at every t."""
     x_t, v = interpolant(x, noise, t)
     out, h_proj = model(x_t, t, y)
     v_hat = to_velocity(out.float(), x_t, t, pred)
     if pred == 'x':
         v = to_velocity(x, x_t, t, pred)                                        # = noise - x for t >= 0.05
     denoise = ((v_hat - v) ** 2).mean(dim=(1, 2, 3)).mean()                    # per-sample mean, then batch mean
-    align = alignment_loss(h_proj, target) if target is not None else None
+    align = alignment_loss(h_proj, target) if target is not None else torch.zeros_like(denoise)   # plain SiT: 0
     return denoise, align
 
-def sample_time(u, n, logit_normal=None):
-    """Training times from uniform draws u (B,) and normal draws n (B,): t ~ U[0, 1) (SiT, REPA), or
-    t = sigmoid(mean + std * n) (JiT's logit-normal; mean 0.8 in this convention puts most t near the noise)."""
-    if logit_normal is None:
+def sample_time(u, n, time_dist=None):
+    """Training times from uniform draws u (B,) and normal draws n (B,): t ~ U[0, 1) (SiT, REPA) when
+    the recipe's time_dist is None, else the logit-normal t = sigmoid(mean + std * n) with
+    (mean, std) = time_dist (JiT's; mean 0.8 in this convention puts most t near the noise)."""
+    if time_dist is None:
         return u
-    mean, std = logit_normal
+    mean, std = time_dist
     return torch.sigmoid(mean + std * n)
+
+# -----------------------------------------------------------------------------
+# 7. A second objective: MeanFlow (Geng et al., arXiv 2505.13447; official Gsunshine/meanflow meanflow.py and
+#    Gsunshine/py-meanflow), the "MeanFlow w/ REPA" of iREPA Table 3b. The network u(x_t, t, y, interval = t - r)
+#    learns the average velocity over [r, t], so one step x_0 = x_1 - u(x_1, 1, y, 1) draws a sample.
+#    The alignment loss is unchanged. `--objective meanflow` switches the model, the times and the loss.
+
+# MeanFlow's recipe, applied on top of any setting: the official ImageNet SiT-B/2 recipe (Gsunshine/meanflow
+# configs/default.py): t and r ~ sigmoid(N(-0.4, 1)), a quarter of the batch with r != t, guidance trained in
+# (omega 1, kappa 0.5: an effective scale 2), adaptive loss weight p 1, eps 0.01; AdamW betas (0.9, 0.95),
+# no clipping; 1-step sampling. The network outputs u (no x-prediction).
+MEANFLOW = dict(pred='v', time_dist=(-0.4, 1.0), betas=(0.9, 0.95), clip_grad=None,
+                meanflow=dict(ratio=0.25, omega=1.0, kappa=0.5, p=1.0, eps=0.01),
+                sampler=dict(mode='meanflow', num_steps=1))
+
+class MeanFlowSiT(SiT):
+    """SiT with a second time embedding, for the interval t - r, summed into the condition and initialised
+    like t's (MeanFlow's DiT). model(x, t, y, interval) -> (u, h_proj); interval 0 (or None): the velocity."""
+    def __init__(self, hidden_size=1152, target_dim=None, projector='mlp', proj_kernel=3, **kwargs):
+        super().__init__(hidden_size=hidden_size, **kwargs)
+        self.interval_embedder = xavier_linears(TimestepEmbedder(hidden_size))
+        for layer in (self.interval_embedder.mlp[0], self.interval_embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        self.add_projector(hidden_size, target_dim, projector, proj_kernel)
+
+    def embed(self, x, t, y, interval=None):
+        h, c = super().embed(x, t, y)
+        interval = torch.zeros_like(t) if interval is None else interval
+        return h, c + self.interval_embedder(interval)
+
+    def forward(self, x, t, y, interval=None):
+        return self.trunk(*self.embed(x, t, y, interval))
+
+def meanflow_times(t, dropped, ratio, time_dist, generator):
+    """MeanFlow's two times for the global batch, (B, 2): a second draw r from the same distribution,
+    t, r = max, min; then r = t except for exactly round(ratio * B) rows, drawn among those whose label
+    was kept. (The official meanflow.py sets r = t on the first 1 - ratio of the rows and drops labels
+    from the first rows: a dropped label never has r != t.)"""
+    B, dev = len(t), t.device
+    pick, u_r = torch.rand(2, B, device=dev, generator=generator)
+    r = sample_time(u_r, torch.randn(B, device=dev, generator=generator), time_dist)
+    t, r = torch.maximum(t, r), torch.minimum(t, r)
+    order = pick.masked_fill(dropped, math.inf).argsort()                      # kept labels first
+    apart = torch.zeros(B, dtype=torch.bool, device=dev)
+    apart[order[:round(ratio * B)]] = True
+    apart &= ~dropped
+    return torch.stack([t, torch.where(apart, r, t)], dim=1)                   # (B, 2): t, r
+
+def meanflow_du_dt(model, x_t, t, r, y, v_g):
+    """du/dt along the flow: the Jacobian-vector product of (x_t, t, r) -> u(x_t, t, y, t - r) with the
+    tangents (v_g, 1, 0). Forward-mode AD on the plain module, never the DDP/compiled one (whose gradient
+    all-reduce must not be bypassed; this is a target, so no gradient is needed). The fused attention
+    kernels have no forward-mode AD, so attention runs the math kernel here."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        _, du_dt = torch.func.jvp(lambda x, t, r: model(x, t, y, t - r)[0], (x_t, t, r),
+                                  (v_g, torch.ones_like(t), torch.zeros_like(r)))
+    return du_dt.float()
+
+def meanflow_loss(model, x, y, noise, tr, target=None, *, raw_model, omega, kappa, p, eps):
+    """MeanFlow's objective for one batch; tr (B, 2) holds t and r <= t (meanflow_times).
+    Guidance is trained in: v_g = omega v + kappa u(x_t, t | y) + (1 - omega - kappa) u(x_t, t | null),
+    v itself where the label was dropped. The target u_tgt = v_g - (t - r) du/dt is held fixed
+    (stop-gradient); the loss per sample is the SUM of squares l, weighted by 1 / stopgrad(l + eps)^p.
+    u and the aligned hidden state come from one ordinary forward of `model` (the DDP one), so the
+    alignment loss sees the pass that carries the gradient. Returns (loss, align) as flow_matching_loss."""
+    t, r = tr.unbind(1)                                                         # (B,), (B,)
+    x_t, v = interpolant(x, noise, t)
+    with torch.no_grad():
+        v_g = v
+        if omega != 1 or kappa != 0:                                            # both guidance passes in one batch
+            null, zero = torch.full_like(y, raw_model.num_classes), torch.zeros_like(t)
+            both = raw_model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]), torch.cat([zero, zero]))
+            u_c, u_u = both[0].float().chunk(2)
+            dropped = (y == raw_model.num_classes).view(-1, 1, 1, 1)
+            v_g = torch.where(dropped, v, omega * v + kappa * u_c + (1 - omega - kappa) * u_u)
+        u_tgt = v_g - (t - r).view(-1, 1, 1, 1) * meanflow_du_dt(raw_model, x_t, t, r, y, v_g)
+    u, h_proj = model(x_t, t, y, t - r)
+    err = ((u.float() - u_tgt) ** 2).sum(dim=(1, 2, 3))                        # (B,): a sum, not a mean
+    loss = (err / (err.detach() + eps) ** p).mean()                             # adaptive weight
+    # With p = 1 the weighted loss is ~1 whatever the error: the value returned (and logged) is the mean
+    # error, the gradient the weighted loss's.
+    loss = loss - loss.detach() + err.detach().mean()
+    align = alignment_loss(h_proj, target) if target is not None else torch.zeros_like(loss)
+    return loss, align
 
 # =============================================================================
 # Training: the data, the settings, the loop
 # =============================================================================
 
 # -----------------------------------------------------------------------------
-# 7. Data: images as uint8 (3, S, S) with labels, from class folders (ImageFolder, with ADM's center crop) or drawn
-#    on the fly (Shapes, the demo's), both in appendix B; in the latent setting the frozen SD-VAE (SDVAE, appendix B)
-#    turns them into SiT's input
+# 8. Data: images as uint8 (3, S, S) with labels, from class folders (ImageFolder, with ADM's center
+#    crop) or drawn on the fly (Shapes, the demo's), both in appendix B. In the latent setting the frozen
+#    SD-VAE (SDVAE, appendix B) turns them into SiT's input.
 
 def global_batches(num_samples, global_batch, seed, epoch):
     """The epoch's global batches: a seeded permutation cut into batches of `global_batch` (the last,
-    incomplete one dropped). Rank r of W trains on slice r of each, so any world size sees the same batches."""
-    perm = np.random.default_rng([seed, epoch]).permutation(num_samples).tolist()  # its own order per (seed, epoch)
+    incomplete one dropped). Rank r of W trains on slice r of each, so any world size sees the same
+    batches."""
+    perm = np.random.default_rng([seed, epoch]).permutation(num_samples).tolist()   # per (seed, epoch)
     return [perm[i:i + global_batch] for i in range(0, num_samples - global_batch + 1, global_batch)]
 
 # -----------------------------------------------------------------------------
-# 8. Settings: one recipe per setting (nanoGPT's config files, as dicts). `--setting` picks one; explicit flags
-#    win; every resolved value is printed to log.txt and stored in the checkpoint's args.
+# 9. Settings: one recipe per setting (nanoGPT's config files, as dicts). `--setting` picks one; the
+#    command line wins: its flags, and `--key=value` for any other key. Every resolved value is printed
+#    to log.txt and stored in the checkpoint.
 
 RECIPES = {
-    # The paper's main setting: SiT on SD-VAE latents with REPA's recipe (iREPA Appendix G; official ldm/train.py,
-    # ldm/configs/irepa.yaml and repa.yaml; REPA section 4.1). 256 px images -> 32x32x4 latents -> SiT-XL/2's 16x16
-    # grid.
-    'latent': dict(vae='sd-vae-ft-mse', model='SiT-XL/2', image_size=256, encoder='dinov2_vitb14', pred='v',
-                   time_dist=None, lr=1e-4, betas=(0.9, 0.999), warmup_epochs=0, clip_grad=1.0, hflip=False,
-                   ema_decay=0.9999, spnorm_gamma=0.6, proj_coeff=dict(repa=0.5, irepa=1.0), global_batch_size=256,
-                   max_steps=400_000, ckpt_every=50_000, log_every=100, num_workers=4,
-                   sampler=dict(mode='sde', num_steps=250, cfg_scale=1.0)),            # REPA's FID sampler
-    # Pixel space: SiT trained with JiT's recipe (iREPA Table 10; official jit/main_jit.py, engine_jit.py,
-    # jit/configs/irepa.yaml). Not JiT's architecture: the network is still SiT. x-prediction, logit-normal t
-    # (JiT's P_mean -0.8 on its reversed time is +0.8 here), lr 5e-5 per 256 images with a 5-epoch warm-up,
-    # betas (0.9, 0.95), no clipping, flips; JiT-B/16's size, aligned after block 4 (SiT-B's default, as in the
-    # official README.md's JiT-B/16 commands; jit/main_jit.py's flag default is 8).
+    # The paper's main setting: SiT on SD-VAE latents with REPA's recipe (iREPA Appendix G; official
+    # ldm/train.py, ldm/configs/irepa.yaml and repa.yaml; REPA section 4.1). 256 px images -> 32x32x4
+    # latents -> SiT-XL/2's 16x16 grid. proj_coeff: REPA's 0.5, iREPA's 1.0. Sampler: REPA's FID one.
+    'latent': dict(vae='sd-vae-ft-mse', model='SiT-XL/2', image_size=256, encoder='dinov2_vitb14',
+                   pred='v', time_dist=None, lr=1e-4, betas=(0.9, 0.999), warmup_epochs=0,
+                   clip_grad=1.0, hflip=False, ema_decay=0.9999, spnorm_gamma=0.6,
+                   proj_coeff=dict(repa=0.5, irepa=1.0), global_batch_size=256, max_steps=400_000,
+                   ckpt_every=50_000, log_every=100, num_workers=4,
+                   sampler=dict(mode='sde', num_steps=250, cfg_scale=1.0)),
+    # Pixel space: SiT trained with the recipe of JiT (Li & He, "Back to Basics: Let Denoising Generative
+    # Models Denoise", arXiv 2511.13720), as in iREPA Table 10 (official jit/main_jit.py, engine_jit.py,
+    # jit/configs/irepa.yaml). The network is still SiT, not JiT's. x-prediction, logit-normal t (JiT's
+    # P_mean -0.8 on its reversed time is +0.8 here), lr 5e-5 per 256 images with a 5-epoch warm-up,
+    # betas (0.9, 0.95), no clipping, flips; JiT-B/16's size, aligned after block 4 (SiT-B's default, as
+    # in the official README's JiT-B/16 commands). Sampler: JiT's Heun 50 steps, no CFG.
     'pixel': dict(vae=None, model='SiT-B/16', image_size=256, encoder='dinov2_vitb14', pred='x',
-                  time_dist=(0.8, 0.8), lr=None, base_lr=5e-5, betas=(0.9, 0.95), warmup_epochs=5, clip_grad=None,
-                  hflip=True, ema_decay=0.9999, spnorm_gamma=0.8, proj_coeff=0.5, global_batch_size=256,
-                  max_steps=200_000, ckpt_every=50_000, log_every=100, num_workers=4,
-                  sampler=dict(mode='ode', heun=True, num_steps=50, cfg_scale=1.0)),   # JiT: Heun 50, no CFG
-    # The CPU demo: tiny SiT on 16 px procedural shapes with a HOG target and iREPA, ~3 minutes on 2 cores in bf16 or
-    # fp32 (patch 4: a 4x4 token grid, 3x cheaper a step than patch 2 in fp32, for the CPUs without bf16).
-    'demo': dict(vae=None, model='SiT-T/4', image_size=16, encoder='hog', irepa=True, pred='v', time_dist=None,
-                 lr=2e-3, betas=(0.9, 0.999), warmup_epochs=0, clip_grad=1.0, hflip=False, ema_decay=0.995,
-                 spnorm_gamma=0.6, proj_coeff=0.5, global_batch_size=32, max_steps=1200, ckpt_every=1200,
-                 log_every=50, num_workers=0,
+                  time_dist=(0.8, 0.8), lr=None, base_lr=5e-5, betas=(0.9, 0.95), warmup_epochs=5,
+                  clip_grad=None, hflip=True, ema_decay=0.9999, spnorm_gamma=0.8, proj_coeff=0.5,
+                  global_batch_size=256, max_steps=200_000, ckpt_every=50_000, log_every=100,
+                  num_workers=4, sampler=dict(mode='ode', heun=True, num_steps=50, cfg_scale=1.0)),
+    # The CPU demo: tiny SiT on 16 px procedural shapes with a HOG target and iREPA, ~3 minutes on 2 cores
+    # (patch 4: a 4x4 token grid, 3x cheaper a step than patch 2 in fp32, for CPUs without bf16).
+    'demo': dict(vae=None, model='SiT-T/4', image_size=16, encoder='hog', irepa=True, pred='v',
+                 time_dist=None, lr=2e-3, betas=(0.9, 0.999), warmup_epochs=0, clip_grad=1.0,
+                 hflip=False, ema_decay=0.995, spnorm_gamma=0.6, proj_coeff=0.5, global_batch_size=32,
+                 max_steps=1200, ckpt_every=1200, log_every=50, num_workers=0,
                  sampler=dict(mode='ode', heun=True, num_steps=25, cfg_scale=4.0)),
 }
+# Keys every setting shares. iREPA's two changes follow --irepa unless set on their own (projector 'mlp'
+# or 'conv', spatial_norm True or False: iREPA Table 2's ablation); proj_kernel is the conv's size.
+COMMON = dict(projector=None, spatial_norm=None, proj_kernel=3)
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument('--setting', default='latent', choices=list(RECIPES),
-                   help="latent: SD-VAE latents, REPA's recipe (the paper's); pixel: JiT's recipe; demo: CPU, 3 min")
-    g = p.add_argument_group('what to train (defaults: the setting\'s recipe)')
+                   help="latent: SD-VAE latents, REPA's recipe (the paper's); pixel: JiT's recipe; "
+                        "demo: CPU, 3 min")
+    g = p.add_argument_group("what to train (defaults: the setting's recipe; any recipe key: --key=value)")
     g.add_argument('--model', choices=list(SiT_models))
     g.add_argument('--image-size', type=int)
     g.add_argument('--encoder', help=f"alignment target: {', '.join(ENCODERS)} (hog needs no download), "
                                      f"an entry of --hub-dir's hubconf.py, or 'none' for plain SiT")
-    g.add_argument('--hub-dir', default=None, help="local torch.hub folder (with hubconf.py), e.g. for offline DINOv2")
+    g.add_argument('--hub-dir', default=None, help="local torch.hub folder (with hubconf.py), e.g. offline")
     g.add_argument('--objective', default='fm', choices=['fm', 'meanflow'],
-                   help="fm: flow matching (the paper's); meanflow: MeanFlow, one- and few-step (iREPA Table 3b)")
+                   help="fm: flow matching (the paper's); meanflow: MeanFlow, one- and few-step "
+                        "(iREPA Table 3b)")
     g.add_argument('--irepa', action=argparse.BooleanOptionalAction, default=False,
                    help="iREPA: conv projector + spatial norm (--no-irepa: REPA's MLP and raw targets)")
     g.add_argument('--proj-coeff', type=float, help="lambda of the alignment loss (latent: REPA 0.5, iREPA 1.0)")
@@ -528,33 +577,40 @@ def get_parser():
     return p
 
 def get_args(argv=None):
+    """The run's configuration, one namespace: the setting's recipe, MeanFlow's on top of it with
+    --objective meanflow, then the command line (configure, appendix C)."""
     p = get_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    known = p.parse_known_args(argv)[0]
-    p.set_defaults(**{**RECIPES[known.setting], **(MEANFLOW if known.objective == 'meanflow' else {})})  # flags win
-    args = p.parse_args(argv)
+    known, rest = p.parse_known_args(argv)
+    recipe = {**COMMON, **RECIPES[known.setting]}
+    if known.objective == 'meanflow':
+        recipe.update(MEANFLOW)
+    p.set_defaults(**recipe)
+    args = p.parse_args([a for a in argv if a not in rest])                    # the flags win over the recipe
+    configure(args, rest)                                                       # then --key=value
     if isinstance(args.proj_coeff, dict):                                       # REPA and iREPA differ (latent)
         args.proj_coeff = args.proj_coeff['irepa' if args.irepa else 'repa']
     if args.lr is None:                                                         # JiT: linear scaling with the batch
         args.lr = args.base_lr * args.global_batch_size / 256
-    # iREPA's two changes follow --irepa; a recipe may set either one alone (iREPA Table 2's ablation)
-    if getattr(args, 'projector', None) is None:
+    if args.projector is None:
         args.projector = 'conv' if args.irepa else 'mlp'
-    if getattr(args, 'spatial_norm', None) is None:
+    if args.spatial_norm is None:
         args.spatial_norm = args.irepa
     return args
 
 # -----------------------------------------------------------------------------
-# 9. The training loop (REPA's train.py / DiT's train.py): SiT + EMA + AdamW, one step's inputs and gradient, the
-#    loop. The checks, process set-up, run folders and checkpoints it calls are in the appendix below.
+# 10. The training loop (REPA's train.py, DiT's train.py, nanoGPT's train.py): SiT + EMA + AdamW.
+#     The checks, process set-up, run folders and checkpoints it calls are in the appendix below.
 
-def new_model(args, run_args, ckpt, device):
-    """SiT, its EMA and AdamW, from the seed or, on a resume, from the checkpoint. -> (model, ema, opt, step)"""
-    torch.manual_seed(args.seed)                                                # the same initial weights on every rank
-    model = build_model(run_args).to(device)
+def new_model(args, ckpt, device):
+    """SiT, its EMA and AdamW, from the seed or, on a resume, from the checkpoint.
+    -> (model, ema, opt, step)"""
+    torch.manual_seed(args.seed)                                                # the same weights on every rank
+    model = build_model(vars(args)).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)                            # EMA starts as an exact copy
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=tuple(args.betas),
-                            weight_decay=0, eps=1e-8, fused=device.type == 'cuda')
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=0, eps=1e-8,
+                            fused=device.type == 'cuda')
     if ckpt is None:
         return model, ema, opt, 0
     model.load_state_dict(ckpt['model'])
@@ -562,98 +618,78 @@ def new_model(args, run_args, ckpt, device):
     opt.load_state_dict(ckpt['opt'])
     return model, ema, opt, ckpt['step']
 
-def step_seed(seed, step):
-    """The seed of a step's generator: the run seed hashed to 32 bits (numpy's SeedSequence; torch's CPU generator
-    keeps only 32 bits of a seed, so seed * 2**32 + step would give every run seed the same draws), plus the step."""
-    return (int(np.random.SeedSequence(seed).generate_state(1)[0]) + step) % 2 ** 32
+LABEL_DROP = 0.1        # labels replaced by the null class in training, for CFG (DiT, SiT, REPA)
 
-LABEL_DROP = 0.1        # labels replaced by the null class in training, for classifier-free guidance (DiT, SiT, REPA)
-
-def training_inputs(images, labels, step, args, run_args, *, rank, world, generator, sd_vae, encoder,
+def training_inputs(images, labels, step, args, *, rank, world, generator, sd_vae, encoder,
                     mixed_precision):
-    """One step's training inputs for this rank: (x, y, noise, t, target), or for MeanFlow (x, y, noise, t, r, target).
-    All randomness of a step is drawn for the whole global batch from a generator seeded by the step, and each rank
-    takes its slice: any world size or --grad-accum trains the same, and resume is exact. (Each rank draws the whole
-    global batch: cheap next to SiT.)"""
-    GB, C, S, dev = args.global_batch_size, run_args['in_channels'], run_args['input_size'], images.device
+    """One step's inputs for this rank: x (B, C, S, S), y (B,), noise like x, t (B,) (MeanFlow: (B, 2),
+    t and r), target (B, T, D_enc) or None. Every random number of a step is drawn for the whole global
+    batch from a generator seeded by the step, and each rank takes its slice: any world size or
+    --grad-accum trains the same, and a resume is exact. (Drawing the global batch is cheap next to SiT.)"""
+    GB, C, S, dev = args.global_batch_size, args.in_channels, args.input_size, images.device
     mine = slice(rank * (GB // world), (rank + 1) * (GB // world))
     generator.manual_seed(step_seed(args.seed, step))
-    u, drop, flip = torch.rand(3, GB, device=dev, generator=generator)[:, mine]
-    n = torch.randn(GB, device=dev, generator=generator)[mine]
-    noise = torch.randn((GB, C, S, S), device=dev, generator=generator)[mine]   # (B, C, S, S)
-    t = sample_time(u, n, args.time_dist)
+    u, drop, flip = torch.rand(3, GB, device=dev, generator=generator)
+    n = torch.randn(GB, device=dev, generator=generator)
+    noise = torch.randn((GB, C, S, S), device=dev, generator=generator)
+    eps = torch.randn((GB, C, S, S), device=dev, generator=generator) if sd_vae is not None else None
+    t = sample_time(u, n, args.time_dist)                                       # (GB,)
+    if args.objective == 'meanflow':                                            # the second objective's hook
+        t = meanflow_times(t, drop < LABEL_DROP, args.meanflow['ratio'], args.time_dist, generator)
     if args.hflip:                                                              # drawn either way: same stream
-        images = torch.where((flip < 0.5).view(-1, 1, 1, 1), images.flip(-1), images)
-    y = torch.where(drop < LABEL_DROP, run_args['num_classes'], labels)        # the null class = num_classes
+        images = torch.where((flip[mine] < 0.5).view(-1, 1, 1, 1), images.flip(-1), images)
+    y = torch.where(drop[mine] < LABEL_DROP, args.num_classes, labels)          # the null class = num_classes
     x = images.float() / 127.5 - 1                                              # SiT (or the VAE) sees [-1, 1]
     if sd_vae is not None:                                                      # a posterior sample, normalised
-        x = sd_vae.encode(x, torch.randn((GB, C, S, S), device=dev, generator=generator)[mine])
+        x = sd_vae.encode(x, eps[mine])                                         # (B, 4, S, S)
     target = None
     if encoder is not None:
         with torch.no_grad(), mixed_precision:
-            target = encoder(images.float()).float()                            # the same (flipped) 0..255 image
+            target = encoder(images.float()).float()                            # (B, T, D_enc): the same image
         if args.spatial_norm:
             target = spatial_norm(target, args.spnorm_gamma)                    # iREPA: on the targets only
-    if args.objective == 'meanflow':                                            # drawn last: flow matching's draws
-        t, r = meanflow_times(t, y, args, run_args, generator, mine)            # stay what they are
-        return x, y, noise, t, r, target
-    return x, y, noise, t, target
-
-def accumulate_gradient(model, batch, loss_fn, proj_coeff, grad_accum=1, mixed_precision=nullcontext()):
-    """Accumulate into .grad the gradient of the batch's mean loss, denoise + proj_coeff * align, over `grad_accum`
-    micro-batches (each loss scaled by 1 / grad_accum; DDP syncs only on the last). batch: training_inputs' tensors,
-    loss_fn(model, *batch) -> (denoise, align or None): flow_matching_loss, or meanflow_loss. Returns the detached
-    (loss, denoise, align) of the batch, averaged over the micro-batches: (3,)."""
-    n, device = len(batch[0]) // grad_accum, batch[0].device
-    sums = torch.zeros(3, device=device)
-    for i in range(grad_accum):
-        mb = slice(i * n, (i + 1) * n)
-        sync = i == grad_accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
-        with (nullcontext() if sync else model.no_sync()), mixed_precision:
-            denoise, align = loss_fn(model, *(None if b is None else b[mb] for b in batch))
-            loss = denoise + proj_coeff * align if align is not None else denoise
-        (loss / grad_accum).backward()
-        sums += torch.stack([loss.detach(), denoise.detach(),
-                             align.detach() if align is not None else torch.zeros((), device=device)]) / grad_accum
-    return sums
+    return x, y, noise[mine], t[mine], target
 
 def main(argv=None):
-    # -- setup: settings (a resume takes the run's own), invariants, processes, data, frozen networks, model
+    # -- the run's configuration (a resume takes the run's own), checked before anything heavy starts
     argv = sys.argv[1:] if argv is None else list(argv)
     args, ckpt = get_args(argv), None
     if args.resume:
         ckpt = load_latest_checkpoint(args.resume)
-        args = resume_args(args, given_flags(argv), ckpt['args'])
+        args = resume_args(args, given_keys(argv), ckpt['args'])
     check_settings(args)
-    size_cfg = check_model(args)
+    patch = check_model(args)
     rank, world, device = setup_distributed()
     check_batch_split(args, world)
-    local_batch, master = args.global_batch_size // world, rank == 0
+    master = rank == 0
     dataset = open_dataset(args, ckpt)
-    steps_per_epoch = len(dataset) // args.global_batch_size
-    input_size = args.image_size // 8 if args.vae else args.image_size        # SD-VAE: 8x smaller, 4 channels
-    sd_vae, encoder = frozen_networks(args, input_size // size_cfg['patch_size'], device, world, master)
-
-    run_args = dict(vars(args), num_classes=len(dataset.classes), class_names=list(dataset.classes),
-                    num_images=len(dataset), input_size=input_size, in_channels=4 if args.vae else 3,
-                    encoder_depth=args.encoder_depth if args.encoder_depth is not None else size_cfg['encoder_depth'],
-                    target_dim=encoder.embed_dim if encoder is not None else None,
-                    method=method_name(args), world_size=world, precision=precision(device))
-    model, ema, opt, step = new_model(args, run_args, ckpt, device)
+    # values derived at start join the configuration (the SD-VAE: 8x smaller, 4 channels)
+    args.input_size = args.image_size // 8 if args.vae else args.image_size
+    args.in_channels = 4 if args.vae else 3
+    sd_vae, encoder = frozen_networks(args, args.input_size // patch, device, world, master)
+    derive_args(args, dataset, encoder, world, device)
+    model, ema, opt, step = new_model(args, ckpt, device)
     run_dir = args.resume or new_run_dir(args, master, world)
     log = Logger(run_dir, master)
-    log_start(log, args, run_args, ckpt, model, dataset, step, run_dir)
+    log_start(log, args, ckpt, model, dataset, step, run_dir)
     raw_model = model                                                           # saved without DDP/compile prefixes
     if args.compile:
         model = torch.compile(model)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if args.objective == 'meanflow':                                            # the second objective's loss
+        mf = args.meanflow
+        loss_fn = partial(meanflow_loss, raw_model=raw_model, omega=mf['omega'], kappa=mf['kappa'], p=mf['p'],
+                          eps=mf['eps'])
+    else:
+        loss_fn = partial(flow_matching_loss, pred=args.pred)
 
-    # -- the loop: batch -> gradient -> clip -> AdamW -> EMA; a log line every log_every steps, a checkpoint every
-    #    ckpt_every. The data position follows from the step, so a resume continues the same epoch.
+    # -- the loop: inputs -> loss -> gradient -> clip -> AdamW -> EMA; a log line every log_every steps, a
+    #    checkpoint every ckpt_every. The data position follows from the step: a resume continues the epoch.
     mixed_precision, generator = autocast(device), torch.Generator(device=device)
-    loss_fn = objective_loss(args, raw_model)                                   # flow matching, or MeanFlow
+    steps_per_epoch = len(dataset) // args.global_batch_size
     warmup_steps = args.warmup_epochs * steps_per_epoch
+    local_batch, micro = args.global_batch_size // world, args.global_batch_size // world // args.grad_accum
     sums = torch.zeros(4, device=device)                                        # loss, denoise, align, grad norm
     t0, last_step = time.time(), step
     model.train()
@@ -665,18 +701,26 @@ def main(argv=None):
                                              pin_memory=device.type == 'cuda')
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            batch = training_inputs(images, labels, step, args, run_args, rank=rank, world=world,
-                                    generator=generator, sd_vae=sd_vae, encoder=encoder,
-                                    mixed_precision=mixed_precision)
+            x, y, noise, t, target = training_inputs(images, labels, step, args, rank=rank, world=world,
+                                                     generator=generator, sd_vae=sd_vae, encoder=encoder,
+                                                     mixed_precision=mixed_precision)
             if warmup_steps:                                                    # JiT: linear warm-up, then constant
                 for group in opt.param_groups:
                     group['lr'] = args.lr * min(1.0, step / warmup_steps)
-            sums[:3] += accumulate_gradient(model, batch, loss_fn, args.proj_coeff, args.grad_accum, mixed_precision)
-            sums[3] += torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad or float('inf'))
+            for k in range(args.grad_accum):                                    # micro-batches of this rank's slice
+                mb = slice(k * micro, (k + 1) * micro)
+                if world > 1:                                                   # all-reduce on the last one only
+                    model.require_backward_grad_sync = k == args.grad_accum - 1
+                with mixed_precision:
+                    denoise, align = loss_fn(model, x[mb], y[mb], noise[mb], t[mb],
+                                             None if target is None else target[mb])
+                    loss = denoise + args.proj_coeff * align                    # REPA eq. 8
+                (loss / args.grad_accum).backward()
+                sums[:3] += torch.stack([loss.detach(), denoise.detach(), align.detach()]) / args.grad_accum
+            sums[3] += torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad or math.inf)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - args.ema_decay)
+            update_ema(ema, raw_model, args.ema_decay)
             step += 1
 
             if step % args.log_every == 0 or step == args.max_steps:
@@ -687,13 +731,13 @@ def main(argv=None):
                     fail(f"loss is {loss} at step {step}; stopping. The last good checkpoint is in "
                          f"{run_dir}/checkpoints (a new run with a lower --lr may help)")
                 dt = (time.time() - t0) / (step - last_step)
-                log(f"step {step}/{args.max_steps} | loss {loss:.4f} ({'mf' if args.objective == 'meanflow' else 'fm'} "
-                    f"{denoise:.4f}, align {align:.4f}) | "
-                    f"grad {grad_norm:.3f} | {dt * 1000:.0f} ms | {args.global_batch_size / dt:.0f} img/s")
+                name = 'mf' if args.objective == 'meanflow' else 'fm'
+                log(f"step {step}/{args.max_steps} | loss {loss:.4f} ({name} {denoise:.4f}, align {align:.4f}) "
+                    f"| grad {grad_norm:.3f} | {dt * 1000:.0f} ms | {args.global_batch_size / dt:.0f} img/s")
                 sums.zero_()
                 t0, last_step = time.time(), step
             if step % args.ckpt_every == 0 or step == args.max_steps:
-                save_run(log, run_dir, step, raw_model, ema, opt, run_args, master, world)
+                save_run(log, run_dir, step, raw_model, ema, opt, args, master, world)
             if step >= args.max_steps:
                 break
     if master and args.setting == 'demo':
@@ -702,71 +746,16 @@ def main(argv=None):
         dist.destroy_process_group()
     return run_dir
 
-# -----------------------------------------------------------------------------
-# 10. A second objective: MeanFlow (arXiv 2505.13447; official Gsunshine/meanflow meanflow.py, Gsunshine/py-meanflow),
-#     the "MeanFlow w/ REPA" of iREPA Table 3b. The network u(x_t, t, y, interval = t - r) learns the average velocity
-#     over [r, t], so one step x_0 = x_1 - u(x_1, 1, y, 1) draws a sample. The alignment loss is unchanged.
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (DiT's update_ema)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
-# MeanFlow's recipe, `--objective meanflow` on top of any setting (get_args applies it after the setting's): the
-# official ImageNet SiT-B/2 recipe (Gsunshine/meanflow configs/default.py): logit-normal t and r ~ sigmoid(N(-0.4, 1)),
-# a quarter of the batch with r != t, guidance trained in (omega 1, kappa 0.5: an effective scale 2), adaptive loss
-# weight p 1, eps 0.01; AdamW betas (0.9, 0.95), no clipping; 1-step sampling. The network outputs u (no x-prediction).
-MEANFLOW = dict(pred='v', time_dist=(-0.4, 1.0), betas=(0.9, 0.95), clip_grad=None,
-                meanflow=dict(ratio=0.25, omega=1.0, kappa=0.5, p=1.0, eps=0.01),
-                sampler=dict(mode='meanflow', num_steps=1))
-
-def meanflow_times(t, y, args, run_args, generator, mine):
-    """MeanFlow's two times for this rank's slice: a second draw from the same time distribution, t, r = max, min;
-    then r = t except for a fraction `ratio` of the batch, and always where the label was dropped."""
-    GB, dev = args.global_batch_size, t.device
-    pick, u_r = torch.rand(2, GB, device=dev, generator=generator)[:, mine]
-    r = sample_time(u_r, torch.randn(GB, device=dev, generator=generator)[mine], args.time_dist)
-    t, r = torch.maximum(t, r), torch.minimum(t, r)
-    keep = (pick < args.meanflow['ratio']) & (y != run_args['num_classes'])
-    return t, torch.where(keep, r, t)
-
-def meanflow_du_dt(model, x_t, t, r, y, v_g):
-    """du/dt along the flow: the Jacobian-vector product of (x_t, t, r) -> u(x_t, t, y, t - r) with the tangents
-    (v_g, 1, 0). Forward-mode AD on the plain module (never the DDP/compiled one: its gradient all-reduce must not be
-    bypassed; this is a target, so no gradient is needed); the fused attention kernels have no forward-mode AD, so
-    attention runs the math kernel here."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        _, du_dt = torch.func.jvp(lambda x, t, r: model(x, t, y, t - r)[0], (x_t, t, r),
-                                  (v_g, torch.ones_like(t), torch.zeros_like(r)))
-    return du_dt.float()
-
-def meanflow_loss(model, x, y, noise, t, r, target=None, *, raw_model, omega, kappa, p, eps):
-    """MeanFlow's objective for one batch (t, r (B,), r <= t: meanflow_times). Guidance is trained
-    in: v_g = omega v + kappa u(x_t, t | y) + (1 - omega - kappa) u(x_t, t | null), v itself where the label was
-    dropped. The target u_tgt = v_g - (t - r) du/dt is held fixed (stop-gradient); the loss per sample is the SUM of
-    squares l, weighted by 1 / stopgrad(l + eps)^p. u and the aligned hidden state come from one ordinary forward of
-    `model` (the DDP one), so the alignment loss sees the pass that carries the gradient. Returns (loss, align)."""
-    x_t, v = interpolant(x, noise, t)
-    with torch.no_grad():
-        v_g = v
-        if omega != 1 or kappa != 0:                                            # both guidance passes as one batch
-            null, zero = torch.full_like(y, raw_model.num_classes), torch.zeros_like(t)
-            u_c, u_u = raw_model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]),
-                                 torch.cat([zero, zero]))[0].float().chunk(2)
-            dropped = (y == raw_model.num_classes).view(-1, 1, 1, 1)
-            v_g = torch.where(dropped, v, omega * v + kappa * u_c + (1 - omega - kappa) * u_u)
-        u_tgt = v_g - (t - r).view(-1, 1, 1, 1) * meanflow_du_dt(raw_model, x_t, t, r, y, v_g)
-    u, h_proj = model(x_t, t, y, t - r)
-    err = ((u.float() - u_tgt) ** 2).sum(dim=(1, 2, 3))                        # (B,): a sum, not a mean
-    loss = (err / (err.detach() + eps) ** p).mean()                             # adaptive weight
-    # with p = 1 the weighted loss is ~1 whatever the error: the value returned (and logged) is the mean error, the
-    # gradient the weighted loss's
-    loss = loss - loss.detach() + err.detach().mean()
-    return loss, alignment_loss(h_proj, target) if target is not None else None
-
-def objective_loss(args, raw_model):
-    """The loss_fn accumulate_gradient calls: flow matching, or MeanFlow with the recipe's omega, kappa, p and eps
-    (its ratio is used by meanflow_times)."""
-    if args.objective != 'meanflow':
-        return partial(flow_matching_loss, pred=args.pred)
-    mf = args.meanflow
-    return partial(meanflow_loss, raw_model=raw_model, omega=mf['omega'], kappa=mf['kappa'], p=mf['p'], eps=mf['eps'])
+def step_seed(seed, step):
+    """The seed of a step's generator: the run seed hashed to 32 bits (numpy's SeedSequence; torch's CPU
+    generator keeps only 32 bits of a seed, so seed * 2**32 + step would give every run seed the same
+    draws), plus the step."""
+    return (int(np.random.SeedSequence(seed).generate_state(1)[0]) + step) % 2 ** 32
 
 # =============================================================================
 # Appendix: what a real run needs and a learner can skip
@@ -791,6 +780,14 @@ def setup_distributed():
     if torch.cuda.is_available():
         return 0, 1, torch.device('cuda')
     return 0, 1, torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
+
+def attention(q, k, v):
+    """softmax(q k^T / sqrt(hs)) v for q, k, v (B, nh, T, hs). PyTorch's fused kernel, except on a CPU
+    under bf16 autocast, where the explicit form is faster at SiT's lengths (bench.py)."""
+    if q.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
+        att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5                   # (B, nh, T, T)
+        return att.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v         # softmax in fp32
+    return F.scaled_dot_product_attention(q, k, v)
 
 def cpu_has_bf16():
     """Native bf16 matmuls: x86 AVX512-BF16 or AMX, or Arm's BF16 extension (Linux /proc/cpuinfo flags)."""
@@ -820,8 +817,8 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision(device) == 'bf16')
 
 # -----------------------------------------------------------------------------
-# B. Data sources and frozen networks: class folders that survive bad files, the demo's shapes, torch.hub offline,
-#    the SD-VAE
+# B. Data sources and frozen networks: class folders that survive bad files, the demo's shapes and its
+#    weight-free HOG target, torch.hub offline, the SD-VAE
 
 def center_crop_arr(pil_image, image_size):
     """ADM: halve with BOX while the short side is >= 2S, BICUBIC so the short side is S, crop the centre."""
@@ -907,6 +904,50 @@ class Shapes(torch.utils.data.Dataset):
         im = im.resize((self.image_size, self.image_size), resample=Image.BOX)
         return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous(), label
 
+class HOG(nn.Module):
+    """Weight-free Histogram of Oriented Gradients target (Dalal & Triggs 2005), one cell per SiT token.
+    The paper (section 3) shows such classical descriptors work as REPA targets: they are pure spatial
+    structure. Per cell: 9 unsigned-orientation bins, magnitude-weighted with linear bin interpolation;
+    the token of a cell is its histogram as normalised in each of the 4 overlapping 2x2-cell blocks that
+    contain it (L2-Hys on each 36-d block vector), giving 4 * 9 = 36 dims per token."""
+    def __init__(self, grid_size, cell=8, bins=9):
+        super().__init__()
+        self.grid_size, self.cell, self.bins, self.embed_dim, self.name = grid_size, cell, bins, 4 * bins, 'hog'
+
+    def forward(self, img):                                                     # (B, 3, H, W) in 0..255
+        G, c, nb = self.grid_size, self.cell, self.bins
+        x = F.interpolate(img.float() / 255, size=(G * c, G * c), mode='bilinear', antialias=True, align_corners=False)
+        xp = F.pad(x, (1, 1, 1, 1), mode='replicate')
+        gx = xp[:, :, 1:-1, 2:] - xp[:, :, 1:-1, :-2]                          # [-1, 0, 1] filters
+        gy = xp[:, :, 2:, 1:-1] - xp[:, :, :-2, 1:-1]
+        mag = torch.sqrt(gx ** 2 + gy ** 2)                                     # (B, 3, S, S)
+        best = mag.argmax(dim=1, keepdim=True)                                  # strongest colour channel per pixel
+        mag, gx, gy = (a.gather(1, best) for a in (mag, gx, gy))                # (B, 1, S, S)
+        ang = torch.atan2(gy, gx) % math.pi                                     # unsigned orientation in [0, pi)
+        pos = ang / math.pi * nb - 0.5                                          # bin centres at (i + 0.5) * pi / nb
+        lo = torch.floor(pos)
+        w_hi = pos - lo
+        bins = torch.arange(nb, device=x.device).view(1, nb, 1, 1)
+        hist = (mag * (1 - w_hi) * (bins == lo.long() % nb) + mag * w_hi * (bins == (lo.long() + 1) % nb))
+        return self.block_features(F.avg_pool2d(hist, c) * c * c)              # (B, nb, G, G) sums per cell
+
+    def block_features(self, hist):
+        """(B, nb, G, G) cell histograms -> (B, G*G, 4 * nb) tokens."""
+        G = self.grid_size
+        # Dalal-Triggs blocks of 2x2 cells (stride 1, edges replicated): each 36-d block vector is L2-normalised,
+        # clipped at 0.2 and renormalised as a whole (L2-Hys), so a cell keeps its block's local contrast.
+        hp = F.pad(hist, (1, 1, 1, 1), mode='replicate')                        # (B, nb, G+2, G+2)
+        blocks = torch.stack([hp[:, :, dy:dy + G + 1, dx:dx + G + 1] for dy in (0, 1) for dx in (0, 1)], 2)
+        blocks = blocks / torch.sqrt(blocks.pow(2).sum((1, 2), keepdim=True) + 1e-6)   # (B, nb, 4, G+1, G+1)
+        blocks = blocks.clamp(max=0.2)
+        blocks = blocks / torch.sqrt(blocks.pow(2).sum((1, 2), keepdim=True) + 1e-6)
+        feats = []
+        for by in (0, 1):
+            for bx in (0, 1):                                                   # the 4 blocks containing each cell,
+                k = (1 - by) * 2 + (1 - bx)                                     # where the cell sits in that block
+                feats.append(blocks[:, :, k, by:by + G, bx:bx + G])              # (B, nb, G, G)
+        return grid_to_tokens(torch.cat(feats, dim=1))                          # (B, G*G, 36)
+
 def hub_family(name):
     """'dinov2', 'dinov3' or 'dino' (DINOv1) from an entry's name; another --hub-dir entry counts as DINOv2-like."""
     return next((f for f in ('dinov2', 'dinov3') if name.startswith(f + '_')), 'dino' if name in DINOV1 else 'dinov2')
@@ -975,6 +1016,17 @@ class SDVAE:
 # -----------------------------------------------------------------------------
 # C. Bad input: one-line errors, range checks and the invariants checked before anything heavy starts
 
+HUB_INTERFACE = ("DINOv2's interface (.embed_dim, .patch_size, and forward_features(x)['x_norm_patchtokens'] "
+                 "of shape (B, tokens, embed_dim)), which a --hub-dir entry needs")
+
+def hub_patch_size(model, name):
+    """The input pixels per token side of a hub encoder (DINOv1 keeps it on patch_embed); a --hub-dir entry
+    without DINOv2's interface fails here with one line."""
+    p = getattr(model, 'patch_size', 0) or getattr(getattr(model, 'patch_embed', None), 'patch_size', 0)
+    if not (p and hasattr(model, 'embed_dim')):
+        raise RuntimeError(f"encoder '{name}' ({type(model).__name__}) lacks {HUB_INTERFACE}")
+    return p
+
 def fail(msg):
     """A one-line error for bad input, instead of a traceback from deep inside; named after the script that runs
     (irepa.py, sample.py, metrics.py), as argparse names its own errors."""
@@ -1008,6 +1060,37 @@ def output_dir_problem(path):
         return f"{path}: cannot create it ({e.strerror})"
     return None if os.access(path, os.W_OK) else f"{path} is not writable"
 
+def configure(args, tokens):
+    """nanoGPT's configurator: --key=value sets any key of the configuration that has no flag of its own
+    (ema_decay, spnorm_gamma, proj_kernel, hflip, ...), and --key.entry=value one entry of a dict
+    (--sampler.num_steps=12). The value is a Python literal of the current value's type (an int where a
+    float is, anything where None is); anything else fails with one line."""
+    import ast
+    for tok in tokens:
+        key, eq, text = tok.removeprefix('--').partition('=')
+        name, _, entry = key.replace('-', '_').partition('.')
+        if not (tok.startswith('--') and eq and hasattr(args, name)):
+            fail(f"unrecognised argument {tok}: use a flag (--help) or --key=value with a key of the "
+                 f"configuration: {', '.join(sorted(vars(args)))}")
+        holder = dict(getattr(args, name)) if entry else vars(args)             # a copy: never the recipe's dict
+        key = entry or name
+        if key not in holder:
+            fail(f"{tok}: {name} has no entry '{key}'")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text                                                        # a plain string
+        old = holder[key]
+        if type(old) is float and type(value) is int:
+            value = float(value)
+        if type(old) is tuple and type(value) is list:
+            value = tuple(value)
+        if old is not None and type(value) is not type(old):
+            fail(f"{tok}: {key} is a {type(old).__name__} ({old!r}), not a {type(value).__name__}")
+        holder[key] = value
+        if entry:
+            setattr(args, name, holder)
+
 def check_settings(args):
     """Every numeric setting in range, and the output folder usable, before anything heavy starts."""
     check_ranges(args, dict(image_size=1, global_batch_size=1, grad_accum=1, max_steps=1, ckpt_every=1, log_every=1,
@@ -1016,9 +1099,9 @@ def check_settings(args):
         fail(f"--lr must be > 0, got {args.lr}")
     if not 0 <= args.ema_decay < 1:
         fail(f"the recipe's ema_decay must be in [0, 1), got {args.ema_decay}")
-    recipe = RECIPES.get(args.setting, {})            # a resumed run's setting may be one a script added (cifar10.py)
-    if args.irepa and (fixed := [k for k in ('projector', 'spatial_norm') if k in recipe]):
-        fail(f"the {args.setting} setting sets {' and '.join(fixed)} itself (an ablation of iREPA); drop --irepa")
+    if args.projector not in ('mlp', 'conv') or args.pred not in ('v', 'x'):
+        fail(f"projector must be mlp or conv and pred v or x, got {args.projector} and {args.pred}")
+    check_ranges(args, dict(proj_kernel=1), recipe=('proj_kernel',))
     if args.objective == 'meanflow':
         check_ranges(argparse.Namespace(**args.meanflow), dict(ratio=(0, 1), omega=-math.inf, kappa=-math.inf, p=0,
                                                                eps=0), recipe=('ratio', 'omega', 'kappa', 'p', 'eps'))
@@ -1033,7 +1116,7 @@ def check_batch_split(args, world):
              f"x --grad-accum {args.grad_accum}")
 
 def check_model(args):
-    """The model-shape invariants, before anything heavy starts. Returns the size's config (patch, depth, ...)."""
+    """The model-shape invariants, before anything heavy starts. Returns the model's patch size."""
     size_cfg = SiT_models[args.model].keywords                                  # patch_size, depth, encoder_depth, ...
     patch, depth = size_cfg['patch_size'], size_cfg['depth']
     if args.encoder not in ENCODERS + ('none',) and not args.hub_dir:
@@ -1048,7 +1131,9 @@ def check_model(args):
              f"raise --image-size, or use a smaller patch")
     if args.encoder_depth is not None and not 1 <= args.encoder_depth <= depth:
         fail(f"--encoder-depth {args.encoder_depth} is outside 1..{depth}, the blocks of {args.model}")
-    return size_cfg
+    if args.proj_kernel % 2 == 0:
+        fail(f"the recipe's proj_kernel must be odd (a 'same' conv on the token grid), got {args.proj_kernel}")
+    return patch
 
 def open_dataset(args, ckpt):
     dataset = (call_or_fail(ImageFolder, args.data_path, args.image_size) if args.data_path
@@ -1088,6 +1173,18 @@ def frozen_networks(args, grid, device, world, master):
 
 # -----------------------------------------------------------------------------
 # D. Runs: names, logs, atomic checkpoints and exact resume (a resume continues the run with its own settings)
+
+def derive_args(args, dataset, encoder, world, device):
+    """The values the configuration gets at start, from the data, the encoder and the machine."""
+    args.num_classes = len(dataset.classes)
+    args.class_names = list(dataset.classes)
+    args.num_images = len(dataset)
+    if args.encoder_depth is None:                                              # REPA's choice per size
+        args.encoder_depth = SiT_models[args.model].keywords['encoder_depth']
+    args.target_dim = encoder.embed_dim if encoder is not None else None
+    args.method = method_name(args)
+    args.world_size = world
+    args.precision = precision(device)
 
 def method_name(args):
     """What is trained, in words: 'vanilla' (plain SiT), 'repa', 'irepa', or one of iREPA's halves ('conv-only':
@@ -1130,24 +1227,24 @@ class Logger:
             with open(self.path, 'a') as f:
                 f.write(msg + '\n')
 
-def log_start(log, args, run_args, ckpt, model, dataset, step, run_dir):
+def log_start(log, args, ckpt, model, dataset, step, run_dir):
     """Provenance (versions, device, precision, parameters), every resolved setting, and what this run is."""
     device = next(model.parameters()).device
     log(f"provenance: torch {torch.__version__} | cuda {torch.version.cuda} | python {platform.python_version()} | "
         f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type} x "
-        f"{run_args['world_size']} | precision {run_args['precision']} | encoder {args.encoder} | "
+        f"{args.world_size} | precision {args.precision} | encoder {args.encoder} | "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M params")
-    log(f"args: {json.dumps(run_args)}")
-    log(f"run: {args.setting} setting, {args.model}, {run_args['method']}"
+    log(f"args: {json.dumps(vars(args))}")
+    log(f"run: {args.setting} setting, {args.model}, {args.method}"
         + (f" with the {args.encoder} target" if args.encoder != 'none' else '')
         + f" | {len(dataset)} images, {len(dataset.classes)} classes | {'resuming at' if step else 'starting at'} "
           f"step {step} | {run_dir}")
-    setting_pred = RECIPES.get(args.setting, {}).get('pred', args.pred)         # (a setting a script added: absent)
+    setting_pred = RECIPES[args.setting]['pred']
     if args.objective == 'meanflow' and setting_pred != args.pred:
         log(f"note: MeanFlow's network outputs the average velocity u: the {args.setting} setting's "
             f"{setting_pred}-prediction does not apply")
-    if ckpt is not None and ckpt['args']['precision'] != run_args['precision']:
-        log(f"note: the run trained in {ckpt['args']['precision']} until now and goes on in {run_args['precision']} "
+    if ckpt is not None and ckpt['args']['precision'] != args.precision:
+        log(f"note: the run trained in {ckpt['args']['precision']} until now and goes on in {args.precision} "
             f"(IREPA_PRECISION or the machine): not bit-identical to a run without the break")
 
 def save_checkpoint(path, ckpt):
@@ -1156,7 +1253,7 @@ def save_checkpoint(path, ckpt):
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
-def save_run(log, run_dir, step, model, ema, opt, run_args, master, world):
+def save_run(log, run_dir, step, model, ema, opt, args, master, world):
     """The checkpoint <run>/checkpoints/<step>.pt: model, EMA, optimizer, args, step; atomically, by rank 0, and
     never with non-finite weights."""
     if not all(torch.isfinite(p).all() for p in [*model.parameters(), *ema.parameters()]):
@@ -1164,7 +1261,7 @@ def save_run(log, run_dir, step, model, ema, opt, run_args, master, world):
     if master:
         path = os.path.join(run_dir, 'checkpoints', f"{step:07d}.pt")
         save_checkpoint(path, dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                                   args=run_args, step=step))
+                                   args=vars(args), step=step))
         log(f"saved {path}")
     if world > 1:
         dist.barrier()
@@ -1195,10 +1292,18 @@ def load_latest_checkpoint(run_dir):
 RESUME_FLAGS = ('max_steps', 'ckpt_every', 'log_every', 'num_workers', 'compile', 'hub_dir', 'data_path',
                 'grad_accum', 'resume')
 
-def given_flags(argv):
-    """The settings named on the command line (abbreviations are off, so every flag is spelled out)."""
+def given_keys(argv):
+    """The settings named on the command line, by flag or as --key=value (abbreviations are off, so every
+    flag is spelled out)."""
     dest = {opt: a.dest for a in get_parser()._actions for opt in a.option_strings}
-    return {dest[tok.split('=')[0]] for tok in argv if tok.split('=')[0] in dest}
+    keys = set()
+    for tok in argv:
+        opt = tok.split('=')[0]
+        if opt in dest:
+            keys.add(dest[opt])
+        elif tok.startswith('--') and '=' in tok:                               # --key=value, --key.entry=value
+            keys.add(opt[2:].replace('-', '_').split('.')[0])
+    return keys
 
 def resume_args(args, given, run_args):
     """The run's own settings, with the RESUME_FLAGS named on the command line. A flag that would change the
@@ -1216,14 +1321,15 @@ def resume_args(args, given, run_args):
 # -----------------------------------------------------------------------------
 # E. A trained SiT read back from a checkpoint of this file or of the official code (for sample.py, metrics.py)
 
-def build_model(run_args):
-    """A SiT from a run's args dict (main's run_args, a checkpoint's 'args')."""
-    a = run_args
-    return SiT_models[a['model']](input_size=a['input_size'], in_channels=a['in_channels'],
-                                  num_classes=a['num_classes'], encoder_depth=a['encoder_depth'],
-                                  target_dim=a.get('target_dim'), projector=a.get('projector', 'mlp'),
-                                  pred=a['pred'], proj_kernel=a.get('proj_kernel', 3),
-                                  meanflow=a.get('objective') == 'meanflow')
+def build_model(a):
+    """A SiT (a MeanFlowSiT for --objective meanflow) from a run's configuration as a dict (vars(args),
+    a checkpoint's 'args')."""
+    sit = MeanFlowSiT if a.get('objective') == 'meanflow' else SiT
+    size = SiT_models[a['model']].keywords                                      # depth, width, heads, patch
+    return sit(**dict(size, input_size=a['input_size'], in_channels=a['in_channels'],
+                      num_classes=a['num_classes'], encoder_depth=a['encoder_depth'],
+                      target_dim=a.get('target_dim'), projector=a.get('projector', 'mlp'), pred=a['pred'],
+                      proj_kernel=a.get('proj_kernel', 3)))
 
 # the official code's encoder names (ldm/vision_encoder.py: <type>-<arch>-<config>) -> this file's; the official
 # code's other encoders (SigLIP, CLIP, MoCo v3, ...) are not loadable here

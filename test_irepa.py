@@ -1,5 +1,6 @@
 """Tests for irepa.py, sample.py and metrics.py. Small, CPU-only, no network: python -m pytest -q"""
 import argparse
+import copy
 import glob
 import math
 import os
@@ -20,10 +21,10 @@ import irepa
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-def tiny(**kw):
+def tiny(sit=irepa.SiT, **kw):
     cfg = dict(input_size=16, patch_size=4, hidden_size=32, depth=3, num_heads=2, num_classes=5, encoder_depth=2)
     cfg.update(kw)
-    return irepa.SiT(**cfg)
+    return sit(**cfg)
 
 # -----------------------------------------------------------------------------
 # SiT
@@ -257,7 +258,7 @@ def test_denoising_loss_definition():
     model = tiny()
     x, eps, t, y = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.rand(4), torch.arange(4)
     d, a = irepa.flow_matching_loss(model, x, y, eps, t)
-    assert a is None
+    assert a == 0 and a.dtype == d.dtype                                   # no target: nothing to align
     torch.testing.assert_close(d, ((eps - x) ** 2).mean())             # zero-init net predicts v = 0
 
 def test_overfit_one_batch():
@@ -711,30 +712,46 @@ def test_check_ranges_bounds_are_inclusive_and_finite():
             ok(**kw)
 
 @pytest.mark.parametrize('entry, value, msg', [('ema_decay', 1.0, "the recipe's ema_decay must be in [0, 1), got 1.0"),
-                                               ('spnorm_gamma', 1.5, "the recipe's spnorm_gamma must be in [0, 1]")])
-def test_recipe_entries_are_range_checked(tmp_path, monkeypatch, entry, value, msg):
-    monkeypatch.setitem(irepa.RECIPES, 'demo', dict(irepa.RECIPES['demo'], **{entry: value}))
+                                               ('spnorm_gamma', 1.5, "the recipe's spnorm_gamma must be in [0, 1]"),
+                                               ('proj_kernel', 0, "the recipe's proj_kernel must be >= 1, got 0"),
+                                               ('proj_kernel', 2, "the recipe's proj_kernel must be odd"),
+                                               ('projector', "'linear'", "projector must be mlp or conv")])
+def test_recipe_entries_are_range_checked(tmp_path, entry, value, msg):
     with pytest.raises(SystemExit, match=re.escape(msg)):
-        run_train(tmp_path, '--encoder', 'none')
+        run_train(tmp_path, '--encoder', 'none', f'--{entry}={value}')
 
-def test_an_ablation_recipe_refuses_irepa(tmp_path, monkeypatch):
-    # a recipe that fixes one of iREPA's halves (iREPA Table 2's ablation) would silently ignore --irepa's other half
-    monkeypatch.setitem(irepa.RECIPES, 'demo', dict(irepa.RECIPES['demo'], projector='conv', spatial_norm=False))
-    with pytest.raises(SystemExit, match=re.escape("sets projector and spatial_norm itself (an ablation of iREPA); "
-                                                   "drop --irepa")):
-        run_train(tmp_path, '--encoder', 'hog', '--irepa')
-    args = irepa.get_args(['--setting', 'demo', '--no-irepa', '--results-dir', str(tmp_path)])
-    irepa.check_settings(args)                                                  # --no-irepa: the recipe decides
-    assert (args.projector, args.spatial_norm) == ('conv', False)
+def test_any_recipe_key_is_set_as_key_value(tmp_path):
+    """nanoGPT's configurator: --key=value for a key without a flag, a dict's entry as --key.entry=value, the value
+    a literal of the recipe value's type (an int for a float); the recipes themselves are never written."""
+    before = copy.deepcopy(irepa.RECIPES)
+    a = irepa.get_args(['--setting', 'demo', '--spnorm_gamma=0.8', '--ema-decay=1', '--proj_kernel=5',
+                        '--sampler.num_steps=12', '--hflip=True', '--time_dist=(0.8, 0.8)', '--betas=[0.9, 0.95]'])
+    assert (a.spnorm_gamma, a.ema_decay, a.proj_kernel, a.hflip, a.time_dist, a.betas) == (0.8, 1.0, 5, True,
+                                                                                         (0.8, 0.8), (0.9, 0.95))
+    assert type(a.ema_decay) is float and a.sampler == dict(RECIPE_DEMO_SAMPLER, num_steps=12)
+    # iREPA's halves on their own (iREPA Table 2's ablation): explicit entries win over --irepa
+    b = irepa.get_args(['--setting', 'demo', '--irepa', '--projector=mlp'])
+    assert (b.projector, b.spatial_norm) == ('mlp', True)
+    c = irepa.get_args(['--setting', 'demo', '--no-irepa', '--projector=conv', '--spatial_norm=False'])
+    assert (c.projector, c.spatial_norm, irepa.method_name(c)) == ('conv', False, 'conv-only')
+    assert irepa.RECIPES == before
+    for argv, msg in ((['--ema_decay=high'], "--ema_decay=high: ema_decay is a float (0.995), not a str"),
+                      (['--hflip=1'], "hflip is a bool (False), not a int"),
+                      (['--sampler.steps=3'], "--sampler.steps=3: sampler has no entry 'steps'"),
+                      (['--nonsense=3'], "unrecognised argument --nonsense=3: use a flag (--help) or --key=value"),
+                      (['--ema_decay', '0.9'], "unrecognised argument --ema_decay: use a flag")):
+        with pytest.raises(SystemExit, match=re.escape(msg)):
+            irepa.get_args(['--setting', 'demo'] + argv)
 
-def test_resume_of_a_setting_a_script_added(tmp_path, monkeypatch):
-    # experiments/cifar10.py adds its settings to RECIPES; `irepa.py --resume` of such a run runs without them
-    monkeypatch.setitem(irepa.RECIPES, 'added', dict(irepa.RECIPES['demo']))
-    run = irepa.main(TRAIN + ['--setting', 'added', '--encoder', 'hog', '--irepa', '--objective', 'meanflow',
-                              '--max-steps', '1', '--results-dir', str(tmp_path)])
-    monkeypatch.delitem(irepa.RECIPES, 'added')
-    irepa.main(['--resume', run, '--max-steps', '2'])
-    assert load_last(run)['step'] == 2
+RECIPE_DEMO_SAMPLER = dict(mode='ode', heun=True, num_steps=25, cfg_scale=4.0)
+
+def test_resume_refuses_a_changed_recipe_key(tmp_path):
+    run = run_train(tmp_path, '--encoder', 'hog', '--irepa', '--max-steps', '1', '--ema_decay=0.9')
+    with pytest.raises(SystemExit, match=re.escape("--resume continues the run as it began, but --ema-decay 0.5")):
+        irepa.main(['--resume', run, '--max-steps', '2', '--ema_decay=0.5'])
+    irepa.main(['--resume', run, '--max-steps', '2', '--ema_decay=0.9'])            # the same value: fine
+    ck = load_last(run)
+    assert ck['step'] == 2 and ck['args']['ema_decay'] == 0.9
 
 @pytest.mark.parametrize('script', ['irepa.py', 'sample.py', 'metrics.py'])
 def test_errors_are_one_line_named_after_the_running_script(monkeypatch, script):
@@ -745,7 +762,7 @@ def test_errors_are_one_line_named_after_the_running_script(monkeypatch, script)
 
 def test_nan_loss_stops_with_a_message(tmp_path, monkeypatch):
     run_dir = run_train(tmp_path / 'ok', '--encoder', 'none', '--max-steps', '1')
-    nan = lambda *a, **k: (torch.tensor(float('nan'), requires_grad=True), None)
+    nan = lambda *a, **k: (torch.tensor(float('nan'), requires_grad=True), torch.tensor(0.0))
     monkeypatch.setattr(irepa, 'flow_matching_loss', nan)
     with pytest.raises(SystemExit, match='loss is nan at step 2; stopping. The last good checkpoint'):
         run_train(tmp_path / 'ok', '--encoder', 'none', '--max-steps', '3', '--resume', run_dir)
@@ -1036,30 +1053,25 @@ def test_image_folder_ignores_hidden_and_empty_folders(tmp_path):
 # -----------------------------------------------------------------------------
 # The training recipe, line by line: what reaches the loss, the gradient, the optimizer and the EMA
 
-def test_accumulate_gradient_gives_the_gradient_of_the_batch_mean():
-    """grad_accum micro-batches give the gradient of the whole batch's mean loss (each loss scaled by 1/n):
-    compared before any optimizer step, since Adam and clipping would hide a scale error."""
-    torch.manual_seed(0)
-    model = tiny(target_dim=8, projector='conv')
-    for p in model.parameters():
-        p.data.normal_(0, 0.05)
-    x, noise, target = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.randn(4, 16, 8)
-    y, t = torch.tensor([0, 1, 5, 3]), torch.rand(4)
-    grads, sums = [], []
+def test_grad_accum_gives_the_gradient_of_the_batch_mean(tmp_path, monkeypatch, fp32):
+    """--grad-accum micro-batches give the gradient of the whole batch's mean loss (each loss scaled by 1/n):
+    the gradient main() hands to the clipping, on the first step (the same initial weights), before the
+    clipping and Adam could hide a scale error."""
+    seen, clip = [], torch.nn.utils.clip_grad_norm_
+    def spy(params, max_norm):
+        params = list(params)
+        seen.append([p.grad.clone() for p in params if p.grad is not None])
+        return clip(params, max_norm)
+    monkeypatch.setattr(torch.nn.utils, 'clip_grad_norm_', spy)
+    logs = []
     for n in (1, 2, 4):
-        model.zero_grad()
-        sums.append(irepa.accumulate_gradient(model, (x, y, noise, t, target), irepa.flow_matching_loss, 0.5,
-                                              grad_accum=n))
-        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
-    model.zero_grad()
-    d, a = irepa.flow_matching_loss(model, x, y, noise, t, target)
-    (d + 0.5 * a).backward()                                               # the batch mean, by hand
-    ref = [p.grad for p in model.parameters() if p.requires_grad]
-    for g in grads:
-        for gi, ri in zip(g, ref):
+        run = run_train(tmp_path / str(n), '--encoder', 'hog', '--irepa', '--max-steps', '1', '--grad-accum', str(n))
+        logs.append(open(os.path.join(run, 'log.txt')).read().split('step 1/1 | ')[1].split(' | grad')[0])
+    assert len(seen) == 3 and len(seen[0]) > 10
+    for g in seen[1:]:
+        for gi, ri in zip(g, seen[0]):
             torch.testing.assert_close(gi, ri, atol=1e-6, rtol=1e-5)
-    for s in sums:
-        torch.testing.assert_close(s, torch.stack([d + 0.5 * a, d, a]).detach(), atol=1e-6, rtol=1e-5)
+    assert logs[0] == logs[1] == logs[2]                                   # loss (fm, align): the batch's means
 
 def spy_training(monkeypatch, tmp_path, *argv):
     """Run irepa.main and record what every micro-batch hands to the loss."""
@@ -1192,10 +1204,10 @@ def test_bench_flops_count_per_token_and_per_image_weights():
         xl = irepa.SiT_models['SiT-XL/2'](input_size=32, in_channels=4, num_classes=1000)
     assert abs(bench.forward_flops(xl, 256) / 2 - 118.6e9) < 0.05e9       # DiT-XL/2: 118.6 Gflops (DiT, Table 4)
     for meanflow in (False, True):                                          # MeanFlow: + the interval's MLP
-        model = tiny(target_dim=8, projector='conv', meanflow=meanflow)         # 4x4 tokens, a conv projector
+        model = tiny(target_dim=8, projector='conv', sit=irepa.MeanFlowSiT if meanflow else irepa.SiT)   # 4x4 tokens
         # under CPU autocast, attention is explicit matmuls, which the counter sees (SDPA's CPU kernel it does not)
         with FlopCounterMode(display=False) as counter, torch.autocast('cpu', dtype=torch.bfloat16):
-            model(torch.randn(3, 3, 16, 16), torch.rand(3), torch.tensor([0, 1, 2]), torch.rand(3))
+            model(torch.randn(3, 3, 16, 16), torch.rand(3), torch.tensor([0, 1, 2]), *[torch.rand(3)][:meanflow])
         assert counter.get_total_flops() == 3 * bench.forward_flops(model, model.grid_size ** 2)
 
 # -----------------------------------------------------------------------------
@@ -1278,15 +1290,16 @@ class PatchMeans(torch.nn.Module):
         return out
 
 def inputs_settings(**kw):
-    """(args, run_args) for training_inputs: a global batch of 8 images of 16 px, 5 classes, U[0, 1) times, flips."""
+    """The configuration training_inputs reads: a global batch of 8 images of 16 px, 5 classes, U[0, 1) times,
+    flips."""
     args = dict(global_batch_size=8, seed=0, time_dist=None, hflip=True, spatial_norm=False, spnorm_gamma=0.6,
-                objective='fm')
+                objective='fm', in_channels=3, input_size=16, num_classes=5)
     args.update(kw)
-    return argparse.Namespace(**args), dict(in_channels=3, input_size=16, num_classes=5)
+    return argparse.Namespace(**args)
 
-def step_inputs(images, labels, step, args, run_args, rank=0, world=1, encoder=None, sd_vae=None):
+def step_inputs(images, labels, step, args, rank=0, world=1, encoder=None, sd_vae=None):
     from contextlib import nullcontext
-    return irepa.training_inputs(images, labels, step, args, run_args, rank=rank, world=world,
+    return irepa.training_inputs(images, labels, step, args, rank=rank, world=world,
                                  generator=torch.Generator(), sd_vae=sd_vae, encoder=encoder,
                                  mixed_precision=nullcontext())
 
@@ -1304,9 +1317,9 @@ def test_target_is_registered_with_the_image_sit_trains_on():
     stub encoder of per-patch means, target token r * G + c is the mean of x's patch (r, c), and equals SiT's own token
     r * G + c (its patch embedding set to the per-channel patch mean). Flips are horizontal, some samples flipped."""
     images = torch.randint(0, 256, (8, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    args, run_args = inputs_settings()
+    args = inputs_settings()
     enc = PatchMeans(4)
-    x, y, noise, t, target = step_inputs(images, torch.arange(8) % 5, 0, args, run_args, encoder=enc)
+    x, y, noise, t, target = step_inputs(images, torch.arange(8) % 5, 0, args, encoder=enc)
     pixels = (x + 1) * 127.5                                                   # what SiT sees, back in 0..255
     flipped = flips_of(pixels, images)
     assert any(flipped) and not all(flipped)
@@ -1328,17 +1341,17 @@ def test_each_rank_gets_its_slice_of_the_global_batch():
     normalised with the recipe's gamma: (z - gamma mean_T z) / (std_T z + 1e-6). Each step draws anew."""
     g = torch.Generator().manual_seed(1)
     images, labels = torch.randint(0, 256, (8, 3, 16, 16), generator=g, dtype=torch.uint8), torch.arange(8) % 5
-    args, run_args = inputs_settings(spatial_norm=True, spnorm_gamma=0.8)
+    args = inputs_settings(spatial_norm=True, spnorm_gamma=0.8)
     enc = PatchMeans(4)
-    full = step_inputs(images, labels, 3, args, run_args, encoder=enc)
+    full = step_inputs(images, labels, 3, args, encoder=enc)
     z = PatchMeans(4)(enc.seen[0])                                             # raw targets of the encoder's input
     torch.testing.assert_close(full[4], (z - 0.8 * z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-6))
     for rank in (0, 1):
-        part = step_inputs(images[4 * rank:4 * rank + 4], labels[4 * rank:4 * rank + 4], 3, args, run_args,
+        part = step_inputs(images[4 * rank:4 * rank + 4], labels[4 * rank:4 * rank + 4], 3, args,
                            rank=rank, world=2, encoder=PatchMeans(4))
         for a, b in zip(full, part):
             torch.testing.assert_close(a[4 * rank:4 * rank + 4], b)
-    _, _, noise, t, _ = step_inputs(images, labels, 4, args, run_args, encoder=PatchMeans(4))
+    _, _, noise, t, _ = step_inputs(images, labels, 4, args, encoder=PatchMeans(4))
     assert (t - full[3]).abs().min() > 0 and (noise - full[2]).abs().min() > 0
 
 def test_step_draws_label_drop_flips_times_noise_and_pixel_scale():
@@ -1348,9 +1361,8 @@ def test_step_draws_label_drop_flips_times_noise_and_pixel_scale():
     n = 20_000
     img = torch.tensor([[0, 255], [51, 204]], dtype=torch.uint8)               # left / right differ: a flip shows
     images, labels = img.expand(n, 3, 2, 2).clone(), torch.arange(n) % 5
-    args, run_args = inputs_settings(global_batch_size=n)
-    run_args['input_size'] = 2
-    x, y, noise, t, target = step_inputs(images, labels, 0, args, run_args)
+    args = inputs_settings(global_batch_size=n, input_size=2)
+    x, y, noise, t, target = step_inputs(images, labels, 0, args)
     assert target is None
     assert irepa.LABEL_DROP == 0.1
     dropped = y == 5
@@ -1383,10 +1395,9 @@ def test_latent_setting_encodes_the_same_image_the_encoder_sees():
     alignment encoder's input, while the encoder sees the 0..255 pixel image itself, not the latents (SPEC 13);
     the posterior's eps is its own draw, not the flow's noise."""
     images = torch.randint(0, 256, (8, 3, 16, 16), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
-    args, _ = inputs_settings()
-    run_args = dict(in_channels=4, input_size=2, num_classes=5)
+    args = inputs_settings(in_channels=4, input_size=2)
     enc, vae = PatchMeans(2), PoolVAE()
-    x, y, noise, t, target = step_inputs(images, torch.arange(8) % 5, 0, args, run_args, encoder=enc, sd_vae=vae)
+    x, y, noise, t, target = step_inputs(images, torch.arange(8) % 5, 0, args, encoder=enc, sd_vae=vae)
     (vae_in, eps), = vae.seen
     flipped = flips_of(enc.seen[0], images)
     assert any(flipped) and not all(flipped)
@@ -1441,8 +1452,8 @@ def test_training_loop_by_hand(tmp_path, monkeypatch, fp32):
     the clipped scale), AdamW, then EMA e <- d e + (1 - d) p with d = 0.9 from the stepped weights. Pins the clipping
     (value, place before the step) and the EMA (decay, order) that a one-step check or a spy on the call cannot."""
     import copy
-    monkeypatch.setitem(irepa.RECIPES, 'demo', dict(irepa.RECIPES['demo'], clip_grad=0.05, ema_decay=0.9, hflip=True))
-    run = run_train(tmp_path, '--encoder', 'hog', '--irepa', '--max-steps', '2', '--ckpt-every', '2')
+    run = run_train(tmp_path, '--encoder', 'hog', '--irepa', '--max-steps', '2', '--ckpt-every', '2',
+                    '--clip_grad=0.05', '--ema_decay=0.9', '--hflip=True')
     ck = load_last(run)
     a = ck['args']
     assert (a['clip_grad'], a['ema_decay'], a['proj_coeff'], a['encoder_depth'], a['hflip']) == (0.05, 0.9, 0.5, 2,
@@ -1455,7 +1466,7 @@ def test_training_loop_by_hand(tmp_path, monkeypatch, fp32):
     enc, ds = irepa.load_encoder('hog', 4), irepa.Shapes(50_000, 16, seed=0)
     for step, idx in enumerate(irepa.global_batches(len(ds), 8, 0, 0)[:2]):
         images, labels = torch.stack([ds[i][0] for i in idx]), torch.tensor([ds[i][1] for i in idx])
-        x, y, noise, t, target = step_inputs(images, labels, step, argparse.Namespace(**a), a, encoder=enc)
+        x, y, noise, t, target = step_inputs(images, labels, step, argparse.Namespace(**a), encoder=enc)
         denoise, align = irepa.flow_matching_loss(model, x, y, noise, t, target)
         (denoise + 0.5 * align).backward()
         norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params))

@@ -1,4 +1,4 @@
-"""Tests for MeanFlow (irepa.py section 10, sample.py's meanflow_sampler): the jvp, the target, the adaptive weight,
+"""Tests for MeanFlow (irepa.py section 7, sample.py's meanflow_sampler): the jvp, the target, the adaptive weight,
 guidance, the samplers' closed forms, DDP, resume, and a loss that trains. CPU only: python -m pytest -q"""
 import os
 
@@ -16,9 +16,8 @@ MF = ['--objective', 'meanflow']
 def tiny_mf(**kw):
     """A tiny MeanFlow SiT with every weight random (not adaLN-Zero's zeros), so u depends on every input."""
     torch.manual_seed(0)
-    cfg = dict(input_size=8, patch_size=4, hidden_size=32, depth=3, num_heads=2, num_classes=5, encoder_depth=2,
-               meanflow=True)
-    model = irepa.SiT(**{**cfg, **kw})
+    cfg = dict(input_size=8, patch_size=4, hidden_size=32, depth=3, num_heads=2, num_classes=5, encoder_depth=2)
+    model = irepa.MeanFlowSiT(**{**cfg, **kw})
     for p in model.parameters():
         if p.requires_grad:
             p.data.normal_(0, 0.1)
@@ -35,11 +34,12 @@ def batch(B=4, seed=1):
 def test_interval_embedder_only_for_meanflow():
     """Flow-matching SiTs keep the official parameter names; MeanFlow adds a time embedding for t - r, initialised like
     t's (weights N(0, 0.02), zero biases), and leaves the rest of SiT's initial weights as a seed gives them."""
+    cfg = dict(input_size=8, patch_size=4, hidden_size=32, depth=2, num_heads=2, num_classes=5, encoder_depth=1)
     torch.manual_seed(3)
-    fm = irepa.SiT(input_size=8, patch_size=4, hidden_size=32, depth=2, num_heads=2, num_classes=5, encoder_depth=1)
+    fm = irepa.SiT(**cfg)
     torch.manual_seed(3)
-    mf = irepa.SiT(input_size=8, patch_size=4, hidden_size=32, depth=2, num_heads=2, num_classes=5, encoder_depth=1,
-                   meanflow=True)
+    mf = irepa.MeanFlowSiT(**cfg)
+    assert 'meanflow' not in irepa.SiT.__init__.__code__.co_varnames           # SiT itself knows no MeanFlow
     assert not any('interval' in k for k in fm.state_dict())
     extra = set(mf.state_dict()) - set(fm.state_dict())
     assert extra == {f'interval_embedder.mlp.{i}.{p}' for i in (0, 2) for p in ('weight', 'bias')}
@@ -98,10 +98,10 @@ def test_r_equal_t_without_guidance_is_weighted_flow_matching(p, eps):
     model = tiny_mf()
     x, noise, t, _ = batch()
     y = torch.tensor([0, 1, 2, 3])
-    loss, align = irepa.meanflow_loss(model, x, y, noise, t, t, raw_model=model, omega=1.0, kappa=0.0,
+    loss, align = irepa.meanflow_loss(model, x, y, noise, torch.stack([t, t], 1), raw_model=model, omega=1.0, kappa=0.0,
                                       p=p, eps=eps)
     want, err = hand_loss(model, x, y, noise, t, noise - x, p, eps)
-    assert align is None
+    assert align == 0                                                            # no target: nothing to align
     torch.testing.assert_close(loss, err.mean(), rtol=1e-5, atol=1e-6)
     for a, b in zip(grads(model, loss), grads(model, want)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
@@ -114,7 +114,7 @@ def test_guidance_mixing_by_hand_and_dropped_labels_keep_v():
     x, noise, t, _ = batch()
     y, null = torch.tensor([0, 5, 2, 5]), 5                                    # samples 1 and 3: dropped labels
     omega, kappa, p, eps = 0.6, 0.3, 1.0, 0.01
-    loss, _ = irepa.meanflow_loss(model, x, y, noise, t, t, raw_model=model, omega=omega, kappa=kappa,
+    loss, _ = irepa.meanflow_loss(model, x, y, noise, torch.stack([t, t], 1), raw_model=model, omega=omega, kappa=kappa,
                                   p=p, eps=eps)
     z_t = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
     with torch.no_grad():
@@ -136,7 +136,7 @@ def test_target_subtracts_the_interval_times_du_dt(omega, kappa):
     model = tiny_mf()
     x, noise, t, r = batch()
     y = torch.tensor([0, 1, 2, 3])
-    loss, _ = irepa.meanflow_loss(model, x, y, noise, t, r, raw_model=model, omega=omega, kappa=kappa,
+    loss, _ = irepa.meanflow_loss(model, x, y, noise, torch.stack([t, r], 1), raw_model=model, omega=omega, kappa=kappa,
                                   p=0.0, eps=0.01)
     z_t = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
     v, e, zero = noise - x, 1e-3, torch.zeros(4)
@@ -152,23 +152,33 @@ def test_target_subtracts_the_interval_times_du_dt(omega, kappa):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=5e-4)            # the finite differences' error
 
 
-def test_training_inputs_draw_r_below_t_for_a_quarter_and_never_for_dropped_labels():
-    args = irepa.get_args(TRAIN + MF + ['--global-batch-size', '4000'])
-    images, labels = torch.zeros(4000, 3, 16, 16, dtype=torch.uint8), torch.arange(4000) % 4
-    x, y, noise, t, r, target = irepa.training_inputs(
-        images, labels, 0, args, dict(in_channels=3, input_size=16, num_classes=4), rank=0, world=1,
-        generator=torch.Generator(), sd_vae=None, encoder=None, mixed_precision=torch.autocast('cpu', enabled=False))
-    assert (r <= t).all() and target is None
-    differ = r < t
+def mf_inputs(args, images, labels, rank=0, world=1, step=0):
+    args.in_channels, args.input_size, args.num_classes = 3, 16, 4
+    return irepa.training_inputs(images, labels, step, args, rank=rank, world=world, generator=torch.Generator(),
+                                 sd_vae=None, encoder=None, mixed_precision=torch.autocast('cpu', enabled=False))
+
+
+@pytest.mark.parametrize('B', [4000, 40, 8])
+def test_training_inputs_draw_r_below_t_for_exactly_a_quarter_and_never_for_dropped_labels(B):
+    """The official rule (Gsunshine/meanflow meanflow.py): r = t on the first 75% of the rows and the labels dropped
+    from the first rows, so exactly round(0.25 B) rows have r != t, none with a dropped label."""
+    args = irepa.get_args(TRAIN + MF + ['--global-batch-size', str(B)])
+    images, labels = torch.zeros(B, 3, 16, 16, dtype=torch.uint8), torch.arange(B) % 4
+    x, y, noise, tr, target = mf_inputs(args, images, labels)
+    t, r = tr.unbind(1)
+    assert tr.shape == (B, 2) and (r <= t).all() and target is None
+    differ = r < t                                              # continuous draws: r = t only where it was set so
     assert not differ[y == 4].any()                                            # dropped labels: r = t
-    assert abs(differ.float().mean().item() - 0.25 * 0.9) < 0.03               # ratio 0.25 of the kept labels
-    logit = torch.logit(torch.cat([t, r[differ]]).double())                     # max / min of two N(-0.4, 1) draws
-    assert logit.mean() > -0.4 > torch.logit(r[differ].double()).mean()
-    fm = irepa.get_args(TRAIN + ['--global-batch-size', '4000'])                # flow matching's draws are unchanged
-    x2, y2, noise2, t2, _ = irepa.training_inputs(
-        images, labels, 0, fm, dict(in_channels=3, input_size=16, num_classes=4), rank=0, world=1,
-        generator=torch.Generator(), sd_vae=None, encoder=None, mixed_precision=torch.autocast('cpu', enabled=False))
-    assert torch.equal(noise, noise2) and torch.equal(y, y2)
+    assert differ.sum().item() == round(0.25 * B)                              # exactly a quarter of the batch
+    if B == 4000:
+        logit = torch.logit(torch.cat([t, r[differ]]).double())                 # max / min of two N(-0.4, 1) draws
+        assert logit.mean() > -0.4 > torch.logit(r[differ].double()).mean()
+        fm = irepa.get_args(TRAIN + ['--global-batch-size', str(B)])            # flow matching's draws unchanged
+        x2, y2, noise2, t2, _ = mf_inputs(fm, images, labels)
+        assert torch.equal(noise, noise2) and torch.equal(y, y2)
+    # rank 1 of 2 gets the second half of the global batch's rows, r included
+    half = mf_inputs(args, images[B // 2:], labels[B // 2:], rank=1, world=2)
+    assert torch.equal(half[3], tr[B // 2:]) and torch.equal(half[1], y[B // 2:])
 
 
 class KnownU(torch.nn.Module):
@@ -268,7 +278,7 @@ def test_meanflow_loss_falls_on_a_repeated_batch():
     opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=3e-3)
     losses = []
     for _ in range(60):
-        loss, _ = irepa.meanflow_loss(model, x, y, noise, t, r, raw_model=model, omega=1.0, kappa=0.5,
+        loss, _ = irepa.meanflow_loss(model, x, y, noise, torch.stack([t, r], 1), raw_model=model, omega=1.0, kappa=0.5,
                                       p=1.0, eps=0.01)
         opt.zero_grad()
         loss.backward()

@@ -15,8 +15,8 @@ Data: CIFAR-10 as class folders, ROOT/{train,test}/<class>/<image>. From the off
     python experiments/cifar10.py check --data-path ROOT            # ResNet-56/-20 test accuracy, FD noise floor
     python experiments/cifar10.py fd samples.npz --data-path ROOT   # FD of sample.py's npz; the last line is the FD
 
-`run` trains every arm x seed with irepa.py's own training code and one recipe for all (added below to irepa.RECIPES
-as 'cifar10', so it exists only when this script runs irepa.main): the main table's arms first, then the second's.
+`run` trains every arm x seed with irepa.py's own training code and one recipe for all (RECIPE below, passed to
+irepa.py on its command line on top of its demo setting): the main table's arms first, then the second's.
 It scores the EMA model by FD at 3 points along training, measures LDS/CDS at the end, and writes results.md,
 fd_curve.png and a sample grid per arm to --out-dir. Killed at any point, a rerun skips finished pieces (their
 results/<arm>-s<seed>.json) and resumes unfinished runs from their checkpoints (under results/cifar10/).
@@ -218,16 +218,16 @@ def cmd_check(args):
 # -----------------------------------------------------------------------------
 # 4. The experiment: every arm and seed trained by irepa.py with one recipe, scored along the way
 
-# arm -> (encoder, setting, --irepa). ResNet-20's last stage is a small pretrained CNN target (the CPU-size analogue
+# arm -> (encoder, recipe entries of its own, --irepa). ResNet-20's last stage is a small pretrained CNN target (the CPU-size analogue
 # of the paper's pretrained encoders); HOG is weight-free, pure spatial structure (paper section 3). The main table is
 # the paper's central claim; the second adds HOG and iREPA's two halves alone (paper Table 2), each half a recipe
-# entry (projector, spatial_norm) of its own setting below.
-MAIN_ARMS = {'vanilla': ('none', 'cifar10', False),
-             'REPA-ResNet20': ('resnet20_stage3', 'cifar10', False),
-             'iREPA-ResNet20': ('resnet20_stage3', 'cifar10', True)}
-SECOND_ARMS = {'REPA-HOG': ('hog', 'cifar10', False), 'iREPA-HOG': ('hog', 'cifar10', True),
-               'conv-only-ResNet20': ('resnet20_stage3', 'cifar10-conv', False),
-               'spnorm-only-ResNet20': ('resnet20_stage3', 'cifar10-spnorm', False)}
+# of irepa.py's configuration (projector, spatial_norm).
+MAIN_ARMS = {'vanilla': ('none', {}, False),
+             'REPA-ResNet20': ('resnet20_stage3', {}, False),
+             'iREPA-ResNet20': ('resnet20_stage3', {}, True)}
+SECOND_ARMS = {'REPA-HOG': ('hog', {}, False), 'iREPA-HOG': ('hog', {}, True),
+               'conv-only-ResNet20': ('resnet20_stage3', dict(projector='conv', spatial_norm=False), False),
+               'spnorm-only-ResNet20': ('resnet20_stage3', dict(projector='mlp', spatial_norm=True), False)}
 ARMS = {**MAIN_ARMS, **SECOND_ARMS}
 SEEDS = (0, 1, 2)
 
@@ -235,13 +235,13 @@ SEEDS = (0, 1, 2)
 # global information and spatial structure vary independently (experiments/hubconf.py). With vanilla, REPA-ResNet20
 # and REPA-HOG from the tables above. The alphas were chosen by measurement: per-token probe accuracy rises
 # 48% -> 60% -> 68% -> 75% and LDS falls 0.41 -> 0.26 -> 0.18 -> 0.10 from alpha 0 to 0.25, 0.5, 1.
-TITLE_ARMS = {'REPA-ResNet20-global0.25': ('resnet20_stage3_global025', 'cifar10', False),
-              'REPA-ResNet20-global0.5': ('resnet20_stage3_global05', 'cifar10', False),
-              'REPA-ResNet20-global1': ('resnet20_stage3_global1', 'cifar10', False),
-              'REPA-ResNet20-shuffled': ('resnet20_stage3_shuffled', 'cifar10', False),
-              'REPA-ResNet20-stage2': ('resnet20_stage2_pooled', 'cifar10', False),
-              'REPA-ResNet20-random': ('resnet20_random_stage3', 'cifar10', False),
-              'REPA-pixels': ('pixels', 'cifar10', False)}
+TITLE_ARMS = {'REPA-ResNet20-global0.25': ('resnet20_stage3_global025', {}, False),
+              'REPA-ResNet20-global0.5': ('resnet20_stage3_global05', {}, False),
+              'REPA-ResNet20-global1': ('resnet20_stage3_global1', {}, False),
+              'REPA-ResNet20-shuffled': ('resnet20_stage3_shuffled', {}, False),
+              'REPA-ResNet20-stage2': ('resnet20_stage2_pooled', {}, False),
+              'REPA-ResNet20-random': ('resnet20_random_stage3', {}, False),
+              'REPA-pixels': ('pixels', {}, False)}
 TITLE_SEEDS = (0, 1)
 
 # One recipe for every arm. SiT-T/4 (depth 6, width 192; an 8x8 token grid at 32 px, the grid of ResNet-20's last
@@ -254,13 +254,20 @@ TITLE_SEEDS = (0, 1)
 # (1,000 steps here: 0.99, a 100-step average). Change the steps and the decay follows.
 STEPS = (1000, 2000, 3000)
 EMA_DECAY = 1 - 10 / STEPS[0]
-irepa.RECIPES['cifar10'] = dict(irepa.RECIPES['demo'], model='SiT-T/4', image_size=32, global_batch_size=64, lr=1e-3,
-                                ema_decay=EMA_DECAY, hflip=True, max_steps=STEPS[-1], ckpt_every=STEPS[0],
-                                log_every=100, sampler=dict(mode='ode', heun=True, num_steps=12, cfg_scale=1.0))
-irepa.RECIPES['cifar10-conv'] = dict(irepa.RECIPES['cifar10'], projector='conv', spatial_norm=False)
-irepa.RECIPES['cifar10-spnorm'] = dict(irepa.RECIPES['cifar10'], projector='mlp', spatial_norm=True)
-FULL = dict(steps=STEPS, fd_samples=2000, metric_images=1000, seeds=SEEDS, probe_images=10_000)
-QUICK = dict(steps=(2, 4), fd_samples=20, metric_images=20, seeds=SEEDS[:2], probe_images=40)
+# The recipe: irepa.py's demo setting with these entries (the steps come from `steps` below).
+RECIPE = dict(model='SiT-T/4', image_size=32, global_batch_size=64, lr=1e-3, ema_decay=EMA_DECAY, hflip=True,
+              log_every=100, sampler=dict(mode='ode', heun=True, num_steps=12, cfg_scale=1.0))
+QUICK_RECIPE = dict(RECIPE, log_every=1, global_batch_size=8, sampler=dict(mode='ode', heun=True, num_steps=2))
+FULL = dict(steps=STEPS, fd_samples=2000, metric_images=1000, seeds=SEEDS, probe_images=10_000, recipe=RECIPE)
+QUICK = dict(steps=(2, 4), fd_samples=20, metric_images=20, seeds=SEEDS[:2], probe_images=40, recipe=QUICK_RECIPE)
+
+def recipe(cfg):
+    """The whole recipe: irepa.py's demo setting with cfg's entries."""
+    return {**irepa.RECIPES['demo'], **cfg['recipe']}
+
+def recipe_argv(entries):
+    """irepa.py's command line for recipe entries: --key=value (a Python literal; a string as it is)."""
+    return [f"--{k}={v if isinstance(v, str) else repr(v)}" for k, v in entries.items()]
 METRIC_T = 0.5          # noise level of SiT's hidden states for LDS / CDS (t = 0 data, t = 1 noise)
 
 def git_commit():
@@ -273,10 +280,9 @@ def save_json(path, obj):
         json.dump(obj, f, indent=1)
     os.replace(path + '.tmp', path)                                             # atomic: a kill leaves the old one
 
-def fd_of(model, net, ref, n, seed):
-    """FD of n samples of the EMA model (the recipe's sampler, no CFG, labels balanced) vs the reference,
+def fd_of(model, net, ref, n, seed, s):
+    """FD of n samples of the EMA model (sampler s: the recipe's, no CFG, labels balanced) vs the reference,
     and the samples (uint8 (n, 32, 32, 3))."""
-    s = irepa.RECIPES['cifar10']['sampler']
     images = sample.sample(model, torch.arange(n) % model.num_classes, mode=s['mode'], heun=s['heun'],
                            num_steps=s['num_steps'], seed=seed, batch_size=500)
     feats = fd_features(net, torch.from_numpy(images).permute(0, 3, 1, 2))
@@ -313,7 +319,7 @@ def run_arm(args, arm, seed, cfg, net, ref):
         return res
     if here not in res['commit'].split('+'):                                   # continued under other code: say so
         res['commit'] += '+' + here
-    encoder, setting, use_irepa = {**ARMS, **TITLE_ARMS}[arm]
+    encoder, entries, use_irepa = {**ARMS, **TITLE_ARMS}[arm]
     root, last = os.path.join(args.runs_dir, f'{arm}-s{seed}'), cfg['steps'][-1]
     for step in cfg['steps']:
         if str(step) in res['fd'] and (step != last or 'lds' in res):            # the last step: FD and LDS
@@ -323,15 +329,16 @@ def run_arm(args, arm, seed, cfg, net, ref):
         if ckpt is None or not os.path.isfile(ckpt):
             t0 = time.time()
             argv = (['--resume', run_dir] if run_dir else
-                    ['--setting', setting, '--encoder', encoder, '--irepa' if use_irepa else '--no-irepa',
+                    ['--setting', 'demo', '--encoder', encoder, '--irepa' if use_irepa else '--no-irepa',
                      '--hub-dir', HERE, '--data-path', os.path.join(args.data_path, 'train'), '--seed', str(seed),
-                     '--results-dir', root, '--ckpt-every', str(cfg['steps'][0])])
+                     '--results-dir', root, '--ckpt-every', str(cfg['steps'][0])]
+                    + recipe_argv({**cfg['recipe'], **entries}))
             run_dir = irepa.main(argv + ['--max-steps', str(step)])
             res['train_s'] += time.time() - t0
             ckpt = os.path.join(run_dir, 'checkpoints', f'{step:07d}.pt')
         t0 = time.time()
         model, _ = irepa.load_sit(ckpt)
-        res['fd'][str(step)], images = fd_of(model, net, ref, cfg['fd_samples'], seed)
+        res['fd'][str(step)], images = fd_of(model, net, ref, cfg['fd_samples'], seed, cfg['recipe']['sampler'])
         if step == last and seed == cfg['seeds'][0]:                            # for the grid: 8 per class
             np.save(os.path.join(args.out_dir, 'results', f'{arm}-samples.npy'), images[:80])
         res['eval_s'] += time.time() - t0
@@ -350,7 +357,7 @@ def target_metrics(args, cfg):
     if os.path.isfile(path):
         return json.load(open(path))
     images, _ = test_images(args, cfg['metric_images'])
-    gamma, out = irepa.RECIPES['cifar10']['spnorm_gamma'], {}
+    gamma, out = recipe(cfg)['spnorm_gamma'], {}
     for name in sorted({enc for enc, _, _ in ARMS.values() if enc != 'none'}):
         encoder = irepa.load_encoder(name, 8, None if name == 'hog' else HERE)
         with torch.no_grad(), irepa.autocast('cpu'):
@@ -446,7 +453,7 @@ def speed_table(arms, results, steps, seeds):
 def write_report(args, cfg, results, targets):
     """results.md (tables of mean ± sd, paired differences with t-intervals, convergence speed), fd_curve.png and a
     sample grid per arm."""
-    steps, seeds, rec = [str(s) for s in cfg['steps']], cfg['seeds'], irepa.RECIPES['cifar10']
+    steps, seeds, rec = [str(s) for s in cfg['steps']], cfg['seeds'], recipe(cfg)
     last = steps[-1]
     commits = sorted({r.get('commit', 'unknown') for r in results}) or [git_commit()]
     lines = ["# CIFAR-10: vanilla SiT vs REPA vs iREPA (produced by experiments/cifar10.py)", "",
@@ -749,10 +756,6 @@ def alpha_figure(targets, fds, path, last):
 
 def cmd_run(args):
     cfg = QUICK if args.quick else FULL
-    if args.quick:
-        for setting in ('cifar10', 'cifar10-conv', 'cifar10-spnorm'):
-            irepa.RECIPES[setting].update(max_steps=cfg['steps'][-1], ckpt_every=cfg['steps'][0], log_every=1,
-                                          global_batch_size=8, sampler=dict(mode='ode', heun=True, num_steps=2))
     if args.runs_dir is None:
         args.runs_dir = os.path.join(args.out_dir, 'runs') if args.quick else os.path.join(ROOT, 'results', 'cifar10')
     os.makedirs(os.path.join(args.out_dir, 'results'), exist_ok=True)
@@ -774,9 +777,6 @@ def cmd_title(args):
     answers something); resumable like `run`."""
     cfg = QUICK if args.quick else FULL
     seeds = cfg['seeds'] if args.quick else TITLE_SEEDS
-    if args.quick:
-        irepa.RECIPES['cifar10'].update(max_steps=cfg['steps'][-1], ckpt_every=cfg['steps'][0], log_every=1,
-                                        global_batch_size=8, sampler=dict(mode='ode', heun=True, num_steps=2))
     if args.runs_dir is None:
         args.runs_dir = os.path.join(args.out_dir, 'runs') if args.quick else os.path.join(ROOT, 'results', 'cifar10')
     os.makedirs(os.path.join(args.out_dir, 'results'), exist_ok=True)
