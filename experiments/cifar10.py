@@ -450,6 +450,18 @@ def speed_table(arms, results, steps, seeds):
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {summary} |")
     return lines
 
+# Where the committed runs were made (written into results.md; the per-run table above has each run's times).
+HISTORY = """\
+All 21 runs were made from a git worktree at commit 1971f41, 2 CPU cores, bf16 autocast. The first five main-table runs
+ran on an Intel Xeon host, partly beside other work (so the sums above exceed a quiet host's); the rest on AMD EPYC
+hosts. On a quiet AMD EPYC host the seed-2 main-table runs took 17 min for vanilla, 31 min for REPA and 17 min for
+iREPA (iREPA seed 1: 23 min), training and the three FD evaluations together. The second table took about 6.8 h in
+all: 33 to 35 min per run for REPA-HOG, 18 to 20 for iREPA-HOG, 17 to 20 for conv-only and 31 to 37 for spnorm-only on
+the faster hosts; its seed-2 runs ran on a slower AMD EPYC host (0.93 s a step for REPA-HOG against 0.54 s) and took
+34 to 67 min (REPA-HOG's 67 includes 1,000 steps retrained after its checkpoint was lost with a machine). An earlier
+version of this experiment (EMA 0.999, 2 seeds) measured mostly how far the EMA still lagged behind the model (0.999^s
+of the initial weights remained: 37% at 1K steps), so its curves lay on top of each other; it was withdrawn."""
+
 def write_report(args, cfg, results, targets):
     """results.md (tables of mean ± sd, paired differences with t-intervals, convergence speed), fd_curve.png and a
     sample grid per arm."""
@@ -506,6 +518,8 @@ def write_report(args, cfg, results, targets):
               f"{sum(r['train_s'] + r['eval_s'] for r in results) / 60:.1f} min on 2 CPU cores.",
               f"Command: `python experiments/cifar10.py run --data-path ROOT{' --quick' if args.quick else ''}`, "
               f"run from a git worktree at commit {', '.join(commits)}."]
+    if not args.quick:
+        lines += ["", "## Hosts and history", "", HISTORY]
     open(os.path.join(args.out_dir, 'results.md'), 'w').write('\n'.join(lines) + '\n')
     fd_curve(results, cfg['steps'], os.path.join(args.out_dir, 'fd_curve.png'))
     classes = image_folder(args.data_path, 'test').classes
