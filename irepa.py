@@ -48,10 +48,11 @@ import os
 import platform
 import socket
 import sys
+import threading
 import time
 import warnings
 from contextlib import nullcontext
-from functools import partial
+from functools import lru_cache, partial
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -697,12 +698,13 @@ def new_model(args, ckpt, device):
 LABEL_DROP = 0.1        # labels replaced by the null class in training, for CFG (DiT, SiT, REPA)
 
 def training_inputs(images, labels, step, args, *, rank, world, generator, sd_vae, encoder,
-                    mixed_precision):
+                    mixed_precision, moments=None):
     """One step's inputs for this rank: x (B, C, S, S), y (B,), noise like x, t (B,)
-    (MeanFlow: (B, 2), t and r), target (B, T, D_enc) or None. Every random number of a step is
-    drawn for the whole global batch from a generator seeded by the step, and each rank takes its
-    slice: any world size or --grad-accum trains the same, and a resume is exact. (Drawing the
-    global batch is cheap next to SiT.)"""
+    (MeanFlow: (B, 2), t and r), target (B, T, D_enc) or None. `moments` (B, 8, S, S): a prepared
+    folder's stored SD-VAE mean and logvar, sampled instead of encoding. Every random number of a
+    step is drawn for the whole global batch from a generator seeded by the step, and each rank
+    takes its slice: any world size or --grad-accum trains the same, and a resume is exact.
+    (Drawing the global batch is cheap next to SiT.)"""
     GB, C, S, dev = args.global_batch_size, args.in_channels, args.input_size, images.device
     mine = slice(rank * (GB // world), (rank + 1) * (GB // world))
     generator.manual_seed(step_seed(args.seed, step))
@@ -723,8 +725,11 @@ def training_inputs(images, labels, step, args, *, rank, world, generator, sd_va
     y = torch.where(drop[mine] < LABEL_DROP, args.num_classes, labels)
     # SiT (or the VAE) sees images in [-1, 1].
     x = images.float() / 127.5 - 1
-    # The latent setting: a normalised posterior sample of the SD-VAE.
-    if sd_vae is not None:
+    # The latent setting: a normalised posterior sample of the SD-VAE, from the moments stored
+    # by prepare.py (as the official code trains) or by encoding the batch.
+    if moments is not None:
+        x = sd_vae.sample(*moments.chunk(2, dim=1), eps[mine])                  # (B, 4, S, S)
+    elif sd_vae is not None:
         x = sd_vae.encode(x, eps[mine])                                         # (B, 4, S, S)
     target = None
     if encoder is not None:
@@ -753,9 +758,10 @@ def main(argv=None):
     # values derived at start join the configuration (the SD-VAE: 8x smaller, 4 channels)
     args.input_size = args.image_size // 8 if args.vae else args.image_size
     args.in_channels = 4 if args.vae else 3
-    sd_vae, encoder = frozen_networks(args, args.input_size // patch, device, world, master)
+    sd_vae, encoder = frozen_networks(args, dataset, args.input_size // patch, device, world)
     derive_args(args, dataset, encoder, world, device)
     model, ema, opt, step = new_model(args, ckpt, device)
+    ckpt = ckpt and dict(args=ckpt['args'])            # restored: drop the memory-mapped weights
     run_dir = args.resume or new_run_dir(args, master, world)
     log = Logger(run_dir, master)
     log_start(log, args, ckpt, model, dataset, step, run_dir)
@@ -765,7 +771,10 @@ def main(argv=None):
         model = torch.compile(model)
     if world > 1:
         device_ids = [device.index] if device.type == 'cuda' else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # Gradients live in the all-reduce buckets (no copy); 100 MB buckets: 24 for SiT-XL/2's
+        # 2.6 GB of fp32 gradients (25 MB, the default: 59), each a subgraph under --compile.
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                    gradient_as_bucket_view=True, bucket_cap_mb=100)
     # The second objective's loss.
     if args.objective == 'meanflow':
         mf = args.meanflow
@@ -793,12 +802,14 @@ def main(argv=None):
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
                                              num_workers=args.num_workers,
                                              pin_memory=device.type == 'cuda')
-        for images, labels in loader:
+        # A prepared latent folder also gives the SD-VAE's stored moments.
+        for images, labels, *moments in loader:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
+            moments = moments[0].to(device, non_blocking=True) if moments else None
             x, y, noise, t, target = training_inputs(
                 images, labels, step, args, rank=rank, world=world, generator=generator,
-                sd_vae=sd_vae, encoder=encoder, mixed_precision=mixed_precision)
+                sd_vae=sd_vae, encoder=encoder, mixed_precision=mixed_precision, moments=moments)
             # JiT: linear warm-up, then constant.
             if warmup_steps:
                 for group in opt.param_groups:
@@ -839,9 +850,10 @@ def main(argv=None):
                 sums.zero_()
                 t0, last_step = time.time(), step
             if step % args.ckpt_every == 0 or step == args.max_steps:
-                save_run(log, run_dir, step, raw_model, ema, opt, args, master, world)
+                save_run(log, run_dir, step, raw_model, ema, opt, args, master)
             if step >= args.max_steps:
                 break
+    wait_for_save()
     if master and args.setting == 'demo':
         print(f"demo: now sample a grid with  python sample.py --ckpt {run_dir}", flush=True)
     if world > 1:
@@ -885,6 +897,17 @@ def setup_distributed():
     if torch.cuda.is_available():
         return 0, 1, torch.device('cuda')
     return 0, 1, torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
+
+@contextlib.contextmanager
+def node_first(world):
+    """The first process of each node runs the block, then the node's others do (every process
+    passes one barrier): a download into a node's cache (torch.hub, the VAE) happens once a node."""
+    first = int(os.environ.get('LOCAL_RANK', 0)) == 0
+    if world > 1 and not first:
+        dist.barrier()
+    yield
+    if world > 1 and first:
+        dist.barrier()
 
 def attention(q, k, v):
     """softmax(q k^T / sqrt(hs)) v for q, k, v (B, nh, T, hs). PyTorch's fused kernel, except on a
@@ -1138,25 +1161,112 @@ def hub_load(name, hub_repo=None):
 class SDVAE:
     """The latent setting's frozen SD-VAE (vae.py; iREPA Appendix G): images in [-1, 1] <-> the
     normalised latents SiT is trained on, (latent - bias) * scale with the official
-    per-channel statistics."""
-    def __init__(self, device):
+    per-channel statistics. With `stats` (a prepared folder's scale and bias) no weights are
+    loaded: the step samples from the stored moments and never runs the encoder."""
+    def __init__(self, device, stats=None):
         # vae.py, a sibling file that needs only torch.
         import vae
         self.lib = vae
-        self.vae, self.scale, self.bias = vae.load_vae(device=device)
+        if stats is None:
+            self.vae, self.scale, self.bias = vae.load_vae(device=device)
+        else:
+            self.vae = None
+            self.scale, self.bias = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in stats)
 
     @torch.no_grad()
-    # x (B, 3, H, W) -> (B, 4, H/8, W/8)
-    def encode(self, x, eps):
-        # fp32 (TF32 on CUDA), as in DiT's train.py.
-        mean, logvar = self.vae.encode(x)
+    def sample(self, mean, logvar, eps):
+        """The normalised posterior sample of moments mean, logvar (B, 4, h, w)."""
         latent = self.lib.sample_posterior(mean, logvar, eps)
         return self.lib.normalize_latents(latent, self.scale, self.bias)
 
     @torch.no_grad()
-    # latent (B, 4, h, w) -> (B, 3, 8h, 8w)
+    def encode(self, x, eps):
+        """x (B, 3, H, W) -> (B, 4, H/8, W/8), in fp32 (TF32 on CUDA), as in DiT's train.py."""
+        return self.sample(*self.vae.encode(x), eps)
+
+    @torch.no_grad()
     def decode(self, latent):
+        """latent (B, 4, h, w) -> (B, 3, 8h, 8w)."""
         return self.vae.decode(self.lib.denormalize_latents(latent, self.scale, self.bias))
+
+PREPARED_FORMAT = 'irepa-prepared-v1'
+
+@lru_cache(maxsize=64)
+def open_shard(path):
+    """A shard of a prepared folder, memory-mapped; at most 64 open per process (each holds a file)."""
+    return np.load(path, mmap_mode='r')
+
+def npy_shape(path):
+    """(shape, dtype) from an .npy file's header; ValueError if the file is shorter than its data."""
+    with open(path, 'rb') as f:
+        fmt = np.lib.format
+        version = fmt.read_magic(f)
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read(f)
+        if f.tell() + math.prod(shape) * dtype.itemsize > os.path.getsize(path):
+            raise ValueError("shorter than its header says")
+    return shape, dtype
+
+class PreparedFolder(torch.utils.data.Dataset):
+    """A folder written by prepare.py: manifest.json, images-NNNNN.npy (uint8 (n, S, S, 3), ADM
+    center crops) and, for the latent setting, moments-NNNNN.npy (float32 (n, 8, S/8, S/8): the
+    SD-VAE's mean and logvar), read memory-mapped. Items: (uint8 (3, S, S), label), plus the
+    moments (8, S/8, S/8) when `vae` names the VAE they were made with. Checked at start: complete,
+    the resolution, crop and VAE of this run, every shard's size, the image count."""
+    def __init__(self, root, image_size, vae):
+        path = os.path.join(root, 'manifest.json')
+        try:
+            with open(path) as f:
+                m = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
+        if m.get('format') != PREPARED_FORMAT:
+            raise ValueError(f"{path} is not a prepare.py manifest ({PREPARED_FORMAT})")
+        if not m['complete']:
+            raise ValueError(f"{root} is not complete: run prepare.py again to finish it")
+        if m['resolution'] != image_size:
+            raise ValueError(f"{root} was prepared at {m['resolution']} px; this run trains at "
+                             f"{image_size} px (--image-size)")
+        if m['crop'] != 'adm-center':
+            raise ValueError(f"{root} holds {m['crop']} crops; this code trains on ADM's center crop")
+        if m['vae'] != vae:
+            if vae is None:
+                why = f"holds {m['vae']} moments; this run has no VAE: prepare it with --vae none"
+            elif m['vae'] is None:
+                why = "has no VAE moments; the latent setting needs them (prepare.py without --vae none)"
+            else:
+                why = f"holds {m['vae']} moments; this run's VAE is {vae}"
+            raise ValueError(f"{root} {why}")
+        self.classes = m['class_names']
+        self.labels = np.repeat(np.arange(len(self.classes)), m['class_counts'])   # class-major order
+        self.latent_stats = (m['latents_scale'], m['latents_bias']) if vae else None
+        self.shard_size = m['shard_size']
+        num_shards = -(-len(self.labels) // self.shard_size)
+        self.files = {kind: [os.path.join(root, f'{kind}-{k:05d}.npy') for k in range(num_shards)]
+                      for kind in (('images', 'moments') if vae else ('images',))}
+        n = 0
+        for kind, paths in self.files.items():
+            n = 0
+            for p in paths:
+                try:
+                    shape, _ = npy_shape(p)
+                except (OSError, ValueError) as e:
+                    raise ValueError(f"{p} is truncated or unreadable ({e}); run prepare.py again "
+                                     f"to rewrite it (delete it first)") from None
+                n += shape[0]
+        if n != m['count'] or len(self.labels) != m['count']:
+            raise ValueError(f"{root}: its manifest says {m['count']} images, its shards hold {n}")
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, idx):
+        k, i = divmod(idx, self.shard_size)
+        image = torch.from_numpy(np.array(open_shard(self.files['images'][k])[i]))   # (S, S, 3)
+        item = (image.permute(2, 0, 1).contiguous(), int(self.labels[idx]))
+        if 'moments' in self.files:
+            item += (torch.from_numpy(np.array(open_shard(self.files['moments'][k])[i])),)
+        return item
 
 # -----------------------------------------------------------------------------
 # C. Bad input: one-line errors, range checks and the invariants checked before anything
@@ -1295,8 +1405,17 @@ def check_model(args):
     return patch
 
 def open_dataset(args, ckpt):
-    dataset = (call_or_fail(ImageFolder, args.data_path, args.image_size) if args.data_path
-               else Shapes(50_000, args.image_size, seed=args.seed))
+    """The training images: a prepared folder (prepare.py; it has manifest.json), class folders, or
+    without --data-path the demo's procedural shapes."""
+    if args.data_path and os.path.isfile(os.path.join(args.data_path, 'manifest.json')):
+        dataset = call_or_fail(PreparedFolder, args.data_path, args.image_size, args.vae)
+        if args.vae and args.hflip:
+            fail(f"{args.data_path}: its stored moments are of unflipped images; the latent setting "
+                 f"trains without flips (hflip False)")
+    elif args.data_path:
+        dataset = call_or_fail(ImageFolder, args.data_path, args.image_size)
+    else:
+        dataset = Shapes(50_000, args.image_size, seed=args.seed)
     if len(dataset) < args.global_batch_size:
         fail(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
     if ckpt is not None and list(dataset.classes) != ckpt['args']['class_names']:
@@ -1308,18 +1427,18 @@ def open_dataset(args, ckpt):
              f"--data-path may move the data, not change it")
     return dataset
 
-def frozen_networks(args, grid, device, world, master):
-    """The SD-VAE (latent setting) and the alignment encoder, or None; rank 0 loads first, so a
-    download happens once. The encoder's token grid must be SiT's."""
-    if world > 1 and not master:
-        dist.barrier()
-    # A one-line error when the VAE files are missing.
-    sd_vae = call_or_fail(SDVAE, device) if args.vae else None
+def frozen_networks(args, dataset, grid, device, world):
+    """The SD-VAE (latent setting; from a prepared folder only its latent statistics) and the
+    alignment encoder, or None, each downloaded once a node (node_first). The encoder's token grid
+    must be SiT's."""
+    sd_vae = None
     encoder = None
-    if args.encoder != 'none':
-        encoder = call_or_fail(load_encoder, args.encoder, grid, args.hub_dir, device)
-    if world > 1 and master:
-        dist.barrier()
+    with node_first(world):
+        if args.vae:
+            # A one-line error when the VAE files are missing.
+            sd_vae = call_or_fail(SDVAE, device, getattr(dataset, 'latent_stats', None))
+        if args.encoder != 'none':
+            encoder = call_or_fail(load_encoder, args.encoder, grid, args.hub_dir, device)
     if encoder is not None:
         # A --hub-dir entry may be anything.
         try:
@@ -1425,19 +1544,48 @@ def save_checkpoint(path, ckpt):
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
-def save_run(log, run_dir, step, model, ema, opt, args, master, world):
+def save_run(log, run_dir, step, model, ema, opt, args, master):
     """The checkpoint <run>/checkpoints/<step>.pt: model, EMA, optimizer, args, step; atomically, by
-    rank 0, and never with non-finite weights."""
+    rank 0, and never with non-finite weights. Rank 0 copies the state to host memory and writes it
+    in a background thread while training goes on (one save at a time: the next waits for it), so
+    slow storage holds no rank; main() waits for the last one before it returns."""
     if not all(torch.isfinite(p).all() for p in [*model.parameters(), *ema.parameters()]):
         fail(f"non-finite weights at step {step}; not saving. "
              f"The last good checkpoint is in {run_dir}/checkpoints")
     if master:
+        state = host_copy(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                               args=vars(args), step=step))
+        wait_for_save()
         path = os.path.join(run_dir, 'checkpoints', f"{step:07d}.pt")
-        save_checkpoint(path, dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                                   args=vars(args), step=step))
+        SAVING['thread'] = threading.Thread(target=background_save, args=(path, state, log))
+        SAVING['thread'].start()
+
+SAVING = dict(thread=None, error=None)       # the save in flight, and how it failed
+
+def host_copy(obj):
+    """A copy of a (nested) state dict with every tensor in host memory, detached from training."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to('cpu', copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
+
+def background_save(path, state, log):
+    try:
+        save_checkpoint(path, state)
         log(f"saved {path}")
-    if world > 1:
-        dist.barrier()
+    except Exception as e:                                                      # raised by wait_for_save
+        SAVING['error'] = f"could not save {path} ({type(e).__name__}: {e})"
+
+def wait_for_save():
+    if SAVING['thread'] is not None:
+        SAVING['thread'].join()
+        SAVING['thread'] = None
+    if SAVING['error']:
+        error, SAVING['error'] = SAVING['error'], None
+        fail(error)
 
 def checkpoints(run_dir):
     """A run's checkpoint files <step>.pt, oldest first (by step:
@@ -1458,8 +1606,9 @@ def load_latest_checkpoint(run_dir):
             os.remove(tmp)
     for path in reversed(checkpoints(run_dir)):
         try:
-            # weights_only: tensors and plain types.
-            return torch.load(path, map_location='cpu', weights_only=True)
+            # weights_only: tensors and plain types. Memory-mapped: the weights and AdamW's moments
+            # are read as the model and optimizer copy them, not held whole by every rank.
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
         except Exception as e:
             warnings.warn(f"skipping unreadable checkpoint {path} ({type(e).__name__}); "
                           f"trying the one before")

@@ -249,8 +249,11 @@ def main(argv=None):
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     model, ckpt_args = irepa.call_or_fail(irepa.load_sit, args.ckpt, device, args.model)
-    # A latent-space checkpoint's samples are decoded with the VAE.
-    sd_vae = irepa.call_or_fail(irepa.SDVAE, device) if ckpt_args.get("vae") else None
+    # A latent-space checkpoint's samples are decoded with the VAE, downloaded once a node.
+    sd_vae = None
+    with irepa.node_first(world):
+        if ckpt_args.get("vae"):
+            sd_vae = irepa.call_or_fail(irepa.SDVAE, device)
     K, class_names = model.num_classes, ckpt_args.get("class_names")
     recipe = {**dict(mode="sde", num_steps=250, heun=False, cfg_scale=1.0),
               **(ckpt_args.get("sampler") or {})}

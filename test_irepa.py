@@ -1540,3 +1540,21 @@ def test_resume_of_a_checkpoint_from_an_older_irepa_is_a_one_line_error(tmp_path
     with pytest.raises(SystemExit, match=r"has no objective, spatial_norm: an older irepa.py wrote it") as e:
         irepa.main(['--resume', run, '--max-steps', '2'])
     assert '\n' not in str(e.value)
+
+def test_checkpoint_written_in_the_background_holds_its_own_steps_weights(tmp_path, monkeypatch):
+    """The save runs in a thread while training goes on: a slow write (here 0.5 s) must still hold the weights of
+    the step it names, not later ones; the run waits for the last save before it returns."""
+    import time as _time
+    slow = irepa.save_checkpoint
+    def save(path, ckpt):
+        _time.sleep(0.5)
+        slow(path, ckpt)
+    monkeypatch.setattr(irepa, 'save_checkpoint', save)
+    run = run_train(tmp_path / 'a', '--encoder', 'hog', '--irepa', '--max-steps', '4', '--ckpt-every', '2')
+    assert sorted(os.listdir(os.path.join(run, 'checkpoints'))) == ['0000002.pt', '0000004.pt']
+    mid = torch.load(os.path.join(run, 'checkpoints', '0000002.pt'), weights_only=False)
+    two = load_last(run_train(tmp_path / 'b', '--encoder', 'hog', '--irepa', '--max-steps', '2'))
+    for part in ('model', 'ema'):
+        for k in two[part]:
+            assert torch.equal(mid[part][k], two[part][k]), (part, k)
+    assert mid['opt']['state'][0]['step'] == two['opt']['state'][0]['step'] == 2

@@ -1,0 +1,165 @@
+"""Tests for prepare.py and training from a prepared folder (irepa.py's PreparedFolder): the stored crops and moments,
+resuming a killed preparation, torchrun, a run from prepared data equal to one from the raw folder, bad input."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import irepa
+import prepare
+from test_irepa import HERE, LATENT, TRAIN, fp32, load_last, vae_home  # noqa: F401 (fixtures)
+
+
+@pytest.fixture
+def raw(tmp_path):
+    """root/<class>/<image>: 11 images of varied sizes and aspect ratios in 2 classes (so ADM's crop resizes)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / 'raw'
+    for i in range(11):
+        cls = 'cat' if i < 6 else 'dog'
+        os.makedirs(root / cls, exist_ok=True)
+        h, w = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / cls / f'{i:02d}.png')
+    return str(root)
+
+
+def test_prepared_images_are_imagefolders_crops(raw, tmp_path):
+    out = prepare.main(['--data-path', raw, '--out', str(tmp_path / 'p'), '--image-size', '32', '--vae', 'none',
+                        '--shard-size', '4', '--num-workers', '0'])
+    m = json.load(open(os.path.join(out, 'manifest.json')))
+    assert (m['resolution'], m['crop'], m['vae'], m['count'], m['shard_size'], m['complete']) == (
+        32, 'adm-center', None, 11, 4, True)
+    assert m['class_names'] == ['cat', 'dog'] and m['class_counts'] == [6, 5]
+    assert sorted(os.listdir(out)) == ['images-00000.npy', 'images-00001.npy', 'images-00002.npy', 'manifest.json']
+    ds, ref = irepa.PreparedFolder(out, 32, None), irepa.ImageFolder(raw, 32)
+    assert len(ds) == 11 and ds.classes == ref.classes
+    for i in range(11):
+        (a, la), (b, lb) = ds[i], ref[i]
+        assert a.dtype == torch.uint8 and a.shape == (3, 32, 32) and torch.equal(a, b) and la == lb
+
+
+def test_prepared_moments_are_the_vaes(raw, tmp_path, vae_home, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', vae_home)
+    out = prepare.main(['--data-path', raw, '--out', str(tmp_path / 'p'), '--image-size', '32', '--shard-size', '4',
+                        '--num-workers', '0', '--batch-size', '3'])
+    m = json.load(open(os.path.join(out, 'manifest.json')))
+    import vae
+    assert m['vae'] == 'sd-vae-ft-mse' and m['latents_scale'] == [0.5, 1.0, 2.0, 4.0]
+    assert m['vae_sha256'] == prepare.file_sha256(os.path.join(vae_home, 'hub', 'checkpoints', vae.VAE_FILE))
+    ds, ref, sd = irepa.PreparedFolder(out, 32, 'sd-vae-ft-mse'), irepa.ImageFolder(raw, 32), irepa.SDVAE('cpu')
+    for i in (0, 5, 10):
+        img, label, moments = ds[i]
+        assert torch.equal(img, ref[i][0]) and moments.shape == (8, 4, 4) and moments.dtype == torch.float32
+        mean, logvar = sd.vae.encode(img[None].float() / 127.5 - 1)
+        torch.testing.assert_close(moments, torch.cat([mean, logvar], 1)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_killed_preparation_continues_and_another_dataset_is_refused(raw, tmp_path, capsys):
+    argv = ['--data-path', raw, '--out', str(tmp_path / 'p'), '--image-size', '32', '--vae', 'none',
+            '--shard-size', '4', '--num-workers', '0']
+    out = prepare.main(argv)
+    first = np.load(os.path.join(out, 'images-00000.npy'))
+    os.remove(os.path.join(out, 'images-00001.npy'))                           # killed: one shard never renamed,
+    open(os.path.join(out, 'images-00002.npy.tmp'), 'wb').write(b'partial')    # another cut short
+    with open(os.path.join(out, 'images-00002.npy'), 'r+b') as f:
+        f.truncate(100)
+    capsys.readouterr()
+    prepare.main(argv)
+    assert 'rank 0: 2 of 3 shards to write (7 images)' in capsys.readouterr().out
+    assert np.array_equal(np.load(os.path.join(out, 'images-00000.npy')), first)
+    assert len(irepa.PreparedFolder(out, 32, None)) == 11
+    other = tmp_path / 'other'
+    os.makedirs(other / 'x')
+    Image.new('RGB', (40, 40)).save(other / 'x' / 'a.png')
+    with pytest.raises(SystemExit, match='holds another prepared dataset .*source'):
+        prepare.main(['--data-path', str(other)] + argv[2:])
+
+
+def test_prepare_under_torchrun_writes_the_same_files(raw, tmp_path):
+    prepare.main(['--data-path', raw, '--out', str(tmp_path / 'one'), '--image-size', '16', '--vae', 'none',
+                  '--shard-size', '3', '--num-workers', '0'])
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    with socket.socket() as sock:                                              # a free port for the rendezvous
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port',
+                        str(port), os.path.join(HERE, 'prepare.py'), '--data-path', raw, '--out',
+                        str(tmp_path / 'two'), '--image-size', '16', '--vae', 'none', '--shard-size', '3',
+                        '--num-workers', '0'], capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / 'one')) == sorted(os.listdir(tmp_path / 'two'))
+    for name in os.listdir(tmp_path / 'one'):
+        if name.endswith('.npy'):
+            assert np.array_equal(np.load(tmp_path / 'one' / name), np.load(tmp_path / 'two' / name))
+
+
+def test_training_from_prepared_images_equals_the_raw_folder(raw, tmp_path):
+    """Pixel-space settings read the same uint8 crops: the same run, bit for bit, with flips on."""
+    out = prepare.main(['--data-path', raw, '--out', str(tmp_path / 'p'), '--image-size', '16', '--vae', 'none',
+                        '--shard-size', '4', '--num-workers', '0'])
+    common = TRAIN + ['--encoder', 'hog', '--irepa', '--max-steps', '3', '--hflip=True']
+    a = load_last(irepa.main(common + ['--data-path', raw, '--results-dir', str(tmp_path / 'a')]))
+    b = load_last(irepa.main(common + ['--data-path', out, '--results-dir', str(tmp_path / 'b')]))
+    assert b['args']['class_names'] == ['cat', 'dog'] and b['args']['num_images'] == 11
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+
+
+def test_latent_training_from_prepared_moments_equals_the_raw_folder(raw, tmp_path, vae_home, monkeypatch, fp32):
+    """The latent step from stored moments runs no VAE and draws the posterior sample with the step's generator:
+    the same losses and weights as encoding every batch, to float tolerance; and a resume is exact."""
+    monkeypatch.setenv('TORCH_HOME', vae_home)
+    out = prepare.main(['--data-path', raw, '--out', str(tmp_path / 'p'), '--image-size', '64', '--shard-size', '4',
+                        '--num-workers', '0'])
+    common = LATENT + ['--max-steps', '3', '--ckpt-every', '1']
+    ra = irepa.main(common + ['--data-path', raw, '--results-dir', str(tmp_path / 'a')])
+    monkeypatch.setattr(irepa.SDVAE, 'encode', lambda *a: pytest.fail('the VAE encoder ran'))
+    rb = irepa.main(common + ['--data-path', out, '--results-dir', str(tmp_path / 'b')])
+    a, b = load_last(ra), load_last(rb)
+    for k in a['model']:
+        torch.testing.assert_close(a['model'][k], b['model'][k], atol=1e-5, rtol=1e-4)
+    losses = [[line.split(' | ')[1] for line in open(os.path.join(r, 'log.txt')) if line.startswith('step')]
+              for r in (ra, rb)]
+    assert len(losses[0]) == 3
+    for la, lb in zip(*losses):
+        assert abs(float(la.split()[1]) - float(lb.split()[1])) < 1e-4
+    os.remove(irepa.latest_checkpoint(rb))                                      # resume from step 2 to 3
+    irepa.main(['--resume', rb, '--max-steps', '3'])
+    for k in b['model']:
+        assert torch.equal(load_last(rb)['model'][k], b['model'][k]), k
+
+
+def test_bad_prepared_folders_give_one_line(raw, tmp_path, vae_home, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', vae_home)
+    px = prepare.main(['--data-path', raw, '--out', str(tmp_path / 'px'), '--image-size', '16', '--vae', 'none',
+                       '--shard-size', '4', '--num-workers', '0'])
+    lat = prepare.main(['--data-path', raw, '--out', str(tmp_path / 'lat'), '--image-size', '64', '--shard-size', '4',
+                        '--num-workers', '0'])
+
+    def fails(argv, msg):
+        with pytest.raises(SystemExit) as e:
+            irepa.main(argv + ['--results-dir', str(tmp_path / 'r')])
+        assert msg in str(e.value.code) and '\n' not in str(e.value.code), str(e.value.code)
+
+    base = TRAIN + ['--encoder', 'none', '--max-steps', '1']
+    fails([*base, '--image-size', '32', '--data-path', px], 'was prepared at 16 px; this run trains at 32 px')
+    fails([*base, '--data-path', lat, '--image-size', '64'], "holds sd-vae-ft-mse moments; this run has no VAE")
+    fails([*LATENT, '--no-irepa', '--max-steps', '1', '--data-path', px, '--image-size', '16'],
+          "has no VAE moments; the latent setting needs them")
+    fails([*LATENT, '--max-steps', '1', '--data-path', lat, '--hflip=True'],
+          "stored moments are of unflipped images")
+    m = json.load(open(os.path.join(px, 'manifest.json')))
+    json.dump(dict(m, count=12), open(os.path.join(px, 'manifest.json'), 'w'))
+    fails([*base, '--data-path', px], 'its manifest says 12 images, its shards hold 11')
+    json.dump(dict(m, complete=False), open(os.path.join(px, 'manifest.json'), 'w'))
+    fails([*base, '--data-path', px], 'is not complete: run prepare.py again')
+    json.dump(m, open(os.path.join(px, 'manifest.json'), 'w'))
+    with open(os.path.join(px, 'images-00001.npy'), 'r+b') as f:
+        f.truncate(300)
+    fails([*base, '--data-path', px], 'images-00001.npy is truncated or unreadable')
