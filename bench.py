@@ -1,15 +1,22 @@
 """
 bench.py -- time irepa.py's training step (data on device -> target -> forward + backward -> clip -> AdamW -> EMA)
-in fp32 and in bf16 autocast, interleaved in one run, and print the medians and the speed-up.
+in fp32 and in bf16 autocast, interleaved in one run, and print the medians and the speed-up; first the step's
+FLOPs per image, part by part, against the official code's step at the same config (which trains from stored
+SD-VAE moments); or the data loader's images/s per worker.
 
     python bench.py                                              # SiT-B/4 + iREPA (HOG) at 32 px, batch 32
     python bench.py --model SiT-S/4 --batch-size 64
-    python bench.py --model SiT-XL/2 --image-size 256 --vae --encoder dinov2_vitb14 --batch-size 32 --compile   # GPU
     python bench.py --objective meanflow                         # MeanFlow's step (guidance passes, jvp) instead
-With --vae the step includes the SD-VAE encoding of the images (the latent setting, random VAE weights) and the
-VAE's share is printed on its own. On CUDA: peak memory and the model FLOPs utilisation (MFU) against bf16 peak.
+    # GPU, the latent setting: the SD-VAE encodes every batch (raw folder) or not (--prepared: stored moments)
+    python bench.py --model SiT-XL/2 --image-size 256 --vae --encoder dinov2_vitb14 --batch-size 32 --compile
+    python bench.py --model SiT-XL/2 --image-size 256 --vae --prepared --encoder dinov2_vitb14 --batch-size 32
+    python bench.py --loader imagenet/train prepared/in256       # images/s of one loader process, each folder
+With --vae the VAE's share of the step is printed on its own (random VAE weights). On CUDA: peak memory and the
+model FLOPs utilisation (MFU) against bf16 peak.
 """
 import argparse
+import json
+import os
 import statistics
 import time
 from contextlib import nullcontext
@@ -39,6 +46,11 @@ def main():
     p.add_argument('--encoder', default='hog', choices=list(irepa.ENCODERS) + ['none'])
     p.add_argument('--hub-dir', default=None)
     p.add_argument('--vae', action='store_true', help="latent setting: SD-VAE encode in the step (random weights)")
+    p.add_argument('--prepared', action='store_true', help="with --vae: sample stored moments (prepare.py), no VAE")
+    p.add_argument('--loader', nargs='+', default=None, metavar='DIR',
+                   help="time the data loader instead: class folders or prepared folders, at --image-size")
+    p.add_argument('--loader-images', type=int, default=500, help="images read per folder by --loader")
+    p.add_argument('--flops-only', action='store_true', help="print the step's FLOPs per image and stop (no timing)")
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--repeats', type=int, default=5, help="timed steps per precision, interleaved")
     p.add_argument('--warmup', type=int, default=2)
@@ -47,6 +59,8 @@ def main():
     p.add_argument('--precisions', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16'])
     p.add_argument('--peak-tflops', type=float, default=989.0, help="bf16 dense peak of the GPU (H100 SXM: 989)")
     args = p.parse_args()
+    if args.loader:
+        return loader_bench(args)
 
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -62,6 +76,9 @@ def main():
     kw = dict(cfg, input_size=args.image_size // down, in_channels=4 if args.vae else 3, num_classes=1000,
               projector='conv', target_dim=enc.embed_dim if enc else None)
     sit = irepa.MeanFlowSiT if meanflow else irepa.SiT
+    if args.flops_only:
+        with torch.device('meta'):                                          # shapes only, no memory
+            return step_flops(args, sit(**kw), enc, grid)
     model = sit(**kw).to(device)
     ema = sit(**kw).to(device).requires_grad_(False)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, weight_decay=0,
@@ -70,6 +87,9 @@ def main():
     B = args.batch_size
     img = torch.randint(0, 256, (B, 3, args.image_size, args.image_size), device=device, dtype=torch.uint8)
     y = torch.randint(0, 1000, (B,), device=device)
+    S = args.image_size // down
+    moments = torch.cat([torch.randn(B, 4, S, S, device=device), torch.full((B, 4, S, S), -4.0, device=device)], 1)
+    step_flops(args, model, enc, grid)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     if meanflow:                                                            # as irepa.main picks the loss
         mf = irepa.MEANFLOW['meanflow']
@@ -83,7 +103,10 @@ def main():
         mixed_precision = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         x = img.float() / 127.5 - 1
         t_vae = 0.0
-        if vae is not None:                                                 # fp32, as in training
+        if args.prepared:                                                   # stored moments: no VAE runs
+            mean, logvar = moments.chunk(2, dim=1)
+            x = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * 0.18215
+        elif vae is not None:                                               # fp32, as in training
             sync()
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -143,6 +166,57 @@ def main():
         print(f"  bf16 speed-up: {statistics.median(times['fp32']) / statistics.median(times['bf16']):.2f}x")
     if device.type == 'cuda':
         print(f"  peak memory {peak_mem:.2f} GiB")
+
+def counted_flops(fn, *inputs):
+    """FLOPs of fn(*inputs) as torch's FlopCounterMode counts them (matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn(*inputs)
+    return counter.get_total_flops()
+
+def step_flops(args, model, enc, grid):
+    """The step's FLOPs per image, part by part, and the ratio to the official code's step at the same config
+    (ldm/train.py trains from stored SD-VAE moments: SiT and the target, no VAE)."""
+    sit = 3 * forward_flops(model, grid * grid)                                 # forward + backward = 3 x forward
+    target = 0
+    if enc is not None:                                                         # counted on one image
+        target = counted_flops(enc, torch.zeros(1, 3, args.image_size, args.image_size,
+                                                device=next(iter(enc.buffers()), torch.zeros(1)).device))
+    vae_flops = 0
+    if args.vae and not args.prepared:
+        import vae as sdvae
+        with torch.device('meta'):                                              # shapes only, no memory
+            vae = sdvae.AutoencoderKL()
+            vae_flops = counted_flops(vae.encode, torch.zeros(1, 3, args.image_size, args.image_size))
+    official = sit + target
+    ours = official + vae_flops
+    parts = f"SiT fwd+bwd {sit / 1e9:.1f} | target {target / 1e9:.1f}" + (
+        f" | SD-VAE encode {vae_flops / 1e9:.1f}" if args.vae and not args.prepared else
+        " | SD-VAE 0 (stored moments)" if args.prepared else "")
+    print(f"GFLOPs per image: {parts} | step {ours / 1e9:.1f} | official step {official / 1e9:.1f} | "
+          f"ratio {ours / official:.2f}x")
+
+def loader_bench(args):
+    """Images/s of one process reading random items (what each DataLoader worker delivers): class folders
+    (decode + ADM's crop) or prepared folders (memory-mapped arrays)."""
+    import numpy as np
+    for root in args.loader:
+        prepared = os.path.isfile(os.path.join(root, 'manifest.json'))
+        if prepared:
+            vae = json.load(open(os.path.join(root, 'manifest.json')))['vae']
+            ds = irepa.PreparedFolder(root, args.image_size, vae)
+        else:
+            ds = irepa.ImageFolder(root, args.image_size)
+        idx = np.random.default_rng(0).permutation(len(ds))[:args.loader_images]
+        ds[int(idx[0])]                                                         # opened once, as a worker does
+        t0 = time.perf_counter()
+        for i in idx:
+            ds[int(i)]
+        dt = time.perf_counter() - t0
+        kind = 'prepared (uint8 arrays' + (', + moments)' if prepared and vae else ')') if prepared else \
+            'class folders (decode + ADM crop)'
+        print(f"{root}: {kind} at {args.image_size} px | {len(idx) / dt:.0f} images/s per loader process "
+              f"({len(idx)} random images, {torch.get_num_threads()} threads)")
 
 if __name__ == '__main__':
     main()
