@@ -487,7 +487,7 @@ class MeanFlowSiT(SiT):
 
 def meanflow_times(t, dropped, ratio, time_dist, generator):
     """MeanFlow's two times for the global batch, (B, 2): a second draw r from the same
-    distribution, t, r = max, min; then r = t except for exactly round(ratio * B) rows, drawn among
+    distribution, t, r = max, min; then r = t except for exactly B - int((1 - ratio) B) rows, drawn among
     those whose label was kept. (The official meanflow.py sets r = t on the first 1 - ratio of the
     rows and drops labels from the first rows: a dropped label never has r != t.)"""
     B, dev = len(t), t.device
@@ -496,7 +496,7 @@ def meanflow_times(t, dropped, ratio, time_dist, generator):
     t, r = torch.maximum(t, r), torch.minimum(t, r)
     order = pick.masked_fill(dropped, math.inf).argsort()                      # kept labels first
     apart = torch.zeros(B, dtype=torch.bool, device=dev)
-    apart[order[:round(ratio * B)]] = True
+    apart[order[:B - int((1 - ratio) * B)]] = True
     apart &= ~dropped
     return torch.stack([t, torch.where(apart, r, t)], dim=1)                   # (B, 2): t, r
 
@@ -654,18 +654,22 @@ def get_args(argv=None):
     p = get_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     known, rest = p.parse_known_args(argv)
-    recipe = {**COMMON, **RECIPES[known.setting]}
+    if bad := [a for a in rest if not (a.startswith('--') and '=' in a)]:
+        fail(f"unrecognised argument {bad[0]}: use a flag (--help) or --key=value")
+    recipe = copy.deepcopy({**COMMON, **RECIPES[known.setting]})               # never the tables' dicts
     if known.objective == 'meanflow':
-        recipe.update(MEANFLOW)
+        recipe.update(copy.deepcopy(MEANFLOW))
     p.set_defaults(**recipe)
     # The flags win over the recipe.
     args = p.parse_args([a for a in argv if a not in rest])
-    configure(args, rest)                                                       # then --key=value
+    configure(args, rest, p)                                                    # then --key=value
     # The latent recipe gives REPA and iREPA different coefficients.
     if isinstance(args.proj_coeff, dict):
         args.proj_coeff = args.proj_coeff['irepa' if args.irepa else 'repa']
     # JiT: the learning rate scales linearly with the batch.
     if args.lr is None:
+        if getattr(args, 'base_lr', None) is None:
+            fail(f"the {args.setting} setting has no base_lr to scale with the batch: give --lr")
         args.lr = args.base_lr * args.global_batch_size / 256
     if args.projector is None:
         args.projector = 'conv' if args.irepa else 'mlp'
@@ -853,7 +857,7 @@ def main(argv=None):
                 save_run(log, run_dir, step, raw_model, ema, opt, args, master)
             if step >= args.max_steps:
                 break
-    wait_for_save()
+    wait_for_save(last=True)
     if master and args.setting == 'demo':
         print(f"demo: now sample a grid with  python sample.py --ckpt {run_dir}", flush=True)
     if world > 1:
@@ -1191,9 +1195,13 @@ class SDVAE:
 
 PREPARED_FORMAT = 'irepa-prepared-v1'
 
-@lru_cache(maxsize=64)
 def open_shard(path):
-    """A shard of a prepared folder, memory-mapped; at most 64 open per process (each holds a file)."""
+    """A shard of a prepared folder, memory-mapped; the 64 last used stay open in each process (each
+    holds a file), and a file rewritten since is opened anew."""
+    return memory_map(path, os.path.getmtime(path))
+
+@lru_cache(maxsize=64)
+def memory_map(path, mtime):
     return np.load(path, mmap_mode='r')
 
 def npy_shape(path):
@@ -1244,18 +1252,22 @@ class PreparedFolder(torch.utils.data.Dataset):
         num_shards = -(-len(self.labels) // self.shard_size)
         self.files = {kind: [os.path.join(root, f'{kind}-{k:05d}.npy') for k in range(num_shards)]
                       for kind in (('images', 'moments') if vae else ('images',))}
-        n = 0
+        if len(self.labels) != m['count']:
+            raise ValueError(f"{root}: its manifest says {m['count']} images, its class counts "
+                             f"{len(self.labels)}")
+        S, s = image_size, image_size // 8
+        want = dict(images=((S, S, 3), np.uint8), moments=((8, s, s), np.float32))
         for kind, paths in self.files.items():
-            n = 0
-            for p in paths:
+            for k, p in enumerate(paths):
                 try:
-                    shape, _ = npy_shape(p)
+                    shape, dtype = npy_shape(p)
                 except (OSError, ValueError) as e:
                     raise ValueError(f"{p} is truncated or unreadable ({e}); run prepare.py again "
                                      f"to rewrite it (delete it first)") from None
-                n += shape[0]
-        if n != m['count'] or len(self.labels) != m['count']:
-            raise ValueError(f"{root}: its manifest says {m['count']} images, its shards hold {n}")
+                n = min(self.shard_size, m['count'] - k * self.shard_size)
+                if (shape, dtype) != ((n, *want[kind][0]), want[kind][1]):
+                    raise ValueError(f"{p} holds {dtype} {shape}, not {np.dtype(want[kind][1])} "
+                                     f"{(n, *want[kind][0])}: its manifest says {m['count']} images")
 
     def __len__(self):
         return len(self.labels)
@@ -1320,34 +1332,45 @@ def output_dir_problem(path):
         return f"{path}: cannot create it ({e.strerror})"
     return None if os.access(path, os.W_OK) else f"{path} is not writable"
 
-def configure(args, tokens):
+def configure(args, tokens, parser):
     """nanoGPT's configurator: --key=value sets any key of the configuration that has no flag of its
     own (ema_decay, spnorm_gamma, proj_kernel, hflip, ...), and --key.entry=value one entry of a
-    dict (--sampler.num_steps=12). The value is a Python literal of the current value's type (an int
-    where a float is, anything where None is); anything else fails with one line."""
+    dict (--sampler.num_steps=12). The value is a Python literal of a type the key has in some
+    recipe or flag (an int where a float is; None where some recipe has None: --clip_grad=None);
+    anything else fails with one line."""
     import ast
+    recipes = [COMMON, MEANFLOW, *RECIPES.values()]
+    flag_types = {a.dest: a.type or (bool if a.const in (True, False) else None) for a in parser._actions}
     for tok in tokens:
         key, eq, text = tok.removeprefix('--').partition('=')
         name, _, entry = key.replace('-', '_').partition('.')
         if not (tok.startswith('--') and eq and hasattr(args, name)):
             fail(f"unrecognised argument {tok}: use a flag (--help) or --key=value with a key "
                  f"of the configuration: {', '.join(sorted(vars(args)))}")
+        if entry and not isinstance(getattr(args, name), dict):
+            fail(f"{tok}: {name} is not a dict; set it as --{name}=value")
         # A copy: never the recipe's dict.
         holder = dict(getattr(args, name)) if entry else vars(args)
         key = entry or name
         if key not in holder:
             fail(f"{tok}: {name} has no entry '{key}'")
+        seen = [holder[key]] + [r[name].get(entry) if entry else r[name] for r in recipes
+                                if name in r and (not entry or isinstance(r[name], dict))]
+        types = {type(v) for v in seen if v is not None}
+        if not entry and flag_types.get(name):
+            types.add(flag_types[name])
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text                                                        # a plain string
-        old = holder[key]
-        if type(old) is float and type(value) is int:
+        if float in types and type(value) is int:
             value = float(value)
-        if type(old) is tuple and type(value) is list:
+        if tuple in types and type(value) is list:
             value = tuple(value)
-        if old is not None and type(value) is not type(old):
-            fail(f"{tok}: {key} is a {type(old).__name__} ({old!r}), not a {type(value).__name__}")
+        ok = type(value) in types or not types or (value is None and None in seen)
+        if not ok:
+            kinds = ' or '.join(sorted(t.__name__ for t in types)) + (' or None' if None in seen else '')
+            fail(f"{tok}: {key} takes {kinds}, not {type(value).__name__} {value!r}")
         holder[key] = value
         if entry:
             setattr(args, name, holder)
@@ -1548,7 +1571,8 @@ def save_run(log, run_dir, step, model, ema, opt, args, master):
     """The checkpoint <run>/checkpoints/<step>.pt: model, EMA, optimizer, args, step; atomically, by
     rank 0, and never with non-finite weights. Rank 0 copies the state to host memory and writes it
     in a background thread while training goes on (one save at a time: the next waits for it), so
-    slow storage holds no rank; main() waits for the last one before it returns."""
+    slow storage holds no rank. A save that fails is logged at once and training goes on (the next
+    save tries again); main() waits for the last one, which must succeed."""
     if not all(torch.isfinite(p).all() for p in [*model.parameters(), *ema.parameters()]):
         fail(f"non-finite weights at step {step}; not saving. "
              f"The last good checkpoint is in {run_dir}/checkpoints")
@@ -1573,19 +1597,21 @@ def host_copy(obj):
     return obj
 
 def background_save(path, state, log):
+    SAVING['error'] = None
     try:
         save_checkpoint(path, state)
         log(f"saved {path}")
-    except Exception as e:                                                      # raised by wait_for_save
+    except Exception as e:
         SAVING['error'] = f"could not save {path} ({type(e).__name__}: {e})"
+        log(f"warning: {SAVING['error']}; training goes on, the next checkpoint tries again")
 
-def wait_for_save():
+def wait_for_save(last=False):
+    """Waits for the save in flight; after the run's last save, a failure stops with one line."""
     if SAVING['thread'] is not None:
         SAVING['thread'].join()
         SAVING['thread'] = None
-    if SAVING['error']:
-        error, SAVING['error'] = SAVING['error'], None
-        fail(error)
+    if last and SAVING['error']:
+        fail(SAVING['error'])
 
 def checkpoints(run_dir):
     """A run's checkpoint files <step>.pt, oldest first (by step:

@@ -108,18 +108,18 @@ def main(argv=None):
         import vae
         manifest.update(vae=args.vae, vae_sha256=file_sha256(vae.cached_file(vae.VAE_FILE)),
                         latents_scale=sd_vae.scale.flatten().tolist(), latents_bias=sd_vae.bias.flatten().tolist())
+    # every rank checks (so all stop alike), then rank 0 writes the manifest of a new folder
     path = os.path.join(args.out, 'manifest.json')
-    if master:
-        if (problem := irepa.output_dir_problem(args.out)):
-            fail(f"--out {problem}")
-        if os.path.isfile(path):
-            old = json.load(open(path))
-            differ = [k for k in manifest if k != 'complete' and old.get(k) != manifest[k]]
-            if differ:
-                fail(f"--out {args.out} holds another prepared dataset (its {', '.join(differ)} differ from this "
-                     f"run's); choose an empty folder")
-        else:
-            write_json(path, manifest)
+    if (problem := irepa.output_dir_problem(args.out)):
+        fail(f"--out {problem}")
+    if os.path.isfile(path):
+        old = json.load(open(path))
+        differ = [k for k in manifest if k != 'complete' and old.get(k) != manifest[k]]
+        if differ:
+            fail(f"--out {args.out} holds another prepared dataset (its {', '.join(differ)} differ from this "
+                 f"run's); choose an empty folder")
+    elif master:
+        write_json(path, manifest)
     if world > 1:
         dist.barrier()
 
@@ -134,13 +134,21 @@ def main(argv=None):
         idx = list(range(k * args.shard_size, min((k + 1) * args.shard_size, n_all)))
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=args.batch_size,
                                              num_workers=args.num_workers)
-        images, moments = [], []
-        for x, _ in loader:                                                     # uint8 (B, 3, S, S)
+        images, moments, labels = [], [], []
+        for x, y in loader:                                                     # uint8 (B, 3, S, S)
+            labels.append(y)
             images.append(x.permute(0, 2, 3, 1).numpy())                       # (B, S, S, 3)
             if sd_vae is not None:
                 with torch.no_grad():                                           # fp32, as the on-the-fly step
                     mean, logvar = sd_vae.vae.encode(x.to(device).float() / 127.5 - 1)   # logvar clamped
                 moments.append(torch.cat([mean, logvar], dim=1).cpu().numpy())
+        # ImageFolder gives an unreadable image's slot the next readable one: at a class boundary, with
+        # another class's label, which the manifest's class counts would not say
+        got, want = torch.cat(labels), torch.tensor([dataset.samples[i][1] for i in idx])
+        if (bad := (got != want).nonzero()).numel():
+            path_bad = dataset.samples[idx[int(bad[0])]][0]
+            fail(f"{path_bad} is unreadable (see the warning above) and its slot took an image of another class; "
+                 f"fix or remove it, then run prepare.py again")
         if sd_vae is not None:                                                  # moments first: images mark done
             save_npy(os.path.join(args.out, f'moments-{k:05d}.npy'), np.concatenate(moments))
         save_npy(os.path.join(args.out, f'images-{k:05d}.npy'), np.concatenate(images))

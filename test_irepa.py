@@ -735,11 +735,17 @@ def test_any_recipe_key_is_set_as_key_value(tmp_path):
     c = irepa.get_args(['--setting', 'demo', '--no-irepa', '--projector=conv', '--spatial_norm=False'])
     assert (c.projector, c.spatial_norm, irepa.method_name(c)) == ('conv', False, 'conv-only')
     assert irepa.RECIPES == before
-    for argv, msg in ((['--ema_decay=high'], "--ema_decay=high: ema_decay is a float (0.995), not a str"),
-                      (['--hflip=1'], "hflip is a bool (False), not a int"),
+    d = irepa.get_args(['--setting', 'latent', '--clip_grad=None', '--proj_coeff=1.0', '--encoder_depth=6'])
+    assert (d.clip_grad, d.proj_coeff, d.encoder_depth) == (None, 1.0, 6)     # None and float: other recipes' types
+    assert d.sampler is not irepa.RECIPES['latent']['sampler']                  # a copy of the recipe's dict
+    for argv, msg in ((['--ema_decay=high'], "--ema_decay=high: ema_decay takes float, not str 'high'"),
+                      (['--hflip=1'], "hflip takes bool, not int 1"),
+                      (['--encoder_depth=abc'], "encoder_depth takes int or None, not str 'abc'"),
+                      (['--time_dist=0.5'], "time_dist takes tuple or None, not float 0.5"),
                       (['--sampler.steps=3'], "--sampler.steps=3: sampler has no entry 'steps'"),
+                      (['--lr.x=1'], "--lr.x=1: lr is not a dict"),
                       (['--nonsense=3'], "unrecognised argument --nonsense=3: use a flag (--help) or --key=value"),
-                      (['--ema_decay', '0.9'], "unrecognised argument --ema_decay: use a flag")):
+                      (['--max-steps', '7', '--ema_decay', '0.9'], "unrecognised argument --ema_decay: use a flag")):
         with pytest.raises(SystemExit, match=re.escape(msg)):
             irepa.get_args(['--setting', 'demo'] + argv)
 
@@ -1558,3 +1564,18 @@ def test_checkpoint_written_in_the_background_holds_its_own_steps_weights(tmp_pa
         for k in two[part]:
             assert torch.equal(mid[part][k], two[part][k]), (part, k)
     assert mid['opt']['state'][0]['step'] == two['opt']['state'][0]['step'] == 2
+
+def test_a_failed_background_save_is_logged_at_once_and_the_next_one_tries_again(tmp_path, monkeypatch):
+    real, calls = irepa.save_checkpoint, []
+    def flaky(path, ckpt):
+        calls.append(path)
+        if len(calls) == 1 or path.endswith('0000006.pt'):
+            raise OSError(28, 'No space left on device')
+        real(path, ckpt)
+    monkeypatch.setattr(irepa, 'save_checkpoint', flaky)
+    run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '4', '--ckpt-every', '2')
+    log = open(os.path.join(run, 'log.txt')).read()
+    assert 'warning: could not save' in log and '0000002.pt (OSError' in log and 'next checkpoint tries again' in log
+    assert os.listdir(os.path.join(run, 'checkpoints')) == ['0000004.pt']
+    with pytest.raises(SystemExit, match=r'could not save .*0000006.pt \(OSError'):       # the run's last: stops
+        irepa.main(['--resume', run, '--max-steps', '6'])

@@ -158,10 +158,10 @@ def mf_inputs(args, images, labels, rank=0, world=1, step=0):
                                  sd_vae=None, encoder=None, mixed_precision=torch.autocast('cpu', enabled=False))
 
 
-@pytest.mark.parametrize('B', [4000, 40, 8])
+@pytest.mark.parametrize('B', [4000, 40, 10, 8, 2])
 def test_training_inputs_draw_r_below_t_for_exactly_a_quarter_and_never_for_dropped_labels(B):
     """The official rule (Gsunshine/meanflow meanflow.py): r = t on the first 75% of the rows and the labels dropped
-    from the first rows, so exactly round(0.25 B) rows have r != t, none with a dropped label."""
+    from the first rows, so exactly B - int(0.75 B) rows have r != t, none with a dropped label."""
     args = irepa.get_args(TRAIN + MF + ['--global-batch-size', str(B)])
     images, labels = torch.zeros(B, 3, 16, 16, dtype=torch.uint8), torch.arange(B) % 4
     x, y, noise, tr, target = mf_inputs(args, images, labels)
@@ -169,7 +169,7 @@ def test_training_inputs_draw_r_below_t_for_exactly_a_quarter_and_never_for_drop
     assert tr.shape == (B, 2) and (r <= t).all() and target is None
     differ = r < t                                              # continuous draws: r = t only where it was set so
     assert not differ[y == 4].any()                                            # dropped labels: r = t
-    assert differ.sum().item() == round(0.25 * B)                              # exactly a quarter of the batch
+    assert differ.sum().item() == {4000: 1000, 40: 10, 10: 3, 8: 2, 2: 1}[B]     # a quarter: B - int(0.75 B)
     if B == 4000:
         logit = torch.logit(torch.cat([t, r[differ]]).double())                 # max / min of two N(-0.4, 1) draws
         assert logit.mean() > -0.4 > torch.logit(r[differ].double()).mean()

@@ -155,11 +155,32 @@ def test_bad_prepared_folders_give_one_line(raw, tmp_path, vae_home, monkeypatch
     fails([*LATENT, '--max-steps', '1', '--data-path', lat, '--hflip=True'],
           "stored moments are of unflipped images")
     m = json.load(open(os.path.join(px, 'manifest.json')))
+    json.dump(dict(m, count=12, class_counts=[6, 6]), open(os.path.join(px, 'manifest.json'), 'w'))
+    fails([*base, '--data-path', px], 'images-00002.npy holds uint8 (3, 16, 16, 3), not uint8 (4, 16, 16, 3): its '
+                                      'manifest says 12 images')
     json.dump(dict(m, count=12), open(os.path.join(px, 'manifest.json'), 'w'))
-    fails([*base, '--data-path', px], 'its manifest says 12 images, its shards hold 11')
+    fails([*base, '--data-path', px], 'its manifest says 12 images, its class counts 11')
     json.dump(dict(m, complete=False), open(os.path.join(px, 'manifest.json'), 'w'))
     fails([*base, '--data-path', px], 'is not complete: run prepare.py again')
     json.dump(m, open(os.path.join(px, 'manifest.json'), 'w'))
     with open(os.path.join(px, 'images-00001.npy'), 'r+b') as f:
         f.truncate(300)
     fails([*base, '--data-path', px], 'images-00001.npy is truncated or unreadable')
+
+
+def test_an_unreadable_image_at_a_class_boundary_is_refused(raw, tmp_path):
+    """ImageFolder gives an unreadable image's slot the next readable one; at the end of a class that is another
+    class's image, which the prepared folder's class counts would label wrongly: prepare.py stops, naming the file."""
+    bad = os.path.join(raw, 'cat', '05.png')
+    open(bad, 'wb').write(b'not a png')
+    with pytest.warns(UserWarning, match='skipping unreadable image'), pytest.raises(SystemExit, match='05.png is unreadable'):
+        prepare.main(['--data-path', raw, '--out', str(tmp_path / 'p'), '--image-size', '16', '--vae', 'none',
+                      '--num-workers', '0'])
+
+
+def test_prepared_folder_checks_every_shards_shape(raw, tmp_path):
+    out = prepare.main(['--data-path', raw, '--out', str(tmp_path / 'p'), '--image-size', '16', '--vae', 'none',
+                        '--shard-size', '4', '--num-workers', '0'])
+    np.save(os.path.join(out, 'images-00002.npy'), np.zeros((2, 16, 16, 3), np.uint8))     # the last holds 3
+    with pytest.raises(ValueError, match=r"images-00002.npy holds uint8 \(2, 16, 16, 3\), not uint8 \(3, 16, 16, 3\)"):
+        irepa.PreparedFolder(out, 16, None)
