@@ -187,6 +187,18 @@ def tiny_cifar(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.fixture
+def weights_dir(tiny_cifar, monkeypatch):
+    """Random-weight ResNet-20 and -56 files in akamaster's format, found through $CIFAR_RESNET_DIR (by the hub
+    entries that torch.hub imports afresh, where the monkeypatched load_weights does not reach)."""
+    wdir = tiny_cifar / 'weights'
+    os.makedirs(wdir)
+    for n, name in ((3, 'resnet20-12fca82f.th'), (9, 'resnet56-4bfd9763.th')):
+        save_upstream(random_weights(hubconf.ResNet(n)), wdir / name)
+    monkeypatch.setenv('CIFAR_RESNET_DIR', str(wdir))
+    return wdir
+
+
 def test_fd_command(tiny_cifar, capsys):
     samples = np.random.default_rng(1).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
     np.savez(tiny_cifar / 'samples.npz', arr_0=samples)
@@ -224,15 +236,9 @@ def test_check_command(tiny_cifar, capsys):
     assert float(last.split(': ')[1].split()[0]) >= 0
 
 
-def test_quick_run_writes_every_output_and_resumes(tiny_cifar, monkeypatch, capsys):
+def test_quick_run_writes_every_output_and_resumes(tiny_cifar, weights_dir, monkeypatch, capsys):
     """`run --quick`: every arm x seed trained by irepa.py, FD along the way, LDS/CDS, the report. The hub encoder
     (a fresh import of hubconf.py through torch.hub) reads random weights from $CIFAR_RESNET_DIR."""
-    wdir = tiny_cifar / 'weights'
-    os.makedirs(wdir)
-    for n, name in ((3, 'resnet20-12fca82f.th'), (9, 'resnet56-4bfd9763.th')):
-        torch.save({'state_dict': {'module.' + k: v for k, v in random_weights(hubconf.ResNet(n)).state_dict().items()}},
-                   wdir / name)
-    monkeypatch.setenv('CIFAR_RESNET_DIR', str(wdir))
     out = tiny_cifar / 'out'
     argv = ['--out-dir', str(out), 'run', '--data-path', str(tiny_cifar / 'data'), '--quick']
     cifar10.main(argv)
@@ -398,13 +404,7 @@ def test_linear_probe_and_bootstrap():
     assert c['r'][0] == pytest.approx(np.corrcoef(xs, ys)[0, 1]) and c['r'][1] < c['r'][0] <= c['r'][2] <= 1
 
 
-def test_quick_title_writes_every_output(tiny_cifar, monkeypatch, capsys):
-    wdir = tiny_cifar / 'weights'
-    os.makedirs(wdir)
-    for n, name in ((3, 'resnet20-12fca82f.th'), (9, 'resnet56-4bfd9763.th')):
-        torch.save({'state_dict': {'module.' + k: v for k, v in random_weights(hubconf.ResNet(n)).state_dict().items()}},
-                   wdir / name)
-    monkeypatch.setenv('CIFAR_RESNET_DIR', str(wdir))
+def test_quick_title_writes_every_output(tiny_cifar, weights_dir, monkeypatch, capsys):
     monkeypatch.setattr(cifar10, 'TITLE_ARMS', dict(list(cifar10.TITLE_ARMS.items())[:2]))   # two targets train
     out = tiny_cifar / 'out'
     argv = ['--out-dir', str(out), 'title', '--data-path', str(tiny_cifar / 'data'), '--quick']
