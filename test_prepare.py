@@ -184,3 +184,19 @@ def test_prepared_folder_checks_every_shards_shape(raw, tmp_path):
     np.save(os.path.join(out, 'images-00002.npy'), np.zeros((2, 16, 16, 3), np.uint8))     # the last holds 3
     with pytest.raises(ValueError, match=r"images-00002.npy holds uint8 \(2, 16, 16, 3\), not uint8 \(3, 16, 16, 3\)"):
         irepa.PreparedFolder(out, 16, None)
+
+
+def test_two_ranks_from_prepared_moments_equal_one_process(raw, tmp_path, vae_home, monkeypatch, fp32):
+    """Each rank reads its slice of the global batch with its moments and takes its slice of the step's eps."""
+    from test_irepa import torchrun
+    monkeypatch.setenv('TORCH_HOME', vae_home)
+    out = prepare.main(['--data-path', raw, '--out', str(tmp_path / 'p'), '--image-size', '64', '--shard-size', '4',
+                        '--num-workers', '0'])
+    common = LATENT + ['--max-steps', '2', '--data-path', out]
+    r = torchrun(*common, '--results-dir', str(tmp_path / 'ddp'))
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = load_last(irepa.main(common + ['--results-dir', str(tmp_path / 'one')]))
+    ddp = load_last(os.path.join(tmp_path, 'ddp', os.listdir(tmp_path / 'ddp')[0]))
+    assert ddp['args']['world_size'] == 2
+    for k in one['model']:
+        torch.testing.assert_close(ddp['model'][k], one['model'][k], atol=1e-5, rtol=1e-4)
