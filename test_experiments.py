@@ -188,10 +188,10 @@ def tiny_cifar(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def weights_dir(tiny_cifar, monkeypatch):
+def weights_dir(tmp_path, monkeypatch):
     """Random-weight ResNet-20 and -56 files in akamaster's format, found through $CIFAR_RESNET_DIR (by the hub
     entries that torch.hub imports afresh, where the monkeypatched load_weights does not reach)."""
-    wdir = tiny_cifar / 'weights'
+    wdir = tmp_path / 'weights'
     os.makedirs(wdir)
     for n, name in ((3, 'resnet20-12fca82f.th'), (9, 'resnet56-4bfd9763.th')):
         save_upstream(random_weights(hubconf.ResNet(n)), wdir / name)
@@ -374,10 +374,9 @@ def test_title_targets_by_hand(monkeypatch):
     assert torch.equal(a.forward_features(x)['x_norm_patchtokens'], b.forward_features(x)['x_norm_patchtokens'])
 
 
-def test_title_targets_load_as_irepa_encoders(monkeypatch):
-    """Every title target through irepa.py's own encoder wrapper and torch.hub: 8x8 tokens of its width at 32 px."""
-    monkeypatch.setattr(hubconf, 'load_weights', lambda model, weights, file_name: random_weights(model))
-    monkeypatch.setitem(sys.modules, 'hubconf', hubconf)                        # torch.hub imports hubconf.py anew
+def test_title_targets_load_as_irepa_encoders(weights_dir):
+    """Every title target through irepa.py's own encoder wrapper and torch.hub (a fresh import of hubconf.py, which
+    reads the random weights of $CIFAR_RESNET_DIR): 8x8 tokens of its width at 32 px."""
     import irepa
     img = torch.randint(0, 256, (2, 3, 32, 32)).float()
     for entry in cifar10.TITLE_TARGETS:
