@@ -1,18 +1,24 @@
 """
-bench.py -- time irepa.py's training step (data on device -> target -> forward + backward -> clip -> AdamW -> EMA)
-in fp32 and in bf16 autocast, interleaved in one run, and print the medians and the speed-up; first the step's
-FLOPs per image, part by part, against the official code's step at the same config (which trains from stored
-SD-VAE moments); or the data loader's images/s per worker.
+bench.py -- time irepa.py's training step (data on device -> target -> forward + backward -> clip ->
+AdamW -> EMA) in fp32 and in bf16 autocast, interleaved in one run, and print the medians and the
+speed-up; first the step's FLOPs per image, part by part, against the official code's step at the
+same config (which trains from stored SD-VAE moments); or the data loader's images/s per worker.
 
-    python bench.py                                              # SiT-B/4 + iREPA (HOG) at 32 px, batch 32
+    # SiT-B/4 + iREPA (HOG) at 32 px, batch 32
+    python bench.py
     python bench.py --model SiT-S/4 --batch-size 64
-    python bench.py --objective meanflow                         # MeanFlow's step (guidance passes, jvp) instead
-    # GPU, the latent setting: the SD-VAE encodes every batch (raw folder) or not (--prepared: stored moments)
-    python bench.py --model SiT-XL/2 --image-size 256 --vae --encoder dinov2_vitb14 --batch-size 32 --compile
-    python bench.py --model SiT-XL/2 --image-size 256 --vae --prepared --encoder dinov2_vitb14 --batch-size 32
-    python bench.py --loader imagenet/train prepared/in256       # images/s of one loader process, each folder
-With --vae the VAE's share of the step is printed on its own (random VAE weights). On CUDA: peak memory and the
-model FLOPs utilisation (MFU) against bf16 peak.
+    # MeanFlow's step (guidance passes, jvp) instead
+    python bench.py --objective meanflow
+    # GPU, the latent setting: the SD-VAE encodes every batch (raw folder) or not (--prepared:
+    # stored moments)
+    python bench.py --model SiT-XL/2 --image-size 256 --vae --encoder dinov2_vitb14 \
+        --batch-size 32 --compile
+    python bench.py --model SiT-XL/2 --image-size 256 --vae --prepared --encoder dinov2_vitb14 \
+        --batch-size 32
+    # images/s of one loader process, each folder
+    python bench.py --loader imagenet/train prepared/in256
+With --vae the VAE's share of the step is printed on its own (random VAE weights). On CUDA: peak
+memory and the model FLOPs utilisation (MFU) against bf16 peak.
 """
 import argparse
 import json
@@ -27,11 +33,14 @@ import torch
 import irepa
 
 def forward_flops(model, T):
-    """Model FLOPs of one image's forward pass through a SiT with T tokens (2 per multiply-add). Every weight is used
-    once per token, except those of the adaLN, timestep and (MeanFlow) interval MLPs, which act once per image on c;
-    attention adds q @ k^T and att @ v, 2 x T x T x D multiply-adds per block. (DiT-XL/2: 2 x 118.6 GFLOPs.)"""
-    per_image = {id(m) for b in [*model.blocks, model.final_layer] for m in b.adaLN_modulation.modules()}
-    embedders = (model.t_embedder, getattr(model, 'interval_embedder', None))   # MeanFlowSiT: + the interval's
+    """Model FLOPs of one image's forward pass through a SiT with T tokens (2 per multiply-add).
+    Every weight is used once per token, except those of the adaLN, timestep and (MeanFlow) interval
+    MLPs, which act once per image on c; attention adds q @ k^T and att @ v, 2 x T x T x D
+    multiply-adds per block. (DiT-XL/2: 2 x 118.6 GFLOPs.)"""
+    blocks = [*model.blocks, model.final_layer]
+    per_image = {id(m) for b in blocks for m in b.adaLN_modulation.modules()}
+    # MeanFlowSiT also has the interval's embedder.
+    embedders = (model.t_embedder, getattr(model, 'interval_embedder', None))
     per_image |= {id(m) for e in embedders if e is not None for m in e.modules()}
     flops = 4 * len(model.blocks) * T * T * model.pos_embed.shape[-1]
     for m in model.modules():
@@ -45,19 +54,26 @@ def main():
     p.add_argument('--image-size', type=int, default=32)
     p.add_argument('--encoder', default='hog', choices=list(irepa.ENCODERS) + ['none'])
     p.add_argument('--hub-dir', default=None)
-    p.add_argument('--vae', action='store_true', help="latent setting: SD-VAE encode in the step (random weights)")
-    p.add_argument('--prepared', action='store_true', help="with --vae: sample stored moments (prepare.py), no VAE")
+    p.add_argument('--vae', action='store_true',
+                   help="latent setting: SD-VAE encode in the step (random weights)")
+    p.add_argument('--prepared', action='store_true',
+                   help="with --vae: sample stored moments (prepare.py), no VAE")
     p.add_argument('--loader', nargs='+', default=None, metavar='DIR',
-                   help="time the data loader instead: class folders or prepared folders, at --image-size")
-    p.add_argument('--loader-images', type=int, default=500, help="images read per folder by --loader")
-    p.add_argument('--flops-only', action='store_true', help="print the step's FLOPs per image and stop (no timing)")
+                   help="time the data loader instead: class folders or prepared folders, "
+                        "at --image-size")
+    p.add_argument('--loader-images', type=int, default=500,
+                   help="images read per folder by --loader")
+    p.add_argument('--flops-only', action='store_true',
+                   help="print the step's FLOPs per image and stop (no timing)")
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--repeats', type=int, default=5, help="timed steps per precision, interleaved")
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--compile', action='store_true')
-    p.add_argument('--objective', default='fm', choices=['fm', 'meanflow'], help="the loss timed (irepa.py's)")
+    p.add_argument('--objective', default='fm', choices=['fm', 'meanflow'],
+                   help="the loss timed (irepa.py's)")
     p.add_argument('--precisions', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16'])
-    p.add_argument('--peak-tflops', type=float, default=989.0, help="bf16 dense peak of the GPU (H100 SXM: 989)")
+    p.add_argument('--peak-tflops', type=float, default=989.0,
+                   help="bf16 dense peak of the GPU (H100 SXM: 989)")
     args = p.parse_args()
     if args.loader:
         return loader_bench(args)
@@ -67,43 +83,51 @@ def main():
     cfg = irepa.SiT_models[args.model].keywords
     down = 8 if args.vae else 1
     grid = args.image_size // down // cfg['patch_size']
-    enc = None if args.encoder == 'none' else irepa.load_encoder(args.encoder, grid, args.hub_dir, device)
+    enc = None
+    if args.encoder != 'none':
+        enc = irepa.load_encoder(args.encoder, grid, args.hub_dir, device)
     vae = None
     if args.vae:
         import vae as sdvae
         vae = sdvae.AutoencoderKL().to(device).eval().requires_grad_(False)
     meanflow = args.objective == 'meanflow'
-    kw = dict(cfg, input_size=args.image_size // down, in_channels=4 if args.vae else 3, num_classes=1000,
-              projector='conv', target_dim=enc.embed_dim if enc else None)
+    kw = dict(cfg, input_size=args.image_size // down, in_channels=4 if args.vae else 3,
+              num_classes=1000, projector='conv', target_dim=enc.embed_dim if enc else None)
     sit = irepa.MeanFlowSiT if meanflow else irepa.SiT
     if args.flops_only:
         with torch.device('meta'):                                          # shapes only, no memory
             return step_flops(args, sit(**kw), enc, grid)
     model = sit(**kw).to(device)
     ema = sit(**kw).to(device).requires_grad_(False)
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, weight_decay=0,
-                            fused=device.type == 'cuda')
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4,
+                            weight_decay=0, fused=device.type == 'cuda')
     fwd = torch.compile(model) if args.compile else model
     B = args.batch_size
-    img = torch.randint(0, 256, (B, 3, args.image_size, args.image_size), device=device, dtype=torch.uint8)
+    img = torch.randint(0, 256, (B, 3, args.image_size, args.image_size), device=device,
+                        dtype=torch.uint8)
     y = torch.randint(0, 1000, (B,), device=device)
     S = args.image_size // down
-    moments = torch.cat([torch.randn(B, 4, S, S, device=device), torch.full((B, 4, S, S), -4.0, device=device)], 1)
+    moments = torch.cat([torch.randn(B, 4, S, S, device=device),
+                         torch.full((B, 4, S, S), -4.0, device=device)], 1)
     step_flops(args, model, enc, grid)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    if meanflow:                                                            # as irepa.main picks the loss
+    # The loss, picked as irepa.main picks it.
+    if meanflow:
         mf = irepa.MEANFLOW['meanflow']
-        loss_fn = partial(irepa.meanflow_loss, raw_model=model, omega=mf['omega'], kappa=mf['kappa'], p=mf['p'],
-                          eps=mf['eps'])
+        loss_fn = partial(irepa.meanflow_loss, raw_model=model, omega=mf['omega'],
+                          kappa=mf['kappa'], p=mf['p'], eps=mf['eps'])
     else:
         loss_fn = irepa.flow_matching_loss
 
     def step(bf16):
         """One training step as irepa.main runs it; returns the seconds spent in the VAE."""
-        mixed_precision = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        mixed_precision = nullcontext()
+        if bf16:
+            mixed_precision = torch.autocast(device.type, dtype=torch.bfloat16)
         x = img.float() / 127.5 - 1
         t_vae = 0.0
-        if args.prepared:                                                   # stored moments: no VAE runs
+        if args.prepared:
+            # Stored moments: no VAE runs.
             mean, logvar = moments.chunk(2, dim=1)
             x = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * 0.18215
         elif vae is not None:                                               # fp32, as in training
@@ -134,7 +158,8 @@ def main():
 
     times, vae_times = {p: [] for p in args.precisions}, {p: [] for p in args.precisions}
     for i in range(args.warmup + args.repeats):
-        for prec in args.precisions:                                        # interleaved: drift hits both alike
+        # Interleaved: drift hits both precisions alike.
+        for prec in args.precisions:
             sync()
             t0 = time.perf_counter()
             tv = step(prec == 'bf16')
@@ -146,24 +171,31 @@ def main():
         peak_mem = torch.cuda.max_memory_allocated() / 2 ** 30
 
     fwd_flops = forward_flops(model, grid * grid)                               # per image
-    flops = 3 * fwd_flops * B                                                   # fwd + bwd = 3 x fwd
-    print(f"{args.model} {args.image_size}px{' latent' if args.vae else ''} {args.encoder} iREPA {args.objective} | "
-          f"batch {B} | "
-          f"{fwd_flops / 1e9:.2f} GFLOPs/img fwd | {device.type} "
-          f"({torch.get_num_threads()} threads) | median of {args.repeats}"
-          + (" | fp32 means TF32 matmuls (as irepa.py)" if device.type == 'cuda' and 'fp32' in args.precisions else '')
-          + (" | MFU counts SiT's FLOPs only" if device.type == 'cuda' and not meanflow else ''))
+    # Forward + backward = 3 x forward.
+    flops = 3 * fwd_flops * B
+    latent = ' latent' if args.vae else ''
+    header = (f"{args.model} {args.image_size}px{latent} {args.encoder} iREPA {args.objective} | "
+              f"batch {B} | "
+              f"{fwd_flops / 1e9:.2f} GFLOPs/img fwd | {device.type} "
+              f"({torch.get_num_threads()} threads) | median of {args.repeats}")
+    if device.type == 'cuda' and 'fp32' in args.precisions:
+        header += " | fp32 means TF32 matmuls (as irepa.py)"
+    if device.type == 'cuda' and not meanflow:
+        header += " | MFU counts SiT's FLOPs only"
+    print(header)
     for prec in args.precisions:
         dt = statistics.median(times[prec])
         line = f"  {prec}: {dt * 1000:8.1f} ms/step | {B / dt:7.1f} img/s"
         if vae is not None:
             vae_dt = statistics.median(vae_times[prec])
             line += f" | VAE encode {vae_dt * 1000:.1f} ms ({vae_dt / dt:.0%})"
-        if device.type == 'cuda' and not meanflow:                         # MeanFlow's FLOPs: not 3 x forward
+        # No MFU for MeanFlow: its FLOPs are not 3 x forward.
+        if device.type == 'cuda' and not meanflow:
             line += f" | MFU {flops / dt / (args.peak_tflops * 1e12) * 100:.1f}%"
         print(line)
     if len(args.precisions) == 2:
-        print(f"  bf16 speed-up: {statistics.median(times['fp32']) / statistics.median(times['bf16']):.2f}x")
+        speedup = statistics.median(times['fp32']) / statistics.median(times['bf16'])
+        print(f"  bf16 speed-up: {speedup:.2f}x")
     if device.type == 'cuda':
         print(f"  peak memory {peak_mem:.2f} GiB")
 
@@ -175,30 +207,35 @@ def counted_flops(fn, *inputs):
     return counter.get_total_flops()
 
 def step_flops(args, model, enc, grid):
-    """The step's FLOPs per image, part by part, and the ratio to the official code's step at the same config
-    (ldm/train.py trains from stored SD-VAE moments: SiT and the target, no VAE)."""
-    sit = 3 * forward_flops(model, grid * grid)                                 # forward + backward = 3 x forward
+    """The step's FLOPs per image, part by part, and the ratio to the official code's step at the
+    same config (ldm/train.py trains from stored SD-VAE moments: SiT and the target, no VAE)."""
+    # Forward + backward = 3 x forward.
+    sit = 3 * forward_flops(model, grid * grid)
     target = 0
-    if enc is not None:                                                         # counted on one image
+    if enc is not None:
+        # Counted on one image.
+        enc_device = next(iter(enc.buffers()), torch.zeros(1)).device
         target = counted_flops(enc, torch.zeros(1, 3, args.image_size, args.image_size,
-                                                device=next(iter(enc.buffers()), torch.zeros(1)).device))
+                                                device=enc_device))
     vae_flops = 0
     if args.vae and not args.prepared:
         import vae as sdvae
-        with torch.device('meta'):                                              # shapes only, no memory
+        # Shapes only, no memory.
+        with torch.device('meta'):
             vae = sdvae.AutoencoderKL()
-            vae_flops = counted_flops(vae.encode, torch.zeros(1, 3, args.image_size, args.image_size))
+            image = torch.zeros(1, 3, args.image_size, args.image_size)
+            vae_flops = counted_flops(vae.encode, image)
     official = sit + target
     ours = official + vae_flops
     parts = f"SiT fwd+bwd {sit / 1e9:.1f} | target {target / 1e9:.1f}" + (
         f" | SD-VAE encode {vae_flops / 1e9:.1f}" if args.vae and not args.prepared else
         " | SD-VAE 0 (stored moments)" if args.prepared else "")
-    print(f"GFLOPs per image: {parts} | step {ours / 1e9:.1f} | official step {official / 1e9:.1f} | "
-          f"ratio {ours / official:.2f}x")
+    print(f"GFLOPs per image: {parts} | step {ours / 1e9:.1f} | "
+          f"official step {official / 1e9:.1f} | ratio {ours / official:.2f}x")
 
 def loader_bench(args):
-    """Images/s of one process reading random items (what each DataLoader worker delivers): class folders
-    (decode + ADM's crop) or prepared folders (memory-mapped arrays)."""
+    """Images/s of one process reading random items (what each DataLoader worker delivers): class
+    folders (decode + ADM's crop) or prepared folders (memory-mapped arrays)."""
     import numpy as np
     for root in args.loader:
         prepared = os.path.isfile(os.path.join(root, 'manifest.json'))
@@ -208,15 +245,18 @@ def loader_bench(args):
         else:
             ds = irepa.ImageFolder(root, args.image_size)
         idx = np.random.default_rng(0).permutation(len(ds))[:args.loader_images]
-        ds[int(idx[0])]                                                         # opened once, as a worker does
+        # Opened once, as a worker does.
+        ds[int(idx[0])]
         t0 = time.perf_counter()
         for i in idx:
             ds[int(i)]
         dt = time.perf_counter() - t0
-        kind = 'prepared (uint8 arrays' + (', + moments)' if prepared and vae else ')') if prepared else \
-            'class folders (decode + ADM crop)'
-        print(f"{root}: {kind} at {args.image_size} px | {len(idx) / dt:.0f} images/s per loader process "
-              f"({len(idx)} random images, {torch.get_num_threads()} threads)")
+        if prepared:
+            kind = 'prepared (uint8 arrays' + (', + moments)' if vae else ')')
+        else:
+            kind = 'class folders (decode + ADM crop)'
+        print(f"{root}: {kind} at {args.image_size} px | {len(idx) / dt:.0f} images/s per loader "
+              f"process ({len(idx)} random images, {torch.get_num_threads()} threads)")
 
 if __name__ == '__main__':
     main()

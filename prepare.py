@@ -1,22 +1,30 @@
 """
-prepare.py -- a class-folder dataset, prepared once for fast training: ADM's center crop at the setting's
-resolution, stored losslessly as raw uint8 arrays, and for the latent setting the SD-VAE posterior moments of
-every image, so that the training step runs no VAE encoder (as the official ldm/ code, REPA and fast-DiT do:
-End2End-Diffusion/iREPA ldm/preprocessing/dataset_tools.py `convert` and `encode`).
+prepare.py -- a class-folder dataset, prepared once for fast training: ADM's center crop at the
+setting's resolution, stored losslessly as raw uint8 arrays, and for the latent setting the SD-VAE
+posterior moments of every image, so that the training step runs no VAE encoder (as the official
+ldm/ code, REPA and fast-DiT do: End2End-Diffusion/iREPA ldm/preprocessing/dataset_tools.py
+`convert` and `encode`).
 
-    python prepare.py --data-path imagenet/train --out prepared/in256                 # latent: crops + moments
-    python prepare.py --data-path imagenet/train --out prepared/in256px --vae none    # pixel setting: crops only
-    torchrun --nproc_per_node=8 prepare.py --data-path imagenet/train --out prepared/in256   # each rank its shards
-    python irepa.py --encoder dinov2_vitb14 --irepa --data-path prepared/in256        # train from it
+    # latent: crops + moments
+    python prepare.py --data-path imagenet/train --out prepared/in256
+    # pixel setting: crops only
+    python prepare.py --data-path imagenet/train --out prepared/in256px --vae none
+    # each rank its shards
+    torchrun --nproc_per_node=8 prepare.py --data-path imagenet/train --out prepared/in256
+    # train from it
+    python irepa.py --encoder dinov2_vitb14 --irepa --data-path prepared/in256
 
 The output folder (read by irepa.py's PreparedFolder, appendix B):
-    manifest.json            resolution, crop, VAE name, its weights' sha256 and latent statistics, class names
-                             and counts, image count, shard size, a hash of the source listing, complete or not
-    images-NNNNN.npy         uint8 (n, S, S, 3): shard NNNNN's ADM center crops, in ImageFolder's order
-    moments-NNNNN.npy        float32 (n, 8, S/8, S/8): cat([mean, logvar]) of the SD-VAE posterior (latent only)
-Raw arrays are read memory-mapped at 3,700-6,500 images/s per core (a PNG decodes at ~450/s, a full-size JPEG with
-ADM's crop at 140-180/s), so one loader worker feeds a GPU. Killed at any point, a rerun continues: finished shards
-are kept (each written to a temporary file, then renamed) and the rest redone.
+    manifest.json      resolution, crop, VAE name, its weights' sha256 and latent statistics,
+                       class names and counts, image count, shard size, a hash of the source
+                       listing, complete or not
+    images-NNNNN.npy   uint8 (n, S, S, 3): shard NNNNN's ADM center crops, in ImageFolder's order
+    moments-NNNNN.npy  float32 (n, 8, S/8, S/8): cat([mean, logvar]) of the SD-VAE posterior
+                       (latent only)
+Raw arrays are read memory-mapped at 3,700-6,500 images/s per core (a PNG decodes at ~450/s, a
+full-size JPEG with ADM's crop at 140-180/s), so one loader worker feeds a GPU. Killed at any point,
+a rerun continues: finished shards are kept (each written to a temporary file, then renamed) and
+the rest redone.
 """
 import argparse
 import hashlib
@@ -35,7 +43,8 @@ from irepa import fail
 FORMAT = 'irepa-prepared-v1'
 
 def source_hash(dataset, root):
-    """sha256 of the source's listing (label and file name, in order): another dataset hashes differently."""
+    """sha256 of the source's listing (label and file name, in order): another dataset hashes
+    differently."""
     h = hashlib.sha256()
     for path, label in dataset.samples:
         h.update(f"{label} {os.path.relpath(path, root)}\n".encode())
@@ -49,7 +58,8 @@ def file_sha256(path):
     return h.hexdigest()
 
 def save_npy(path, array):
-    """np.save to a temporary file, then a rename: a kill never leaves a partial shard under the real name."""
+    """np.save to a temporary file, then a rename: a kill never leaves a partial shard under the
+    real name."""
     with open(path + '.tmp', 'wb') as f:
         np.save(f, array)
     os.replace(path + '.tmp', path)
@@ -73,21 +83,28 @@ def shard_done(out, k, n, S, latent):
     return True
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data-path', required=True, help="root/<class>/<image>: the raw dataset")
-    p.add_argument('--out', required=True, help="the prepared folder (created; a rerun continues it)")
-    p.add_argument('--image-size', type=int, default=256, help="the setting's resolution (latent, pixel: 256)")
+    p.add_argument('--out', required=True,
+                   help="the prepared folder (created; a rerun continues it)")
+    p.add_argument('--image-size', type=int, default=256,
+                   help="the setting's resolution (latent, pixel: 256)")
     p.add_argument('--vae', default='sd-vae-ft-mse', choices=['sd-vae-ft-mse', 'none'],
-                   help="the latent setting's SD-VAE (moments stored); none: images only (pixel, demo)")
-    p.add_argument('--shard-size', type=int, default=1000, help="images per shard file (the unit of resuming)")
+                   help="the latent setting's SD-VAE (moments stored); "
+                        "none: images only (pixel, demo)")
+    p.add_argument('--shard-size', type=int, default=1000,
+                   help="images per shard file (the unit of resuming)")
     p.add_argument('--batch-size', type=int, default=50, help="images per VAE forward")
-    p.add_argument('--num-workers', type=int, default=8, help="loader processes decoding and cropping")
+    p.add_argument('--num-workers', type=int, default=8,
+                   help="loader processes decoding and cropping")
     return p.parse_args(argv)
 
 def main(argv=None):
     args = get_args(argv)
     latent = args.vae != 'none'
-    irepa.check_ranges(args, dict(image_size=8 if latent else 1, shard_size=1, batch_size=1, num_workers=0))
+    irepa.check_ranges(args, dict(image_size=8 if latent else 1, shard_size=1, batch_size=1,
+                                  num_workers=0))
     if latent and args.image_size % 8:
         fail(f"--image-size {args.image_size} is not divisible by 8, the SD-VAE's downsampling")
     rank, world, device = irepa.setup_distributed()
@@ -96,18 +113,25 @@ def main(argv=None):
     S, n_all = args.image_size, len(dataset)
     num_shards = -(-n_all // args.shard_size)
 
+    def shard_len(k):
+        """The number of images in shard k (the last shard may be short)."""
+        return min(args.shard_size, n_all - k * args.shard_size)
+
     # the manifest first (complete: false), so that a rerun or another dataset's run is recognised
+    class_counts = np.bincount([y for _, y in dataset.samples], minlength=len(dataset.classes))
     manifest = dict(format=FORMAT, resolution=S, crop='adm-center', vae=None, vae_sha256=None,
                     latents_scale=None, latents_bias=None, class_names=list(dataset.classes),
-                    class_counts=np.bincount([y for _, y in dataset.samples], minlength=len(dataset.classes)).tolist(),
-                    count=n_all, shard_size=args.shard_size, source=source_hash(dataset, args.data_path), complete=False)
+                    class_counts=class_counts.tolist(), count=n_all, shard_size=args.shard_size,
+                    source=source_hash(dataset, args.data_path), complete=False)
     sd_vae = None
     if latent:
-        with irepa.node_first(world):                                           # one download a node
+        # One download a node.
+        with irepa.node_first(world):
             sd_vae = irepa.call_or_fail(irepa.SDVAE, device)
         import vae
         manifest.update(vae=args.vae, vae_sha256=file_sha256(vae.cached_file(vae.VAE_FILE)),
-                        latents_scale=sd_vae.scale.flatten().tolist(), latents_bias=sd_vae.bias.flatten().tolist())
+                        latents_scale=sd_vae.scale.flatten().tolist(),
+                        latents_bias=sd_vae.bias.flatten().tolist())
     # every rank checks (so all stop alike), then rank 0 writes the manifest of a new folder
     path = os.path.join(args.out, 'manifest.json')
     if (problem := irepa.output_dir_problem(args.out)):
@@ -116,8 +140,8 @@ def main(argv=None):
         old = json.load(open(path))
         differ = [k for k in manifest if k != 'complete' and old.get(k) != manifest[k]]
         if differ:
-            fail(f"--out {args.out} holds another prepared dataset (its {', '.join(differ)} differ from this "
-                 f"run's); choose an empty folder")
+            fail(f"--out {args.out} holds another prepared dataset "
+                 f"(its {', '.join(differ)} differ from this run's); choose an empty folder")
     elif master:
         write_json(path, manifest)
     if world > 1:
@@ -125,47 +149,52 @@ def main(argv=None):
 
     # each rank its shards: k = rank, rank + world, ...
     mine = [k for k in range(rank, num_shards, world)
-            if not shard_done(args.out, k, min(args.shard_size, n_all - k * args.shard_size), S, latent)]
-    todo = sum(min(args.shard_size, n_all - k * args.shard_size) for k in mine)
-    print(f"rank {rank}: {len(mine)} of {len(range(rank, num_shards, world))} shards to write ({todo} images)",
-          flush=True)
+            if not shard_done(args.out, k, shard_len(k), S, latent)]
+    todo = sum(shard_len(k) for k in mine)
+    print(f"rank {rank}: {len(mine)} of {len(range(rank, num_shards, world))} shards to write "
+          f"({todo} images)", flush=True)
     t0, done = time.time(), 0
     for k in mine:
         idx = list(range(k * args.shard_size, min((k + 1) * args.shard_size, n_all)))
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=args.batch_size,
+        subset = torch.utils.data.Subset(dataset, idx)
+        loader = torch.utils.data.DataLoader(subset, batch_size=args.batch_size,
                                              num_workers=args.num_workers)
         images, moments, labels = [], [], []
         for x, y in loader:                                                     # uint8 (B, 3, S, S)
             labels.append(y)
             images.append(x.permute(0, 2, 3, 1).numpy())                       # (B, S, S, 3)
             if sd_vae is not None:
-                with torch.no_grad():                                           # fp32, as the on-the-fly step
-                    mean, logvar = sd_vae.vae.encode(x.to(device).float() / 127.5 - 1)   # logvar clamped
+                # In fp32, as the on-the-fly step; encode returns logvar already clamped.
+                with torch.no_grad():
+                    mean, logvar = sd_vae.vae.encode(x.to(device).float() / 127.5 - 1)
                 moments.append(torch.cat([mean, logvar], dim=1).cpu().numpy())
-        # ImageFolder gives an unreadable image's slot the next readable one: at a class boundary, with
-        # another class's label, which the manifest's class counts would not say
+        # ImageFolder gives an unreadable image's slot the next readable one: at a class boundary,
+        # with another class's label, which the manifest's class counts would not say
         got, want = torch.cat(labels), torch.tensor([dataset.samples[i][1] for i in idx])
         if (bad := (got != want).nonzero()).numel():
             path_bad = dataset.samples[idx[int(bad[0])]][0]
-            fail(f"{path_bad} is unreadable (see the warning above) and its slot took an image of another class; "
-                 f"fix or remove it, then run prepare.py again")
-        if sd_vae is not None:                                                  # moments first: images mark done
+            fail(f"{path_bad} is unreadable (see the warning above) and its slot took an image "
+                 f"of another class; fix or remove it, then run prepare.py again")
+        # Moments first: the images file marks a shard done.
+        if sd_vae is not None:
             save_npy(os.path.join(args.out, f'moments-{k:05d}.npy'), np.concatenate(moments))
         save_npy(os.path.join(args.out, f'images-{k:05d}.npy'), np.concatenate(images))
         done += len(idx)
         rate = done / (time.time() - t0)
-        print(f"rank {rank}: shard {k + 1}/{num_shards} | {done}/{todo} images | {rate:.0f} img/s | "
-              f"{(todo - done) / rate / 60:.1f} min left", flush=True)
+        print(f"rank {rank}: shard {k + 1}/{num_shards} | {done}/{todo} images | "
+              f"{rate:.0f} img/s | {(todo - done) / rate / 60:.1f} min left", flush=True)
     if world > 1:
         dist.barrier()
     if master:
         missing = [k for k in range(num_shards)
-                   if not shard_done(args.out, k, min(args.shard_size, n_all - k * args.shard_size), S, latent)]
+                   if not shard_done(args.out, k, shard_len(k), S, latent)]
         if missing:
-            fail(f"{len(missing)} shard(s) missing after the run (first: {missing[0]}); run it again to continue")
+            fail(f"{len(missing)} shard(s) missing after the run (first: {missing[0]}); "
+                 f"run it again to continue")
         manifest['complete'] = True
         write_json(path, manifest)
-        print(f"prepared {n_all} images in {num_shards} shards at {args.out} ({(time.time() - t0) / 60:.1f} min)")
+        minutes = (time.time() - t0) / 60
+        print(f"prepared {n_all} images in {num_shards} shards at {args.out} ({minutes:.1f} min)")
     if world > 1:
         dist.destroy_process_group()
     return args.out
