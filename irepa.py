@@ -1195,6 +1195,14 @@ class SDVAE:
 
 PREPARED_FORMAT = 'irepa-prepared-v1'
 
+def prepared_shard(kind, n, image_size):
+    """(shape, dtype) of a prepared folder's shard of n images: 'images' (n, S, S, 3) uint8, the
+    ADM crops; 'moments' (n, 8, S/8, S/8) float32, the SD-VAE's mean and logvar."""
+    S = image_size
+    if kind == 'images':
+        return (n, S, S, 3), np.dtype(np.uint8)
+    return (n, 8, S // 8, S // 8), np.dtype(np.float32)
+
 def open_shard(path):
     """A shard of a prepared folder, memory-mapped; the 64 last used stay open in each process (each
     holds a file), and a file rewritten since is opened anew."""
@@ -1255,8 +1263,6 @@ class PreparedFolder(torch.utils.data.Dataset):
         if len(self.labels) != m['count']:
             raise ValueError(f"{root}: its manifest says {m['count']} images, its class counts "
                              f"{len(self.labels)}")
-        S, s = image_size, image_size // 8
-        want = dict(images=((S, S, 3), np.uint8), moments=((8, s, s), np.float32))
         for kind, paths in self.files.items():
             for k, p in enumerate(paths):
                 try:
@@ -1265,9 +1271,10 @@ class PreparedFolder(torch.utils.data.Dataset):
                     raise ValueError(f"{p} is truncated or unreadable ({e}); run prepare.py again "
                                      f"to rewrite it (delete it first)") from None
                 n = min(self.shard_size, m['count'] - k * self.shard_size)
-                if (shape, dtype) != ((n, *want[kind][0]), want[kind][1]):
-                    raise ValueError(f"{p} holds {dtype} {shape}, not {np.dtype(want[kind][1])} "
-                                     f"{(n, *want[kind][0])}: its manifest says {m['count']} images")
+                want_shape, want_dtype = prepared_shard(kind, n, image_size)
+                if (shape, dtype) != (want_shape, want_dtype):
+                    raise ValueError(f"{p} holds {dtype} {shape}, not {want_dtype} {want_shape}: "
+                                     f"its manifest says {m['count']} images")
 
     def __len__(self):
         return len(self.labels)

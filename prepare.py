@@ -40,8 +40,6 @@ import torch.distributed as dist
 import irepa
 from irepa import fail
 
-FORMAT = 'irepa-prepared-v1'
-
 def source_hash(dataset, root):
     """sha256 of the source's listing (label and file name, in order): another dataset hashes
     differently."""
@@ -70,15 +68,13 @@ def write_json(path, obj):
     os.replace(path + '.tmp', path)
 
 def shard_done(out, k, n, S, latent):
-    """Shard k's files exist with the right shapes (a truncated file fails np.load's memory map)."""
-    want = {'images': ((n, S, S, 3), np.uint8), 'moments': ((n, 8, S // 8, S // 8), np.float32)}
+    """Shard k's files exist whole, with the shapes irepa.py's PreparedFolder reads."""
     for kind in ('images', 'moments') if latent else ('images',):
-        path = os.path.join(out, f'{kind}-{k:05d}.npy')
         try:
-            arr = np.load(path, mmap_mode='r')
+            path = os.path.join(out, f'{kind}-{k:05d}.npy')
+            if irepa.npy_shape(path) != irepa.prepared_shard(kind, n, S):
+                return False
         except (OSError, ValueError):
-            return False
-        if (arr.shape, arr.dtype) != want[kind]:
             return False
     return True
 
@@ -119,8 +115,9 @@ def main(argv=None):
 
     # the manifest first (complete: false), so that a rerun or another dataset's run is recognised
     class_counts = np.bincount([y for _, y in dataset.samples], minlength=len(dataset.classes))
-    manifest = dict(format=FORMAT, resolution=S, crop='adm-center', vae=None, vae_sha256=None,
-                    latents_scale=None, latents_bias=None, class_names=list(dataset.classes),
+    manifest = dict(format=irepa.PREPARED_FORMAT, resolution=S, crop='adm-center', vae=None,
+                    vae_sha256=None, latents_scale=None, latents_bias=None,
+                    class_names=list(dataset.classes),
                     class_counts=class_counts.tolist(), count=n_all, shard_size=args.shard_size,
                     source=source_hash(dataset, args.data_path), complete=False)
     sd_vae = None

@@ -2,9 +2,6 @@
 resuming a killed preparation, torchrun, a run from prepared data equal to one from the raw folder, bad input."""
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +10,7 @@ from PIL import Image
 
 import irepa
 import prepare
-from test_irepa import HERE, LATENT, TRAIN, fp32, load_last, vae_home  # noqa: F401 (fixtures)
+from test_irepa import LATENT, TRAIN, fp32, load_last, torchrun, vae_home  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
@@ -84,14 +81,8 @@ def test_a_killed_preparation_continues_and_another_dataset_is_refused(raw, tmp_
 def test_prepare_under_torchrun_writes_the_same_files(raw, tmp_path):
     prepare.main(['--data-path', raw, '--out', str(tmp_path / 'one'), '--image-size', '16', '--vae', 'none',
                   '--shard-size', '3', '--num-workers', '0'])
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    with socket.socket() as sock:                                              # a free port for the rendezvous
-        sock.bind(('127.0.0.1', 0))
-        port = sock.getsockname()[1]
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port',
-                        str(port), os.path.join(HERE, 'prepare.py'), '--data-path', raw, '--out',
-                        str(tmp_path / 'two'), '--image-size', '16', '--vae', 'none', '--shard-size', '3',
-                        '--num-workers', '0'], capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
+    r = torchrun('--data-path', raw, '--out', str(tmp_path / 'two'), '--image-size', '16', '--vae', 'none',
+                 '--shard-size', '3', '--num-workers', '0', script='prepare.py')
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / 'one')) == sorted(os.listdir(tmp_path / 'two'))
     for name in os.listdir(tmp_path / 'one'):
@@ -188,7 +179,6 @@ def test_prepared_folder_checks_every_shards_shape(raw, tmp_path):
 
 def test_two_ranks_from_prepared_moments_equal_one_process(raw, tmp_path, vae_home, monkeypatch, fp32):
     """Each rank reads its slice of the global batch with its moments and takes its slice of the step's eps."""
-    from test_irepa import torchrun
     monkeypatch.setenv('TORCH_HOME', vae_home)
     out = prepare.main(['--data-path', raw, '--out', str(tmp_path / 'p'), '--image-size', '64', '--shard-size', '4',
                         '--num-workers', '0'])
