@@ -217,26 +217,36 @@ def similarity_figure(img, maps, anchor):
     draw.text((2 * PANEL - 26, PANEL + STRIP + 4), '1', fill='black')
     return fig
 
-def scatter(xs, ys, labels, xlabel, size=360, ylabel='gFID'):
+def scatter(xs, ys, labels, xlabel, size=360, ylabel='gFID', spread=None, ref=None):
     """ylabel (y) against one column (x), each point labelled, with the least-squares line:
-    a (size, size - 20) panel. Tick labels at the data's min, middle and max."""
+    a (size, size - 20) panel. Tick labels at the data's min, middle and max. Optional: spread, a
+    (lo, hi) bar per point (e.g. the range over seeds); ref, a (y, label) dashed horizontal line."""
     xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
     im = Image.new('RGB', (size, size - STRIP), 'white')
     draw = ImageDraw.Draw(im)
     left, top, right, bottom = 50, 10, size - 15, size - STRIP - 40     # the plotting box
-    # The axes span the data's range widened by 10% of it on each side (by 0.1 if the range is 0).
+    # The axes span the data's range (bars and line included) widened by 10% of it on each side
+    # (by 0.1 if the range is 0).
+    yall = np.concatenate([ys, np.ravel(spread or []), [ref[0]] if ref else []])
     (x0, x1), (y0, y1) = [(v.min() - 0.1 * (np.ptp(v) or 1), v.max() + 0.1 * (np.ptp(v) or 1))
-                          for v in (xs, ys)]
+                          for v in (xs, yall)]
     px = lambda x: left + (x - x0) / (x1 - x0) * (right - left)
     py = lambda y: bottom - (y - y0) / (y1 - y0) * (bottom - top)
     draw.rectangle([left, top, right, bottom], outline='black')
-    for u, v in zip(np.linspace(xs.min(), xs.max(), 3), np.linspace(ys.min(), ys.max(), 3)):
+    for u, v in zip(np.linspace(xs.min(), xs.max(), 3), np.linspace(yall.min(), yall.max(), 3)):
         draw.text((px(u) - 12, bottom + 6), f"{u:.3g}", fill='black')
         draw.text((4, py(v) - 5), f"{v:.3g}", fill='black')
+    if ref:
+        for x in range(left, right, 8):
+            draw.line([x, py(ref[0]), min(x + 4, right), py(ref[0])], fill=(120, 120, 120))
+        w = draw.textlength(ref[1])
+        draw.text((right - 6 - w, py(ref[0]) + 2), ref[1], fill=(120, 120, 120))
     if np.ptp(xs) > 0:
         b, a = np.polyfit(xs, ys, 1)
         draw.line([px(xs.min()), py(a + b * xs.min()), px(xs.max()), py(a + b * xs.max())],
                   fill=(150, 150, 150))
+    for x, (lo, hi) in zip(xs, spread or []):
+        draw.line([px(x), py(lo), px(x), py(hi)], fill=(31, 119, 180))
     for x, y, name in zip(xs, ys, labels):
         draw.ellipse([px(x) - 3, py(y) - 3, px(x) + 3, py(y) + 3], fill=(31, 119, 180))
         # The label goes right of the point, or left of it near the right edge.

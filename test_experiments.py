@@ -418,7 +418,7 @@ def test_quick_title_writes_every_output(tiny_cifar, weights_dir, monkeypatch, c
     report = open(out / 'title.md').read()
     fd = [json.load(open(out / 'results' / f'REPA-ResNet20-global0.25-s{s}.json'))['fd']['4'] for s in seeds]
     assert f"| resnet20_stage3_global025 | 64 | {targets['resnet20_stage3_global025']['probe']:.3f} |" in report
-    assert f"| {np.mean(fd):.2f} ± {np.std(fd, ddof=1):.2f} | 2 |" in report
+    assert f"| {np.mean(fd):.2f} ± {np.std(fd, ddof=1):.2f} | - | 2 |" in report       # no vanilla run: no pair
     assert os.path.isfile(out / 'title_alpha.png') and not os.path.isfile(out / 'title_fd.png')   # 2 targets: no r
     capsys.readouterr()
     cifar10.main(argv)                                                          # finished pieces are skipped
@@ -426,10 +426,27 @@ def test_quick_title_writes_every_output(tiny_cifar, weights_dir, monkeypatch, c
     # with the main tables' REPA runs, four targets have an FD: the correlations and Figure 4
     for arm, v in (('REPA-ResNet20', 9.0), ('REPA-HOG', 7.0)):
         json.dump(dict(arm=arm, seed=0, fd={'4': v}, commit='x'), open(out / 'results' / f'{arm}-s0.json', 'w'))
+    # vanilla at both seeds, and a seed 2 of REPA-ResNet20 that the title question leaves out (it pairs seeds 0, 1)
+    for seed, v in ((0, 10.0), (1, 12.0)):
+        json.dump(dict(arm='vanilla', seed=seed, fd={'4': v}, commit='x'),
+                  open(out / 'results' / f'vanilla-s{seed}.json', 'w'))
+    json.dump(dict(arm='REPA-ResNet20', seed=2, fd={'4': 100.0}, commit='x'),
+              open(out / 'results' / 'REPA-ResNet20-s2.json', 'w'))
     cifar10.main(argv + ['--report'])
+    report = open(out / 'title.md').read()
     done = ['resnet20_stage3', 'hog'] + [enc for enc, _, _ in cifar10.TITLE_ARMS.values()]
-    fds = [9.0, 7.0] + [np.mean([json.load(open(out / 'results' / f'{arm}-s{s}.json'))['fd']['4'] for s in seeds])
-                        for arm in cifar10.TITLE_ARMS]
+    per_seed = {arm: [json.load(open(out / 'results' / f'{arm}-s{s}.json'))['fd']['4'] for s in seeds]
+                for arm in cifar10.TITLE_ARMS}
+    fds = [9.0, 7.0] + [np.mean(v) for v in per_seed.values()]
     r = np.corrcoef([targets[t]['lds'] for t in done], fds)[0, 1]
-    assert f"| LDS | {r:+.2f} | [" in open(out / 'title.md').read()
+    r0 = np.corrcoef([targets[t]['lds'] for t in done], [9.0, 7.0] + [v[0] for v in per_seed.values()])[0, 1]
+    assert f"| LDS | {r:+.2f} | [" in report and f"| {r0:+.2f} | - |" in report     # seed 1: 2 targets, no r
+    assert "| 9.00 | -1.00 | 1 |" in report                                          # REPA-ResNet20: seed 2 left out
+    d = [fd[0] - 10.0, fd[1] - 12.0]                                                 # global0.25 - vanilla, paired
+    assert f"| {np.mean(d):+.2f} ± {np.std(d, ddof=1):.2f} | 2 |" in report
+    # seed agreement over the arms with both seeds: the two title arms and vanilla
+    both = list(per_seed.values()) + [[10.0, 12.0]]
+    r01 = np.corrcoef([v[0] for v in both], [v[1] for v in both])[0, 1]
+    within = np.sqrt(np.mean([np.var(v, ddof=1) for v in both]))
+    assert f"has Pearson r = {r01:+.2f}; the sd between two seeds of one arm (pooled) is {within:.2f}" in report
     assert Image.open(out / 'title_fd.png').size == (960, 480)

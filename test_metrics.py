@@ -191,6 +191,20 @@ def test_scatter_puts_each_encoder_where_its_values_say():
     assert ((im == (150, 150, 150)).all(-1)).sum() > 100                          # the least-squares line is drawn
 
 
+
+def test_scatter_draws_spread_bars_and_the_reference_line():
+    xs, ys = [0.1, 0.2, 0.4], [9.0, 3.0, 6.0]
+    im = np.array(metrics.scatter(xs, ys, ['', '', ''], 'lds', spread=[(8.0, 11.0), (3.0, 3.0), (6.0, 6.0)],
+                                  ref=(5.0, '')))
+    blue = np.argwhere((im == (31, 119, 180)).all(-1))
+    blue = blue[np.argsort(blue[:, 1])]
+    bar, dot3, dot6 = np.split(blue, np.nonzero(np.diff(blue[:, 1]) > 5)[0] + 1)
+    row = lambda y: dot3[:, 0].mean() + (y - 3) * (dot6[:, 0].mean() - dot3[:, 0].mean()) / 3   # y -> pixel row
+    assert abs(bar[:, 0].min() - row(11)) < 1.5 and abs(bar[:, 0].max() - row(8)) < 1.5     # the bar spans 8..11
+    grey = np.argwhere((im == (120, 120, 120)).all(-1))                          # the dashed line at y = 5
+    assert len(grey) > 100 and abs(np.bincount(grey[:, 0]).argmax() - row(5)) < 1.5
+
+
 def test_pictures_have_the_right_size():
     fig = metrics.similarity_figure(np.zeros((64, 64, 3), np.uint8), {'raw': np.random.rand(8, 8),
                                                                      'norm': np.random.rand(8, 8) * 2 - 1}, (3, 4))

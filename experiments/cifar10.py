@@ -366,11 +366,11 @@ def target_metrics(args, cfg):
     save_json(path, out)
     return out
 
-def mean_sd(values):
-    values = [v for v in values if v is not None]
+def mean_sd(values, sign=False):
+    values, f = [v for v in values if v is not None], '+.2f' if sign else '.2f'
     if not values:
         return '-'
-    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+    return f"{np.mean(values):{f}} ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{values[0]:{f}}"
 
 def t_interval(values):
     """Mean and the half-width of its 95% Student-t interval (None with fewer than two values)."""
@@ -659,67 +659,91 @@ def bootstrap(x, y, n=10_000, seed=0):
     ci = lambda v: tuple(np.nanpercentile(v, [2.5, 97.5]))
     return dict(r=(scipy.stats.pearsonr(x, y)[0], *ci(rs)), rho=(scipy.stats.spearmanr(x, y)[0], *ci(rhos)))
 
+def pearson(x, y):
+    return float(np.corrcoef(x, y)[0, 1])
+
 def title_fd(args, cfg):
-    """{target: [FD at the last step, one per finished seed]} of each target's REPA arm, and vanilla's."""
+    """{target: {seed: FD at the last step}} of each target's REPA arm and of vanilla ('none'), over TITLE_SEEDS
+    only: every target is compared on the same, paired seeds (the main tables' arms also have a seed 2)."""
     last, fds = str(cfg['steps'][-1]), {}
     for target, arm in {**TITLE_TARGETS, 'none': 'vanilla'}.items():
-        rs = collect(args, cfg, [arm])
-        fds[target] = [r['fd'][last] for r in rs if last in r['fd']]
+        rs = collect(args, dict(cfg, seeds=TITLE_SEEDS), [arm])
+        fds[target] = {r['seed']: r['fd'][last] for r in rs if last in r['fd']}
     return fds
 
 def title_report(args, cfg, targets):
     """title.md: the table per target, the correlations of FD with each predictor (bootstrap intervals over
-    targets), the alpha line; title_fd.png (Figure 4: FD against probe accuracy | against LDS) and title_alpha.png
-    (Figure 3c: probe accuracy, LDS and FD against alpha)."""
+    targets, and each seed alone), how much of the FD spread is seed noise, the alpha line; title_fd.png (Figure 4:
+    FD against probe accuracy | against LDS) and title_alpha.png (Figure 3c: probe accuracy, LDS, FD against alpha)."""
     fds, last = title_fd(args, cfg), cfg['steps'][-1]
     names = {'probe': 'probe (pooled)', 'probe_token': 'probe (token)', 'lds': 'LDS', 'lds_half': 'LDS (r = H/2)',
              'cds': 'CDS', 'rmsc': 'RMSC'}
+    fd = {t: float(np.mean(list(v.values()))) for t, v in fds.items() if v}      # mean over the paired seeds
+    paired = lambda t, base: mean_sd([fds[t][s] - fds[base][s] for s in fds[t] if s in fds[base]], sign=True)
     lines = ["# The title question at CPU scale: global information or spatial structure? (experiments/cifar10.py "
              "title)", "",
              f"REPA (MLP projector, the main table's recipe: SiT-T/4, 32 px, batch 64, {last} steps, FD of 2,000 EMA "
-             f"samples) with each alignment target below. Probe: a linear classifier (multinomial logistic "
-             f"regression, L-BFGS, L2 penalty {PROBE_WD} on standardised features) fit on {cfg['probe_images']} train "
-             f"images, accuracy on {cfg['probe_images']} test images; 'pooled' classifies the average-pooled tokens "
-             f"(the paper's protocol), 'token' each token alone. LDS / CDS / RMSC: raw tokens of "
-             f"{cfg['metric_images']} test images; LDS with the official radii (d = 1 vs d >= 6) and with the "
-             f"paper's text (d < H/2 vs d >= H/2, i.e. d <= 3 vs d >= 4 on the 8x8 grid).", "",
-             "| target | dim | " + " | ".join(names[p] for p in PREDICTORS) + f" | FD @ {last} | seeds |",
-             "|---|---|" + "---|" * (len(PREDICTORS) + 2)]
+             f"samples) with each alignment target below, seeds {', '.join(map(str, TITLE_SEEDS))} for every target "
+             f"(paired: 'vs vanilla' is the mean +- sd over seeds of FD(target, seed) - FD(vanilla, seed)). Probe: a "
+             f"linear classifier (multinomial logistic regression, L-BFGS, L2 penalty {PROBE_WD} on standardised "
+             f"features) fit on {cfg['probe_images']} train images, accuracy on {cfg['probe_images']} test images; "
+             f"'pooled' classifies the average-pooled tokens (the paper's protocol), 'token' each token alone. LDS / "
+             f"CDS / RMSC: raw tokens of {cfg['metric_images']} test images; LDS with the official radii (d = 1 vs "
+             f"d >= 6) and with the paper's text (d < H/2 vs d >= H/2, i.e. d <= 3 vs d >= 4 on the 8x8 grid).", "",
+             "| target | dim | " + " | ".join(names[p] for p in PREDICTORS) + f" | FD @ {last} | vs vanilla | seeds |",
+             "|---|---|" + "---|" * (len(PREDICTORS) + 3)]
     for t in TITLE_TARGETS:
         m = targets[t]
         lines.append(f"| {t} | {m['dim']} | " + " | ".join(f"{m[p]:.3f}" for p in PREDICTORS) +
-                     f" | {mean_sd(fds[t])} | {len(fds[t])} |")
+                     f" | {mean_sd(list(fds[t].values()))} | {paired(t, 'none')} | {len(fds[t])} |")
     lines.append(f"| none (vanilla SiT) | - | " + " | ".join('-' for _ in PREDICTORS) +
-                 f" | {mean_sd(fds['none'])} | {len(fds['none'])} |")
+                 f" | {mean_sd(list(fds['none'].values()))} | - | {len(fds['none'])} |")
     done = [t for t in TITLE_TARGETS if fds[t]]
     corr = {}
     if len(done) >= 3:
-        fd = [np.mean(fds[t]) for t in done]
-        corr = {p: bootstrap([targets[t][p] for t in done], fd) for p in PREDICTORS}
+        corr = {p: bootstrap([targets[t][p] for t in done], [fd[t] for t in done]) for p in PREDICTORS}
+        by_seed = {s: [t for t in done if s in fds[t]] for s in TITLE_SEEDS}
+        r_seed = lambda p, s: (f"{pearson([targets[t][p] for t in by_seed[s]], [fds[t][s] for t in by_seed[s]]):+.2f}"
+                               if len(by_seed[s]) >= 3 else '-')
         lines += ["", f"FD @ {last} (mean over seeds) against each predictor, over the {len(done)} targets with a "
-                  f"finished run; 95% percentile bootstrap intervals over targets (10,000 resamples). The paper "
-                  f"(27 encoders, gFID): probe |r| = 0.26, LDS 0.852, CDS 0.847, RMSC 0.888, all with better "
-                  f"structure giving lower FID (negative r).", "",
-                  "| predictor | Pearson r | 95% CI | Spearman rho | 95% CI |", "|---|---|---|---|---|"]
+                  f"finished run; 95% percentile bootstrap intervals over targets (10,000 resamples); then Pearson r "
+                  f"of each seed's FD alone. The paper (27 encoders, gFID): probe |r| = 0.26, LDS 0.852, CDS 0.847, "
+                  f"RMSC 0.888, all with better structure giving lower FID (negative r).", "",
+                  "| predictor | Pearson r | 95% CI | Spearman rho | 95% CI | " +
+                  " | ".join(f"r, seed {s} ({len(by_seed[s])})" for s in TITLE_SEEDS) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(TITLE_SEEDS)]
         for p, c in corr.items():
             lines.append(f"| {names[p]} | {c['r'][0]:+.2f} | [{c['r'][1]:+.2f}, {c['r'][2]:+.2f}] | "
-                         f"{c['rho'][0]:+.2f} | [{c['rho'][1]:+.2f}, {c['rho'][2]:+.2f}] |")
+                         f"{c['rho'][0]:+.2f} | [{c['rho'][1]:+.2f}, {c['rho'][2]:+.2f}] | " +
+                         " | ".join(r_seed(p, s) for s in TITLE_SEEDS) + " |")
+    both = [t for t in [*done, 'none'] if len(fds[t]) == len(TITLE_SEEDS)]
+    if len(both) >= 3 and len(TITLE_SEEDS) == 2:
+        s0, s1 = ([fds[t][s] for t in both] for s in TITLE_SEEDS)
+        within = math.sqrt(np.mean([np.var(list(fds[t].values()), ddof=1) for t in both]))
+        lines += ["", f"How much of that spread is seed noise, over the {len(both)} arms with both seeds (vanilla "
+                  f"included): seed {TITLE_SEEDS[0]}'s FD against seed {TITLE_SEEDS[1]}'s has Pearson r = "
+                  f"{pearson(s0, s1):+.2f}; the sd between two seeds of one arm (pooled) is {within:.2f}, so "
+                  f"a two-seed mean carries noise of sd {within / math.sqrt(2):.2f}, against an sd of "
+                  f"{np.std([fd[t] for t in both], ddof=1):.2f} between the arms' means."]
     lines += ["", "The alpha line (Figure 3c in miniature: ResNet-20's stage-3 tokens p_i + alpha * g, g their "
               "average, the feature its classifier reads):", "",
-              "| alpha | probe (pooled) | probe (token) | LDS | CDS | FD @ " + str(last) + " |", "|---|---|---|---|---|---|"]
+              f"| alpha | probe (pooled) | probe (token) | LDS | CDS | FD @ {last} | vs alpha 0 |",
+              "|---|---|---|---|---|---|---|"]
     for a, t in ALPHAS.items():
         m = targets[t]
         lines.append(f"| {a} | {m['probe']:.3f} | {m['probe_token']:.3f} | {m['lds']:.3f} | {m['cds']:.4f} | "
-                     f"{mean_sd(fds[t])} |")
-    commits = sorted({r.get('commit', '-') for t in done for r in collect(args, cfg, [TITLE_TARGETS[t]])})
+                     f"{mean_sd(list(fds[t].values()))} | {paired(t, ALPHAS[0.0]) if a else '-'} |")
+    commits = sorted({r.get('commit', '-') for t in done
+                      for r in collect(args, dict(cfg, seeds=TITLE_SEEDS), [TITLE_TARGETS[t]])})
     lines += ["", f"Runs from commit(s) {', '.join(commits) or '-'}. Command: `python experiments/cifar10.py title "
               f"--data-path ROOT{' --quick' if args.quick else ''}`."]
     open(os.path.join(args.out_dir, 'title.md'), 'w').write('\n'.join(lines) + '\n')
-    if corr:
-        table = dict(encoder=done, fid=[float(np.mean(fds[t])) for t in done],
-                     **{p: [targets[t][p] for t in done] for p in ('probe', 'lds')})
+    if corr:                              # bars: the seeds' range; dashed: vanilla SiT's mean over the same seeds
+        spread = [(min(fds[t].values()), max(fds[t].values())) for t in done]
+        ref = (fd['none'], 'vanilla SiT') if 'none' in fd else None
         panels = [(f"{names[p]}: pearson r={corr[p]['r'][0]:.2f}, spearman {corr[p]['rho'][0]:.2f}",
-                   metrics.scatter(table[p], table['fid'], done, names[p], ylabel=f'FD @ {last}', size=480))
+                   metrics.scatter([targets[t][p] for t in done], [fd[t] for t in done], done, names[p],
+                                   ylabel=f'FD @ {last}', size=480, spread=spread, ref=ref))
                   for p in ('probe', 'lds')]
         metrics.figure(panels)[0].save(os.path.join(args.out_dir, 'title_fd.png'))
     alpha_figure(targets, fds, os.path.join(args.out_dir, 'title_alpha.png'), last)
@@ -731,7 +755,8 @@ def alpha_figure(targets, fds, path, last):
     series = [("probe accuracy (o pooled, x token)", [[targets[t]['probe'] for t in ALPHAS.values()],
                                                       [targets[t]['probe_token'] for t in ALPHAS.values()]]),
               ("LDS of the target", [[targets[t]['lds'] for t in ALPHAS.values()]]),
-              (f"FD @ {last} of REPA", [[np.mean(fds[t]) if fds[t] else math.nan for t in ALPHAS.values()]])]
+              (f"FD @ {last} of REPA", [[np.mean(list(fds[t].values())) if fds[t] else math.nan
+                                         for t in ALPHAS.values()]])]
     panels = []
     for title, ys in series:
         im = Image.new('RGB', (300, 260), 'white')
@@ -739,7 +764,7 @@ def alpha_figure(targets, fds, path, last):
         left, top, right, bottom = 50, 10, 285, 220
         vals = [v for y in ys for v in y if not math.isnan(v)] or [0, 1]
         if title.startswith('FD'):
-            vals += [v for t in ALPHAS.values() for v in fds[t]]
+            vals += [v for t in ALPHAS.values() for v in fds[t].values()]
         lo, hi = min(vals), max(vals)
         lo, hi = lo - 0.1 * ((hi - lo) or 1), hi + 0.1 * ((hi - lo) or 1)
         X = lambda a: left + (a - alphas[0]) / (alphas[-1] - alphas[0]) * (right - left - 20) + 10
@@ -764,7 +789,7 @@ def alpha_figure(targets, fds, path, last):
         if title.startswith('FD'):
             for a, t in ALPHAS.items():
                 if fds[t]:
-                    d.line([X(a), Y(min(fds[t])), X(a), Y(max(fds[t]))], fill=COLOURS[0])
+                    d.line([X(a), Y(min(fds[t].values())), X(a), Y(max(fds[t].values()))], fill=COLOURS[0])
         panels.append((title, im))
     metrics.figure(panels)[0].save(path)
 
