@@ -441,7 +441,9 @@ def test_quick_title_writes_every_output(tiny_cifar, weights_dir, monkeypatch, c
     r = np.corrcoef([targets[t]['lds'] for t in done], fds)[0, 1]
     r0 = np.corrcoef([targets[t]['lds'] for t in done], [9.0, 7.0] + [v[0] for v in per_seed.values()])[0, 1]
     assert f"| LDS | {r:+.2f} | [" in report and f"| {r0:+.2f} | - |" in report     # seed 1: 2 targets, no r
-    assert "| 9.00 | -1.00 | 1 |" in report                                          # REPA-ResNet20: seed 2 left out
+    assert "| 9.00 | -1.00 | 1 | - |" in report                  # REPA-ResNet20: seed 2 left out; no SiT LDS in it
+    lds = [json.load(open(out / 'results' / f'REPA-ResNet20-global0.25-s{s}.json'))['lds'] for s in seeds]
+    assert f"| 2 | {np.mean(lds):.3f} |" in report.split('| resnet20_stage3_global025 |')[1].split('\n')[0]
     d = [fd[0] - 10.0, fd[1] - 12.0]                                                 # global0.25 - vanilla, paired
     assert f"| {np.mean(d):+.2f} ± {np.std(d, ddof=1):.2f} | 2 |" in report
     # seed agreement over the arms with both seeds: the two title arms and vanilla
@@ -449,4 +451,5 @@ def test_quick_title_writes_every_output(tiny_cifar, weights_dir, monkeypatch, c
     r01 = np.corrcoef([v[0] for v in both], [v[1] for v in both])[0, 1]
     within = np.sqrt(np.mean([np.var(v, ddof=1) for v in both]))
     assert f"has Pearson r = {r01:+.2f}; the sd between two seeds of one arm (pooled) is {within:.2f}" in report
+    assert f"The {2 * len(seeds)} finished runs of new targets took" in report       # the cost of the title arms
     assert Image.open(out / 'title_fd.png').size == (960, 480)

@@ -671,6 +671,12 @@ def title_fd(args, cfg):
         fds[target] = {r['seed']: r['fd'][last] for r in rs if last in r['fd']}
     return fds
 
+def title_sit_lds(args, cfg):
+    """{target: LDS of SiT's own aligned hidden state after training, mean over the paired seeds}."""
+    runs = {t: [r['lds'] for r in collect(args, dict(cfg, seeds=TITLE_SEEDS), [arm]) if 'lds' in r]
+            for t, arm in {**TITLE_TARGETS, 'none': 'vanilla'}.items()}
+    return {t: float(np.mean(v)) for t, v in runs.items() if v}
+
 def title_report(args, cfg, targets):
     """title.md: the table per target, the correlations of FD with each predictor (bootstrap intervals over
     targets, and each seed alone), how much of the FD spread is seed noise, the alpha line; title_fd.png (Figure 4:
@@ -689,15 +695,20 @@ def title_report(args, cfg, targets):
              f"features) fit on {cfg['probe_images']} train images, accuracy on {cfg['probe_images']} test images; "
              f"'pooled' classifies the average-pooled tokens (the paper's protocol), 'token' each token alone. LDS / "
              f"CDS / RMSC: raw tokens of {cfg['metric_images']} test images; LDS with the official radii (d = 1 vs "
-             f"d >= 6) and with the paper's text (d < H/2 vs d >= H/2, i.e. d <= 3 vs d >= 4 on the 8x8 grid).", "",
-             "| target | dim | " + " | ".join(names[p] for p in PREDICTORS) + f" | FD @ {last} | vs vanilla | seeds |",
-             "|---|---|" + "---|" * (len(PREDICTORS) + 3)]
+             f"d >= 6) and with the paper's text (d < H/2 vs d >= H/2, i.e. d <= 3 vs d >= 4 on the 8x8 grid). Last "
+             f"column, measured after training and so not a predictor: the LDS of SiT's own hidden state after the "
+             f"aligned block (t = {METRIC_T}, {cfg['metric_images']} test images), mean over seeds.", "",
+             "| target | dim | " + " | ".join(names[p] for p in PREDICTORS) +
+             f" | FD @ {last} | vs vanilla | seeds | SiT's LDS |", "|---|---|" + "---|" * (len(PREDICTORS) + 4)]
+    sit = title_sit_lds(args, cfg)
     for t in TITLE_TARGETS:
         m = targets[t]
         lines.append(f"| {t} | {m['dim']} | " + " | ".join(f"{m[p]:.3f}" for p in PREDICTORS) +
-                     f" | {mean_sd(list(fds[t].values()))} | {paired(t, 'none')} | {len(fds[t])} |")
+                     f" | {mean_sd(list(fds[t].values()))} | {paired(t, 'none')} | {len(fds[t])} | " +
+                     (f"{sit[t]:.3f} |" if t in sit else "- |"))
     lines.append(f"| none (vanilla SiT) | - | " + " | ".join('-' for _ in PREDICTORS) +
-                 f" | {mean_sd(list(fds['none'].values()))} | - | {len(fds['none'])} |")
+                 f" | {mean_sd(list(fds['none'].values()))} | - | {len(fds['none'])} | "
+                 + (f"{sit['none']:.3f} |" if 'none' in sit else "- |"))
     done = [t for t in TITLE_TARGETS if fds[t]]
     corr = {}
     if len(done) >= 3:
@@ -733,10 +744,15 @@ def title_report(args, cfg, targets):
         m = targets[t]
         lines.append(f"| {a} | {m['probe']:.3f} | {m['probe_token']:.3f} | {m['lds']:.3f} | {m['cds']:.4f} | "
                      f"{mean_sd(list(fds[t].values()))} | {paired(t, ALPHAS[0.0]) if a else '-'} |")
-    commits = sorted({r.get('commit', '-') for t in done
-                      for r in collect(args, dict(cfg, seeds=TITLE_SEEDS), [TITLE_TARGETS[t]])})
+    runs = [r for t in done for r in collect(args, dict(cfg, seeds=TITLE_SEEDS), [TITLE_TARGETS[t]])]
+    title_runs = [r for r in runs if r['arm'] in TITLE_ARMS and 'lds' in r]
+    commits = sorted({r.get('commit', '-') for r in runs})
     lines += ["", f"Runs from commit(s) {', '.join(commits) or '-'}. Command: `python experiments/cifar10.py title "
               f"--data-path ROOT{' --quick' if args.quick else ''}`."]
+    if title_runs:
+        train, evals = (sum(r[k] for r in title_runs) / 3600 for k in ('train_s', 'eval_s'))
+        lines[-1] += (f" The {len(title_runs)} finished runs of new targets took {train:.1f} h of training and "
+                      f"{evals:.1f} h of evaluation ({60 * (train + evals) / len(title_runs):.0f} min a run).")
     open(os.path.join(args.out_dir, 'title.md'), 'w').write('\n'.join(lines) + '\n')
     if corr:                              # bars: the seeds' range; dashed: vanilla SiT's mean over the same seeds
         spread = [(min(fds[t].values()), max(fds[t].values())) for t in done]
