@@ -441,6 +441,7 @@ def test_quick_title_writes_every_output(tiny_cifar, weights_dir, monkeypatch, c
     r = np.corrcoef([targets[t]['lds'] for t in done], fds)[0, 1]
     r0 = np.corrcoef([targets[t]['lds'] for t in done], [9.0, 7.0] + [v[0] for v in per_seed.values()])[0, 1]
     assert f"| LDS | {r:+.2f} | [" in report and f"| {r0:+.2f} | - |" in report     # seed 1: 2 targets, no r
+    assert f"| LDS | - | {r:+.2f} |" in report                 # r at each step: at step 2 only 2 targets have an FD
     assert "| 9.00 | -1.00 | 1 | - |" in report                  # REPA-ResNet20: seed 2 left out; no SiT LDS in it
     lds = [json.load(open(out / 'results' / f'REPA-ResNet20-global0.25-s{s}.json'))['lds'] for s in seeds]
     assert f"| 2 | {np.mean(lds):.3f} |" in report.split('| resnet20_stage3_global025 |')[1].split('\n')[0]

@@ -662,10 +662,10 @@ def bootstrap(x, y, n=10_000, seed=0):
 def pearson(x, y):
     return float(np.corrcoef(x, y)[0, 1])
 
-def title_fd(args, cfg):
-    """{target: {seed: FD at the last step}} of each target's REPA arm and of vanilla ('none'), over TITLE_SEEDS
-    only: every target is compared on the same, paired seeds (the main tables' arms also have a seed 2)."""
-    last, fds = str(cfg['steps'][-1]), {}
+def title_fd(args, cfg, step=None):
+    """{target: {seed: FD at step (default: the last)}} of each target's REPA arm and of vanilla ('none'), over
+    TITLE_SEEDS only: every target is compared on the same, paired seeds (the main tables' arms also have a seed 2)."""
+    last, fds = str(step or cfg['steps'][-1]), {}
     for target, arm in {**TITLE_TARGETS, 'none': 'vanilla'}.items():
         rs = collect(args, dict(cfg, seeds=TITLE_SEEDS), [arm])
         fds[target] = {r['seed']: r['fd'][last] for r in rs if last in r['fd']}
@@ -727,6 +727,15 @@ def title_report(args, cfg, targets):
             lines.append(f"| {names[p]} | {c['r'][0]:+.2f} | [{c['r'][1]:+.2f}, {c['r'][2]:+.2f}] | "
                          f"{c['rho'][0]:+.2f} | [{c['rho'][1]:+.2f}, {c['rho'][2]:+.2f}] | " +
                          " | ".join(r_seed(p, s) for s in TITLE_SEEDS) + " |")
+        at = {step: title_fd(args, cfg, step) for step in cfg['steps']}         # does the answer depend on when
+        def r_at(p, f):
+            ts = [t for t in done if f[t]]
+            return (f"{pearson([targets[t][p] for t in ts], [np.mean(list(f[t].values())) for t in ts]):+.2f}"
+                    if len(ts) >= 3 else '-')
+        lines += ["", "The same Pearson r with the FD at each evaluation step (mean over seeds):", "",
+                  "| predictor | " + " | ".join(f"r @ {step}" for step in at) + " |", "|---|" + "---|" * len(at)]
+        for p in PREDICTORS:
+            lines.append(f"| {names[p]} | " + " | ".join(r_at(p, f) for f in at.values()) + " |")
     both = [t for t in [*done, 'none'] if len(fds[t]) == len(TITLE_SEEDS)]
     if len(both) >= 3 and len(TITLE_SEEDS) == 2:
         s0, s1 = ([fds[t][s] for t in both] for s in TITLE_SEEDS)
