@@ -671,6 +671,25 @@ def title_fd(args, cfg, step=None):
         fds[target] = {r['seed']: r['fd'][last] for r in rs if last in r['fd']}
     return fds
 
+def seed_adjusted(fds):
+    """{arm: FD} from {arm: {seed: FD}} by the additive fit FD[arm, seed] = a_arm + b_seed (least squares over the
+    finished runs): a_arm + mean(b) compares arms finished on different seeds (seeds differ: a seed that is hard for
+    one arm is hard for all); where an arm has every seed, it is exactly its mean over seeds."""
+    arms = [a for a in fds if fds[a]]
+    seeds = sorted({s for a in arms for s in fds[a]})
+    X, y = [], []
+    for i, a in enumerate(arms):
+        for s, v in fds[a].items():
+            x = np.zeros(len(arms) + len(seeds) - 1)                             # b of the first seed is 0
+            x[i] = 1
+            if seeds.index(s):
+                x[len(arms) + seeds.index(s) - 1] = 1
+            X.append(x)
+            y.append(v)
+    coef = np.linalg.lstsq(np.array(X), np.array(y), rcond=None)[0]
+    b = np.concatenate([[0.0], coef[len(arms):]])
+    return {a: float(coef[i] + b.mean()) for i, a in enumerate(arms)}
+
 def title_sit_lds(args, cfg):
     """{target: LDS of SiT's own aligned hidden state after training, mean over the paired seeds}."""
     runs = {t: [r['lds'] for r in collect(args, dict(cfg, seeds=TITLE_SEEDS), [arm]) if 'lds' in r]
@@ -684,7 +703,8 @@ def title_report(args, cfg, targets):
     fds, last = title_fd(args, cfg), cfg['steps'][-1]
     names = {'probe': 'probe (pooled)', 'probe_token': 'probe (token)', 'lds': 'LDS', 'lds_half': 'LDS (r = H/2)',
              'cds': 'CDS', 'rmsc': 'RMSC'}
-    fd = {t: float(np.mean(list(v.values()))) for t, v in fds.items() if v}      # mean over the paired seeds
+    fd = {**seed_adjusted({t: fds[t] for t in TITLE_TARGETS}),    # the mean over seeds once every target has both
+          **({'none': float(np.mean(list(fds['none'].values())))} if fds['none'] else {})}
     paired = lambda t, base: mean_sd([fds[t][s] - fds[base][s] for s in fds[t] if s in fds[base]], sign=True)
     lines = ["# The title question at CPU scale: global information or spatial structure? (experiments/cifar10.py "
              "title)", "",
@@ -699,15 +719,18 @@ def title_report(args, cfg, targets):
              f"column, measured after training and so not a predictor: the LDS of SiT's own hidden state after the "
              f"aligned block (t = {METRIC_T}, {cfg['metric_images']} test images), mean over seeds.", "",
              "| target | dim | " + " | ".join(names[p] for p in PREDICTORS) +
-             f" | FD @ {last} | vs vanilla | seeds | SiT's LDS |", "|---|---|" + "---|" * (len(PREDICTORS) + 4)]
-    sit = title_sit_lds(args, cfg)
+             f" | FD @ {last} | adjusted | vs vanilla | seeds | SiT's LDS |",
+             "|---|---|" + "---|" * (len(PREDICTORS) + 5)]
+    sit, adjusted = title_sit_lds(args, cfg), lambda t: f"{fd[t]:.2f}" if t in fd else '-'
     for t in TITLE_TARGETS:
         m = targets[t]
         lines.append(f"| {t} | {m['dim']} | " + " | ".join(f"{m[p]:.3f}" for p in PREDICTORS) +
-                     f" | {mean_sd(list(fds[t].values()))} | {paired(t, 'none')} | {len(fds[t])} | " +
+                     f" | {mean_sd(list(fds[t].values()))} | {adjusted(t)} | "
+                     f"{paired(t, 'none')} | {len(fds[t])} | " +
                      (f"{sit[t]:.3f} |" if t in sit else "- |"))
     lines.append(f"| none (vanilla SiT) | - | " + " | ".join('-' for _ in PREDICTORS) +
-                 f" | {mean_sd(list(fds['none'].values()))} | - | {len(fds['none'])} | "
+                 f" | {mean_sd(list(fds['none'].values()))} | {adjusted('none')} | - | "
+                 f"{len(fds['none'])} | "
                  + (f"{sit['none']:.3f} |" if 'none' in sit else "- |"))
     done = [t for t in TITLE_TARGETS if fds[t]]
     corr = {}
@@ -716,8 +739,9 @@ def title_report(args, cfg, targets):
         by_seed = {s: [t for t in done if s in fds[t]] for s in TITLE_SEEDS}
         r_seed = lambda p, s: (f"{pearson([targets[t][p] for t in by_seed[s]], [fds[t][s] for t in by_seed[s]]):+.2f}"
                                if len(by_seed[s]) >= 3 else '-')
-        lines += ["", f"FD @ {last} (mean over seeds) against each predictor, over the {len(done)} targets with a "
-                  f"finished run; 95% percentile bootstrap intervals over targets (10,000 resamples); then Pearson r "
+        lines += ["", f"FD @ {last} ('adjusted': the mean over seeds, or while a target lacks a seed, its effect "
+                  f"in the additive fit FD = target + seed over the finished REPA runs) against each "
+                  f"predictor, over the {len(done)} targets with a finished run; 95% percentile bootstrap intervals over targets (10,000 resamples); then Pearson r "
                   f"of each seed's FD alone. The paper (27 encoders, gFID): probe |r| = 0.26, LDS 0.852, CDS 0.847, "
                   f"RMSC 0.888, all with better structure giving lower FID (negative r).", "",
                   "| predictor | Pearson r | 95% CI | Spearman rho | 95% CI | " +
@@ -729,10 +753,9 @@ def title_report(args, cfg, targets):
                          " | ".join(r_seed(p, s) for s in TITLE_SEEDS) + " |")
         at = {step: title_fd(args, cfg, step) for step in cfg['steps']}         # does the answer depend on when
         def r_at(p, f):
-            ts = [t for t in done if f[t]]
-            return (f"{pearson([targets[t][p] for t in ts], [np.mean(list(f[t].values())) for t in ts]):+.2f}"
-                    if len(ts) >= 3 else '-')
-        lines += ["", "The same Pearson r with the FD at each evaluation step (mean over seeds):", "",
+            ts, adj = [t for t in done if f[t]], seed_adjusted({t: f[t] for t in TITLE_TARGETS})
+            return f"{pearson([targets[t][p] for t in ts], [adj[t] for t in ts]):+.2f}" if len(ts) >= 3 else '-'
+        lines += ["", "The same Pearson r with the (adjusted) FD at each evaluation step:", "",
                   "| predictor | " + " | ".join(f"r @ {step}" for step in at) + " |", "|---|" + "---|" * len(at)]
         for p in PREDICTORS:
             lines.append(f"| {names[p]} | " + " | ".join(r_at(p, f) for f in at.values()) + " |")
