@@ -467,4 +467,6 @@ def test_quick_title_writes_every_output(tiny_cifar, weights_dir, monkeypatch, c
     within = np.sqrt(np.mean([np.var(v, ddof=1) for v in both]))
     assert f"has Pearson r = {r01:+.2f}; the sd between two seeds of one arm (pooled) is {within:.2f}" in report
     assert f"The {2 * len(seeds)} finished runs of new targets took" in report       # the cost of the title arms
+    d = [fd[0] - 9.0]                                              # global0.25 vs ResNet-20 (seed 0 only) by seed
+    assert f"| 0.25 | {targets['resnet20_stage3_global025']['probe']:.3f} |" in report and f"| {d[0]:+.2f} |" in report
     assert Image.open(out / 'title_fd.png').size == (960, 480)

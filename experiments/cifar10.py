@@ -776,6 +776,10 @@ def title_report(args, cfg, targets):
         m = targets[t]
         lines.append(f"| {a} | {m['probe']:.3f} | {m['probe_token']:.3f} | {m['lds']:.3f} | {m['cds']:.4f} | "
                      f"{mean_sd(list(fds[t].values()))} | {paired(t, ALPHAS[0.0]) if a else '-'} |")
+    t = 'resnet20_stage3_shuffled'                 # the other controlled change: the same tokens, no layout
+    lines += ["", f"And the same tokens shuffled within each image (global information kept, spatial structure gone): "
+              f"FD @ {last} {mean_sd(list(fds[t].values()))}, {paired(t, ALPHAS[0.0])} against the tokens in place "
+              f"(paired by seed), {paired(t, 'none')} against vanilla SiT."]
     runs = [r for t in done for r in collect(args, dict(cfg, seeds=TITLE_SEEDS), [TITLE_TARGETS[t]])]
     title_runs = [r for r in runs if r['arm'] in TITLE_ARMS and 'lds' in r]
     commits = sorted({r.get('commit', '-') for r in runs})
