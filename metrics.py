@@ -227,7 +227,8 @@ def scatter(xs, ys, labels, xlabel, size=360, ylabel='gFID', spread=None, ref=No
     left, top, right, bottom = 50, 10, size - 15, size - STRIP - 40     # the plotting box
     # The axes span the data's range (bars and line included) widened by 10% of it on each side
     # (by 0.1 if the range is 0).
-    yall = np.concatenate([ys, np.ravel(spread or []), [ref[0]] if ref else []])
+    spread = [] if spread is None else spread
+    yall = np.concatenate([ys, np.ravel(spread), [ref[0]] if ref else []])
     (x0, x1), (y0, y1) = [(v.min() - 0.1 * (np.ptp(v) or 1), v.max() + 0.1 * (np.ptp(v) or 1))
                           for v in (xs, yall)]
     px = lambda x: left + (x - x0) / (x1 - x0) * (right - left)
@@ -245,7 +246,7 @@ def scatter(xs, ys, labels, xlabel, size=360, ylabel='gFID', spread=None, ref=No
         b, a = np.polyfit(xs, ys, 1)
         draw.line([px(xs.min()), py(a + b * xs.min()), px(xs.max()), py(a + b * xs.max())],
                   fill=(150, 150, 150))
-    for x, (lo, hi) in zip(xs, spread or []):
+    for x, (lo, hi) in zip(xs, spread):
         draw.line([px(x), py(lo), px(x), py(hi)], fill=(31, 119, 180))
     for x, y, name in zip(xs, ys, labels):
         draw.ellipse([px(x) - 3, py(y) - 3, px(x) + 3, py(y) + 3], fill=(31, 119, 180))

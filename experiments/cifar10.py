@@ -367,6 +367,7 @@ def target_metrics(args, cfg):
     return out
 
 def mean_sd(values, sign=False):
+    """'mean ± sd' of the values that are not None (the mean alone for one; signed with sign=True)."""
     values, f = [v for v in values if v is not None], '+.2f' if sign else '.2f'
     if not values:
         return '-'
@@ -671,13 +672,17 @@ def title_fd(args, cfg, step=None):
         fds[target] = {r['seed']: r['fd'][last] for r in rs if last in r['fd']}
     return fds
 
-def seed_adjusted(fds):
-    """{arm: FD} from {arm: {seed: FD}} by the additive fit FD[arm, seed] = a_arm + b_seed (least squares over the
-    finished runs): a_arm + mean(b) compares arms finished on different seeds (seeds differ: a seed that is hard for
-    one arm is hard for all); where an arm has every seed, it is exactly its mean over seeds."""
+def additive_fit(fds):
+    """The additive fit FD[arm, seed] = a_arm + b_seed, least squares over the finished runs of {arm: {seed: FD}}
+    -> ({arm: a_arm + mean(b)}, residual sd or None, its degrees of freedom). a_arm + mean(b) puts arms finished on
+    different seeds on one scale, assuming a seed moves every arm alike; an arm with every seed gets exactly its
+    mean over seeds. Where no arm links the seeds the split is not identified: then the plain means, and no sd."""
     arms = [a for a in fds if fds[a]]
     seeds = sorted({s for a in arms for s in fds[a]})
-    X, y = [], []
+    means = {a: float(np.mean(list(fds[a].values()))) for a in arms}
+    if not arms:
+        return {}, None, 0
+    X, y = [], []                                   # one row per run: arm indicator, then seed indicator
     for i, a in enumerate(arms):
         for s, v in fds[a].items():
             x = np.zeros(len(arms) + len(seeds) - 1)                             # b of the first seed is 0
@@ -686,9 +691,17 @@ def seed_adjusted(fds):
                 x[len(arms) + seeds.index(s) - 1] = 1
             X.append(x)
             y.append(v)
-    coef = np.linalg.lstsq(np.array(X), np.array(y), rcond=None)[0]
+    X, y = np.array(X), np.array(y)
+    coef, _, rank, _ = np.linalg.lstsq(X, y, rcond=None)
+    if rank < X.shape[1]:
+        return means, None, 0
     b = np.concatenate([[0.0], coef[len(arms):]])
-    return {a: float(coef[i] + b.mean()) for i, a in enumerate(arms)}
+    df = len(y) - X.shape[1]
+    sd = float(np.sqrt(((X @ coef - y) ** 2).sum() / df)) if df > 0 else None
+    return {a: float(coef[i] + b.mean()) for i, a in enumerate(arms)}, sd, df
+
+def seed_adjusted(fds):
+    return additive_fit(fds)[0]
 
 def title_sit_lds(args, cfg):
     """{target: LDS of SiT's own aligned hidden state after training, mean over the paired seeds}."""
@@ -710,7 +723,7 @@ def title_report(args, cfg, targets):
              "title)", "",
              f"REPA (MLP projector, the main table's recipe: SiT-T/4, 32 px, batch 64, {last} steps, FD of 2,000 EMA "
              f"samples) with each alignment target below, seeds {', '.join(map(str, TITLE_SEEDS))} for every target "
-             f"(paired: 'vs vanilla' is the mean +- sd over seeds of FD(target, seed) - FD(vanilla, seed)). Probe: a "
+             f"('vs vanilla': adjusted FD minus vanilla's mean over the same seeds). Probe: a "
              f"linear classifier (multinomial logistic regression, L-BFGS, L2 penalty {PROBE_WD} on standardised "
              f"features) fit on {cfg['probe_images']} train images, accuracy on {cfg['probe_images']} test images; "
              f"'pooled' classifies the average-pooled tokens (the paper's protocol), 'token' each token alone. LDS / "
@@ -722,11 +735,11 @@ def title_report(args, cfg, targets):
              f" | FD @ {last} | adjusted | vs vanilla | seeds | SiT's LDS |",
              "|---|---|" + "---|" * (len(PREDICTORS) + 5)]
     sit, adjusted = title_sit_lds(args, cfg), lambda t: f"{fd[t]:.2f}" if t in fd else '-'
+    versus = lambda t: f"{fd[t] - fd['none']:+.2f}" if t in fd and 'none' in fd else '-'
     for t in TITLE_TARGETS:
         m = targets[t]
         lines.append(f"| {t} | {m['dim']} | " + " | ".join(f"{m[p]:.3f}" for p in PREDICTORS) +
-                     f" | {mean_sd(list(fds[t].values()))} | {adjusted(t)} | "
-                     f"{paired(t, 'none')} | {len(fds[t])} | " +
+                     f" | {mean_sd(list(fds[t].values()))} | {adjusted(t)} | {versus(t)} | {len(fds[t])} | " +
                      (f"{sit[t]:.3f} |" if t in sit else "- |"))
     lines.append(f"| none (vanilla SiT) | - | " + " | ".join('-' for _ in PREDICTORS) +
                  f" | {mean_sd(list(fds['none'].values()))} | {adjusted('none')} | - | "
@@ -741,9 +754,11 @@ def title_report(args, cfg, targets):
                                if len(by_seed[s]) >= 3 else '-')
         lines += ["", f"FD @ {last} ('adjusted': the mean over seeds, or while a target lacks a seed, its effect "
                   f"in the additive fit FD = target + seed over the finished REPA runs) against each "
-                  f"predictor, over the {len(done)} targets with a finished run; 95% percentile bootstrap intervals over targets (10,000 resamples); then Pearson r "
-                  f"of each seed's FD alone. The paper (27 encoders, gFID): probe |r| = 0.26, LDS 0.852, CDS 0.847, "
-                  f"RMSC 0.888, all with better structure giving lower FID (negative r).", "",
+                  f"predictor, over the {len(done)} targets with a finished run; 95% percentile bootstrap intervals "
+                  f"over targets (10,000 resamples); then Pearson r of each seed's FD alone, over the targets that "
+                  f"seed has finished (in brackets: while the seeds are incomplete these are different sets). The "
+                  f"paper (27 encoders, gFID): probe |r| = 0.26, LDS 0.852, CDS 0.847, RMSC 0.888, all with better "
+                  f"structure giving lower FID (negative r).", "",
                   "| predictor | Pearson r | 95% CI | Spearman rho | 95% CI | " +
                   " | ".join(f"r, seed {s} ({len(by_seed[s])})" for s in TITLE_SEEDS) + " |",
                   "|---|---|---|---|---|" + "---|" * len(TITLE_SEEDS)]
@@ -759,15 +774,20 @@ def title_report(args, cfg, targets):
                   "| predictor | " + " | ".join(f"r @ {step}" for step in at) + " |", "|---|" + "---|" * len(at)]
         for p in PREDICTORS:
             lines.append(f"| {names[p]} | " + " | ".join(r_at(p, f) for f in at.values()) + " |")
-    both = [t for t in [*done, 'none'] if len(fds[t]) == len(TITLE_SEEDS)]
-    if len(both) >= 3 and len(TITLE_SEEDS) == 2:
-        s0, s1 = ([fds[t][s] for t in both] for s in TITLE_SEEDS)
-        within = math.sqrt(np.mean([np.var(list(fds[t].values()), ddof=1) for t in both]))
-        lines += ["", f"How much of that spread is seed noise, over the {len(both)} arms with both seeds (vanilla "
-                  f"included): seed {TITLE_SEEDS[0]}'s FD against seed {TITLE_SEEDS[1]}'s has Pearson r = "
-                  f"{pearson(s0, s1):+.2f}; the sd between two seeds of one arm (pooled) is {within:.2f}, so "
-                  f"a two-seed mean carries noise of sd {within / math.sqrt(2):.2f}, against an sd of "
-                  f"{np.std([fd[t] for t in both], ddof=1):.2f} between the arms' means."]
+    # Seed noise, from the main tables' REPA and iREPA arms (every seed they have): the residual sd of the same fit.
+    main = {arm: {r['seed']: r['fd'][str(last)] for r in collect(args, cfg, [arm]) if str(last) in r['fd']}
+            for arm in ARMS if arm != 'vanilla'}
+    _, noise, df = additive_fit(main)
+    if noise and len(done) >= 3:
+        lines += ["", f"Seed noise: the same additive fit over the main tables' {sum(map(bool, main.values()))} "
+                  f"REPA and iREPA arms (seeds {', '.join(map(str, cfg['seeds']))}) leaves a residual sd of "
+                  f"{noise:.2f} ({df} degrees of freedom): one run's FD @ {last} carries noise of sd about "
+                  f"{noise:.2f}, a paired difference of two runs {noise * math.sqrt(2):.2f}, the adjusted FD of a "
+                  f"target with k seeds about {noise:.2f} / sqrt(k); the {len(done)} targets' adjusted FDs spread "
+                  f"with sd {np.std([fd[t] for t in done], ddof=1):.2f}."]
+        if len(fds['none']) > 1:
+            lines[-1] += (f" Vanilla SiT's FD has sd {np.std(list(fds['none'].values()), ddof=1):.2f} over seeds "
+                          f"{', '.join(map(str, sorted(fds['none'])))}; it is not a REPA run and stays out of the fit.")
     lines += ["", "The alpha line (Figure 3c in miniature: ResNet-20's stage-3 tokens p_i + alpha * g, g their "
               "average, the feature its classifier reads):", "",
               f"| alpha | probe (pooled) | probe (token) | LDS | CDS | FD @ {last} | vs alpha 0 |",
@@ -776,10 +796,10 @@ def title_report(args, cfg, targets):
         m = targets[t]
         lines.append(f"| {a} | {m['probe']:.3f} | {m['probe_token']:.3f} | {m['lds']:.3f} | {m['cds']:.4f} | "
                      f"{mean_sd(list(fds[t].values()))} | {paired(t, ALPHAS[0.0]) if a else '-'} |")
-    t = 'resnet20_stage3_shuffled'                 # the other controlled change: the same tokens, no layout
+    shuf = 'resnet20_stage3_shuffled'               # the other controlled change: the same tokens, no layout
     lines += ["", f"And the same tokens shuffled within each image (global information kept, spatial structure gone): "
-              f"FD @ {last} {mean_sd(list(fds[t].values()))}, {paired(t, ALPHAS[0.0])} against the tokens in place "
-              f"(paired by seed), {paired(t, 'none')} against vanilla SiT."]
+              f"FD @ {last} {mean_sd(list(fds[shuf].values()))}, {paired(shuf, ALPHAS[0.0])} against the tokens in "
+              f"place (paired by seed), {paired(shuf, 'none')} against vanilla SiT (paired by seed)."]
     runs = [r for t in done for r in collect(args, dict(cfg, seeds=TITLE_SEEDS), [TITLE_TARGETS[t]])]
     title_runs = [r for r in runs if r['arm'] in TITLE_ARMS and 'lds' in r]
     commits = sorted({r.get('commit', '-') for r in runs})
@@ -790,25 +810,25 @@ def title_report(args, cfg, targets):
         lines[-1] += (f" The {len(title_runs)} finished runs of new targets took {train:.1f} h of training and "
                       f"{evals:.1f} h of evaluation ({60 * (train + evals) / len(title_runs):.0f} min a run).")
     open(os.path.join(args.out_dir, 'title.md'), 'w').write('\n'.join(lines) + '\n')
-    if corr:                              # bars: the seeds' range; dashed: vanilla SiT's mean over the same seeds
-        spread = [(min(fds[t].values()), max(fds[t].values())) for t in done]
+    if corr:              # bars: the seeds' range (with 2 seeds or more); dashed: vanilla SiT's mean over its seeds
+        spread = [(min(fds[t].values()), max(fds[t].values())) if len(fds[t]) > 1 else (fd[t], fd[t]) for t in done]
         ref = (fd['none'], 'vanilla SiT') if 'none' in fd else None
         panels = [(f"{names[p]}: pearson r={corr[p]['r'][0]:.2f}, spearman {corr[p]['rho'][0]:.2f}",
                    metrics.scatter([targets[t][p] for t in done], [fd[t] for t in done], done, names[p],
                                    ylabel=f'FD @ {last}', size=480, spread=spread, ref=ref))
                   for p in ('probe', 'lds')]
         metrics.figure(panels)[0].save(os.path.join(args.out_dir, 'title_fd.png'))
-    alpha_figure(targets, fds, os.path.join(args.out_dir, 'title_alpha.png'), last)
+    alpha_figure(targets, fds, fd, os.path.join(args.out_dir, 'title_alpha.png'), last)
 
-def alpha_figure(targets, fds, path, last):
-    """Three panels against alpha: probe accuracy (pooled and per token), LDS, FD (mean; bar: seed range)."""
+def alpha_figure(targets, fds, fd, path, last):
+    """Three panels against alpha: probe accuracy (pooled and per token), LDS, FD (adjusted, as in title.md; bar:
+    the seeds' range)."""
     from PIL import Image, ImageDraw
     alphas = list(ALPHAS)
     series = [("probe accuracy (o pooled, x token)", [[targets[t]['probe'] for t in ALPHAS.values()],
                                                       [targets[t]['probe_token'] for t in ALPHAS.values()]]),
               ("LDS of the target", [[targets[t]['lds'] for t in ALPHAS.values()]]),
-              (f"FD @ {last} of REPA", [[np.mean(list(fds[t].values())) if fds[t] else math.nan
-                                         for t in ALPHAS.values()]])]
+              (f"FD @ {last} of REPA", [[fd.get(t, math.nan) for t in ALPHAS.values()]])]
     panels = []
     for title, ys in series:
         im = Image.new('RGB', (300, 260), 'white')
@@ -840,7 +860,7 @@ def alpha_figure(targets, fds, path, last):
                     d.line([x - 3, yy + 3, x + 3, yy - 3], fill=c, width=2)
         if title.startswith('FD'):
             for a, t in ALPHAS.items():
-                if fds[t]:
+                if len(fds[t]) > 1:
                     d.line([X(a), Y(min(fds[t].values())), X(a), Y(max(fds[t].values()))], fill=COLOURS[0])
         panels.append((title, im))
     metrics.figure(panels)[0].save(path)
