@@ -663,14 +663,15 @@ def bootstrap(x, y, n=10_000, seed=0):
 def pearson(x, y):
     return float(np.corrcoef(x, y)[0, 1])
 
-def title_fd(args, cfg, step=None):
-    """{target: {seed: FD at step (default: the last)}} of each target's REPA arm and of vanilla ('none'), over
-    TITLE_SEEDS only: every target is compared on the same, paired seeds (the main tables' arms also have a seed 2)."""
-    last, fds = str(step or cfg['steps'][-1]), {}
-    for target, arm in {**TITLE_TARGETS, 'none': 'vanilla'}.items():
-        rs = collect(args, dict(cfg, seeds=TITLE_SEEDS), [arm])
-        fds[target] = {r['seed']: r['fd'][last] for r in rs if last in r['fd']}
-    return fds
+def title_runs(args, cfg):
+    """{target: {seed: run}} of each target's REPA arm and of vanilla ('none'), over TITLE_SEEDS only: every target
+    is compared on the same, paired seeds (the main tables' arms also have a seed 2). Read once; all else derives."""
+    return {target: {r['seed']: r for r in collect(args, dict(cfg, seeds=TITLE_SEEDS), [arm])}
+            for target, arm in {**TITLE_TARGETS, 'none': 'vanilla'}.items()}
+
+def title_fd(runs, step):
+    """{target: {seed: FD at step}} of the runs that reached it."""
+    return {t: {s: r['fd'][str(step)] for s, r in rs.items() if str(step) in r['fd']} for t, rs in runs.items()}
 
 def additive_fit(fds):
     """The additive fit FD[arm, seed] = a_arm + b_seed, least squares over the finished runs of {arm: {seed: FD}}
@@ -703,17 +704,17 @@ def additive_fit(fds):
 def seed_adjusted(fds):
     return additive_fit(fds)[0]
 
-def title_sit_lds(args, cfg):
+def title_sit_lds(runs):
     """{target: LDS of SiT's own aligned hidden state after training, mean over the paired seeds}."""
-    runs = {t: [r['lds'] for r in collect(args, dict(cfg, seeds=TITLE_SEEDS), [arm]) if 'lds' in r]
-            for t, arm in {**TITLE_TARGETS, 'none': 'vanilla'}.items()}
-    return {t: float(np.mean(v)) for t, v in runs.items() if v}
+    lds = {t: [r['lds'] for r in rs.values() if 'lds' in r] for t, rs in runs.items()}
+    return {t: float(np.mean(v)) for t, v in lds.items() if v}
 
 def title_report(args, cfg, targets):
     """title.md: the table per target, the correlations of FD with each predictor (bootstrap intervals over
     targets, and each seed alone), how much of the FD spread is seed noise, the alpha line; title_fd.png (Figure 4:
     FD against probe accuracy | against LDS) and title_alpha.png (Figure 3c: probe accuracy, LDS, FD against alpha)."""
-    fds, last = title_fd(args, cfg), cfg['steps'][-1]
+    runs, last = title_runs(args, cfg), cfg['steps'][-1]
+    fds = title_fd(runs, last)
     names = {'probe': 'probe (pooled)', 'probe_token': 'probe (token)', 'lds': 'LDS', 'lds_half': 'LDS (r = H/2)',
              'cds': 'CDS', 'rmsc': 'RMSC'}
     fd = {**seed_adjusted({t: fds[t] for t in TITLE_TARGETS}),    # the mean over seeds once every target has both
@@ -734,7 +735,7 @@ def title_report(args, cfg, targets):
              "| target | dim | " + " | ".join(names[p] for p in PREDICTORS) +
              f" | FD @ {last} | adjusted | vs vanilla | seeds | SiT's LDS |",
              "|---|---|" + "---|" * (len(PREDICTORS) + 5)]
-    sit, adjusted = title_sit_lds(args, cfg), lambda t: f"{fd[t]:.2f}" if t in fd else '-'
+    sit, adjusted = title_sit_lds(runs), lambda t: f"{fd[t]:.2f}" if t in fd else '-'
     versus = lambda t: f"{fd[t] - fd['none']:+.2f}" if t in fd and 'none' in fd else '-'
     for t in TITLE_TARGETS:
         m = targets[t]
@@ -766,7 +767,7 @@ def title_report(args, cfg, targets):
             lines.append(f"| {names[p]} | {c['r'][0]:+.2f} | [{c['r'][1]:+.2f}, {c['r'][2]:+.2f}] | "
                          f"{c['rho'][0]:+.2f} | [{c['rho'][1]:+.2f}, {c['rho'][2]:+.2f}] | " +
                          " | ".join(r_seed(p, s) for s in TITLE_SEEDS) + " |")
-        at = {step: title_fd(args, cfg, step) for step in cfg['steps']}         # does the answer depend on when
+        at = {step: title_fd(runs, step) for step in cfg['steps']}         # does the answer depend on when
         def r_at(p, f):
             ts, adj = [t for t in done if f[t]], seed_adjusted({t: f[t] for t in TITLE_TARGETS})
             return f"{pearson([targets[t][p] for t in ts], [adj[t] for t in ts]):+.2f}" if len(ts) >= 3 else '-'
@@ -800,15 +801,15 @@ def title_report(args, cfg, targets):
     lines += ["", f"And the same tokens shuffled within each image (global information kept, spatial structure gone): "
               f"FD @ {last} {mean_sd(list(fds[shuf].values()))}, {paired(shuf, ALPHAS[0.0])} against the tokens in "
               f"place (paired by seed), {paired(shuf, 'none')} against vanilla SiT (paired by seed)."]
-    runs = [r for t in done for r in collect(args, dict(cfg, seeds=TITLE_SEEDS), [TITLE_TARGETS[t]])]
-    title_runs = [r for r in runs if r['arm'] in TITLE_ARMS and 'lds' in r]
-    commits = sorted({r.get('commit', '-') for r in runs})
+    used = [r for t in done for r in runs[t].values()]
+    new = [r for r in used if r['arm'] in TITLE_ARMS and 'lds' in r]
+    commits = sorted({r.get('commit', '-') for r in used})
     lines += ["", f"Runs from commit(s) {', '.join(commits) or '-'}. Command: `python experiments/cifar10.py title "
               f"--data-path ROOT{' --quick' if args.quick else ''}`."]
-    if title_runs:
-        train, evals = (sum(r[k] for r in title_runs) / 3600 for k in ('train_s', 'eval_s'))
-        lines[-1] += (f" The {len(title_runs)} finished runs of new targets took {train:.1f} h of training and "
-                      f"{evals:.1f} h of evaluation ({60 * (train + evals) / len(title_runs):.0f} min a run).")
+    if new:
+        train, evals = (sum(r[k] for r in new) / 3600 for k in ('train_s', 'eval_s'))
+        lines[-1] += (f" The {len(new)} finished runs of new targets took {train:.1f} h of training and "
+                      f"{evals:.1f} h of evaluation ({60 * (train + evals) / len(new):.0f} min a run).")
     open(os.path.join(args.out_dir, 'title.md'), 'w').write('\n'.join(lines) + '\n')
     if corr:              # bars: the seeds' range (with 2 seeds or more); dashed: vanilla SiT's mean over its seeds
         spread = [(min(fds[t].values()), max(fds[t].values())) if len(fds[t]) > 1 else (fd[t], fd[t]) for t in done]
