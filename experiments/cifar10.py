@@ -670,7 +670,7 @@ def title_runs(args, cfg):
             for target, arm in {**TITLE_TARGETS, 'none': 'vanilla'}.items()}
 
 def title_fd(runs, step):
-    """{target: {seed: FD at step}} of the runs that reached it."""
+    """{name: {seed: FD at step}} from {name: {seed: run}}, over the runs that reached the step."""
     return {t: {s: r['fd'][str(step)] for s, r in rs.items() if str(step) in r['fd']} for t, rs in runs.items()}
 
 def additive_fit(fds):
@@ -767,17 +767,17 @@ def title_report(args, cfg, targets):
             lines.append(f"| {names[p]} | {c['r'][0]:+.2f} | [{c['r'][1]:+.2f}, {c['r'][2]:+.2f}] | "
                          f"{c['rho'][0]:+.2f} | [{c['rho'][1]:+.2f}, {c['rho'][2]:+.2f}] | " +
                          " | ".join(r_seed(p, s) for s in TITLE_SEEDS) + " |")
-        at = {step: title_fd(runs, step) for step in cfg['steps']}         # does the answer depend on when
-        def r_at(p, f):
-            ts, adj = [t for t in done if f[t]], seed_adjusted({t: f[t] for t in TITLE_TARGETS})
+        at = {step: seed_adjusted(title_fd({t: runs[t] for t in TITLE_TARGETS}, step))   # does it depend on when
+              for step in cfg['steps']}
+        def r_at(p, adj):
+            ts = [t for t in done if t in adj]
             return f"{pearson([targets[t][p] for t in ts], [adj[t] for t in ts]):+.2f}" if len(ts) >= 3 else '-'
         lines += ["", "The same Pearson r with the (adjusted) FD at each evaluation step:", "",
                   "| predictor | " + " | ".join(f"r @ {step}" for step in at) + " |", "|---|" + "---|" * len(at)]
         for p in PREDICTORS:
-            lines.append(f"| {names[p]} | " + " | ".join(r_at(p, f) for f in at.values()) + " |")
+            lines.append(f"| {names[p]} | " + " | ".join(r_at(p, adj) for adj in at.values()) + " |")
     # Seed noise, from the main tables' REPA and iREPA arms (every seed they have): the residual sd of the same fit.
-    main = {arm: {r['seed']: r['fd'][str(last)] for r in collect(args, cfg, [arm]) if str(last) in r['fd']}
-            for arm in ARMS if arm != 'vanilla'}
+    main = title_fd({arm: {r['seed']: r for r in collect(args, cfg, [arm])} for arm in ARMS if arm != 'vanilla'}, last)
     _, noise, df = additive_fit(main)
     if noise and len(done) >= 3:
         lines += ["", f"Seed noise: the same additive fit over the main tables' {sum(map(bool, main.values()))} "
