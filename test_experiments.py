@@ -420,6 +420,31 @@ def test_linear_probe_and_bootstrap():
     assert c['r'][0] == pytest.approx(np.corrcoef(xs, ys)[0, 1]) and c['r'][1] < c['r'][0] <= c['r'][2] <= 1
 
 
+def test_linear_probe_reaches_the_optimum():
+    """fit_probe ends at the optimum of its convex loss, found here by Newton's method (exact Hessian, float64), on
+    a problem as ill-conditioned as raw pixels' (16 features, nearly all one 2-d signal): 200 float32 L-BFGS
+    iterations stop 2e-5 above it, and float64 with L-BFGS's default stopping rule (loss change < 1e-9) 5e-8."""
+    g = torch.Generator().manual_seed(0)
+    n, d, k = 1000, 16, 4
+    y = torch.arange(n) % k
+    s = torch.randn(n, 2, generator=g, dtype=torch.float64) + torch.randn(k, 2, generator=g, dtype=torch.float64)[y]
+    x = s @ torch.randn(2, d, generator=g, dtype=torch.float64) + 0.02 * torch.randn(n, d, generator=g,
+                                                                                   dtype=torch.float64)
+    x = (x - x.mean(0)) / x.std(0)
+    loss = lambda theta: (torch.nn.functional.cross_entropy(x @ theta[:-k].view(d, k) + theta[-k:], y) +
+                          cifar10.PROBE_WD * theta[:-k].pow(2).sum())                  # theta = (W, b) flattened
+    theta = torch.zeros(d * k + k, dtype=torch.float64)
+    for _ in range(30):           # Newton; lstsq, as the Hessian is singular along b + c (every logit shifted alike)
+        H, grad = torch.autograd.functional.hessian(loss, theta), torch.autograd.functional.jacobian(loss, theta)
+        theta = theta - torch.linalg.lstsq(H, grad).solution
+    assert torch.autograd.functional.jacobian(loss, theta).abs().max() < 1e-12
+    W, b = cifar10.fit_probe(x, y)
+    assert loss(torch.cat([W.flatten(), b])).item() == pytest.approx(loss(theta).item(), rel=0, abs=1e-8)
+    assert torch.allclose(W, theta[:-k].view(d, k), atol=1e-2)
+    with pytest.raises(RuntimeError, match='did not converge'):                # a cap it cannot meet: said loudly
+        cifar10.fit_probe(x, y, max_iter=20)
+
+
 def test_quick_title_writes_every_output(tiny_cifar, weights_dir, monkeypatch, capsys):
     monkeypatch.setattr(cifar10, 'TITLE_ARMS', dict(list(cifar10.TITLE_ARMS.items())[:2]))   # two targets train
     out = tiny_cifar / 'out'
