@@ -31,6 +31,8 @@ from functools import partial
 import torch
 
 import irepa
+import data
+import meanflow
 
 def forward_flops(model, T):
     """Model FLOPs of one image's forward pass through a SiT with T tokens (2 per multiply-add).
@@ -90,10 +92,10 @@ def main():
     if args.vae:
         import vae as sdvae
         vae = sdvae.AutoencoderKL().to(device).eval().requires_grad_(False)
-    meanflow = args.objective == 'meanflow'
+    mean_flow = args.objective == 'meanflow'
     kw = dict(cfg, input_size=args.image_size // down, in_channels=4 if args.vae else 3,
               num_classes=1000, projector='conv', target_dim=enc.embed_dim if enc else None)
-    sit = irepa.MeanFlowSiT if meanflow else irepa.SiT
+    sit = meanflow.MeanFlowSiT if mean_flow else irepa.SiT
     if args.flops_only:
         with torch.device('meta'):                                          # shapes only, no memory
             return step_flops(args, sit(**kw), enc, grid)
@@ -112,9 +114,9 @@ def main():
     step_flops(args, model, enc, grid)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     # The loss, picked as irepa.main picks it.
-    if meanflow:
-        mf = irepa.MEANFLOW['meanflow']
-        loss_fn = partial(irepa.meanflow_loss, raw_model=model, omega=mf['omega'],
+    if mean_flow:
+        mf = meanflow.RECIPE['meanflow']
+        loss_fn = partial(meanflow.meanflow_loss, raw_model=model, omega=mf['omega'],
                           kappa=mf['kappa'], p=mf['p'], eps=mf['eps'])
     else:
         loss_fn = irepa.flow_matching_loss
@@ -143,7 +145,7 @@ def main():
             with torch.no_grad(), mixed_precision:
                 target = irepa.spatial_norm(enc(img.float()).float())
         t = torch.rand(B, device=device)
-        if meanflow:                                                        # (B, 2): t and r <= t
+        if mean_flow:                                                        # (B, 2): t and r <= t
             t = torch.stack([t, t * torch.rand(B, device=device)], dim=1)
         with mixed_precision:
             denoise, align = loss_fn(fwd, x, y, torch.randn_like(x), t, target)
@@ -180,7 +182,7 @@ def main():
               f"({torch.get_num_threads()} threads) | median of {args.repeats}")
     if device.type == 'cuda' and 'fp32' in args.precisions:
         header += " | fp32 means TF32 matmuls (as irepa.py)"
-    if device.type == 'cuda' and not meanflow:
+    if device.type == 'cuda' and not mean_flow:
         header += " | MFU counts SiT's FLOPs only"
     print(header)
     for prec in args.precisions:
@@ -190,7 +192,7 @@ def main():
             vae_dt = statistics.median(vae_times[prec])
             line += f" | VAE encode {vae_dt * 1000:.1f} ms ({vae_dt / dt:.0%})"
         # No MFU for MeanFlow: its FLOPs are not 3 x forward.
-        if device.type == 'cuda' and not meanflow:
+        if device.type == 'cuda' and not mean_flow:
             line += f" | MFU {flops / dt / (args.peak_tflops * 1e12) * 100:.1f}%"
         print(line)
     if len(args.precisions) == 2:
@@ -241,9 +243,9 @@ def loader_bench(args):
         prepared = os.path.isfile(os.path.join(root, 'manifest.json'))
         if prepared:
             vae = json.load(open(os.path.join(root, 'manifest.json')))['vae']
-            ds = irepa.PreparedFolder(root, args.image_size, vae)
+            ds = data.PreparedFolder(root, args.image_size, vae)
         else:
-            ds = irepa.ImageFolder(root, args.image_size)
+            ds = data.ImageFolder(root, args.image_size)
         idx = np.random.default_rng(0).permutation(len(ds))[:args.loader_images]
         # Opened once, as a worker does.
         ds[int(idx[0])]

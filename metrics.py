@@ -14,7 +14,7 @@ Manhattan distance d between tokens:
 Defaults are the official metrics code's; the paper's text (d < H/2 vs d >= H/2) is
 lds(x, (H - 1) // 2, (H + 1) // 2).
 
-Run it (encoders, checkpoints and image loading come from irepa.py):
+Run it (encoders from irepa.py, checkpoints from trained.py, images from data.py):
     # raw vs spatially normalised tokens
     python metrics.py --encoder dinov2_vitb14 --data-path imagenet/val
     # + SRSS; hog needs no download
@@ -41,8 +41,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from scipy import stats
 
+import data
 import irepa
-from irepa import fail, call_or_fail  # one-line errors, no traceback
+import trained
+import vae
+from runs import call_or_fail, check_ranges, fail  # one-line errors, no traceback
 
 METRICS = ('lds', 'cds', 'srss', 'rmsc')
 
@@ -326,12 +329,12 @@ def measure(args, encoder_name, device):
     normalisation, and with --ckpt of SiT's hidden state h after block encoder_depth and its
     projection, at noise level --t. encoder_name None: the checkpoint's encoder with --ckpt, else
     dinov2_vitb14."""
-    model, ck = call_or_fail(irepa.load_sit, args.ckpt, device) if args.ckpt else (None, {})
+    model, ck = call_or_fail(trained.load_sit, args.ckpt, device) if args.ckpt else (None, {})
     # A latent SiT's input is made by the VAE.
-    sd_vae = call_or_fail(irepa.SDVAE, device) if ck.get('vae') else None
+    sd_vae = call_or_fail(vae.SDVAE, device) if ck.get('vae') else None
     encoder_name = encoder_name or (ck.get('encoder', 'none') if model else 'dinov2_vitb14')
     size, grid = (ck['image_size'], model.grid_size) if model else (args.image_size, args.grid_size)
-    dataset = call_or_fail(irepa.ImageFolder, args.data_path, size)
+    dataset = call_or_fail(data.ImageFolder, args.data_path, size)
     perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
     indices = perm[:args.num_images].tolist()
     if args.masks:
@@ -363,7 +366,7 @@ def measure(args, encoder_name, device):
         if model is not None:
             # SiT (or the VAE) sees [-1, 1]. h is (B, T, D), its projection h_proj (B, T, D_enc).
             y_sit = y if same_classes else torch.full_like(y, model.num_classes)
-            h, h_proj = irepa.noised_features(model, img.float() / 127.5 - 1, y_sit, args.t, gen,
+            h, h_proj = trained.noised_features(model, img.float() / 127.5 - 1, y_sit, args.t, gen,
                                               sd_vae)
             rows[f"SiT h (block {model.encoder_depth}, t={args.t})"] = h
             if h_proj is not None:
@@ -382,7 +385,7 @@ def visualise(args, device):
     (paper Fig. 6b / 16)."""
     try:
         with Image.open(args.viz) as im:
-            img = irepa.center_crop_arr(im.convert('RGB'), args.image_size)       # (S, S, 3) uint8
+            img = data.center_crop_arr(im.convert('RGB'), args.image_size)       # (S, S, 3) uint8
     except OSError as e:
         fail(f"--viz {args.viz}: cannot read the image ({e})")
     H = args.grid_size
@@ -475,7 +478,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    irepa.check_ranges(args, dict(image_size=1, grid_size=1, num_images=1, batch_size=1, t=(0, 1),
+    check_ranges(args, dict(image_size=1, grid_size=1, num_images=1, batch_size=1, t=(0, 1),
                                   num_workers=0, spnorm_gamma=(0, 1), seed=0))
     folder = os.path.dirname(os.path.abspath(args.out or '.'))
     if args.out and (os.path.isdir(args.out) or not os.path.isdir(folder)

@@ -14,7 +14,7 @@ ldm/ code, REPA and fast-DiT do: End2End-Diffusion/iREPA ldm/preprocessing/datas
     # train from it
     python irepa.py --encoder dinov2_vitb14 --irepa --data-path prepared/in256
 
-The output folder (read by irepa.py's PreparedFolder, appendix B):
+The output folder (data.py defines the format: its PreparedFolder reads it):
     manifest.json      resolution, crop, VAE name, its weights' sha256 and latent statistics,
                        class names and counts, image count, shard size, a hash of the source
                        listing, complete or not
@@ -37,16 +37,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import data
 import irepa
-from irepa import fail
-
-def source_hash(dataset, root):
-    """sha256 of the source's listing (label and file name, in order): another dataset hashes
-    differently."""
-    h = hashlib.sha256()
-    for path, label in dataset.samples:
-        h.update(f"{label} {os.path.relpath(path, root)}\n".encode())
-    return h.hexdigest()
+import runs
+import vae
+from runs import fail
 
 def file_sha256(path):
     h = hashlib.sha256()
@@ -54,29 +49,6 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 24), b''):
             h.update(block)
     return h.hexdigest()
-
-def save_npy(path, array):
-    """np.save to a temporary file, then a rename: a kill never leaves a partial shard under the
-    real name."""
-    with open(path + '.tmp', 'wb') as f:
-        np.save(f, array)
-    os.replace(path + '.tmp', path)
-
-def write_json(path, obj):
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + '.tmp', path)
-
-def shard_done(out, k, n, S, latent):
-    """Shard k's files exist whole, with the shapes irepa.py's PreparedFolder reads."""
-    for kind in ('images', 'moments') if latent else ('images',):
-        try:
-            path = os.path.join(out, f'{kind}-{k:05d}.npy')
-            if irepa.npy_shape(path) != irepa.prepared_shard(kind, n, S):
-                return False
-        except (OSError, ValueError):
-            return False
-    return True
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
@@ -99,13 +71,13 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     latent = args.vae != 'none'
-    irepa.check_ranges(args, dict(image_size=8 if latent else 1, shard_size=1, batch_size=1,
+    runs.check_ranges(args, dict(image_size=8 if latent else 1, shard_size=1, batch_size=1,
                                   num_workers=0))
     if latent and args.image_size % 8:
         fail(f"--image-size {args.image_size} is not divisible by 8, the SD-VAE's downsampling")
     rank, world, device = irepa.setup_distributed()
     master = rank == 0
-    dataset = irepa.call_or_fail(irepa.ImageFolder, args.data_path, args.image_size)
+    dataset = runs.call_or_fail(data.ImageFolder, args.data_path, args.image_size)
     S, n_all = args.image_size, len(dataset)
     num_shards = -(-n_all // args.shard_size)
 
@@ -115,23 +87,22 @@ def main(argv=None):
 
     # the manifest first (complete: false), so that a rerun or another dataset's run is recognised
     class_counts = np.bincount([y for _, y in dataset.samples], minlength=len(dataset.classes))
-    manifest = dict(format=irepa.PREPARED_FORMAT, resolution=S, crop='adm-center', vae=None,
+    manifest = dict(format=data.PREPARED_FORMAT, resolution=S, crop='adm-center', vae=None,
                     vae_sha256=None, latents_scale=None, latents_bias=None,
                     class_names=list(dataset.classes),
                     class_counts=class_counts.tolist(), count=n_all, shard_size=args.shard_size,
-                    source=source_hash(dataset, args.data_path), complete=False)
+                    source=data.source_hash(dataset, args.data_path), complete=False)
     sd_vae = None
     if latent:
         # One download a node.
-        with irepa.node_first(world):
-            sd_vae = irepa.call_or_fail(irepa.SDVAE, device)
-        import vae
+        with runs.node_first(world):
+            sd_vae = runs.call_or_fail(vae.SDVAE, device)
         manifest.update(vae=args.vae, vae_sha256=file_sha256(vae.cached_file(vae.VAE_FILE)),
                         latents_scale=sd_vae.scale.flatten().tolist(),
                         latents_bias=sd_vae.bias.flatten().tolist())
     # every rank checks (so all stop alike), then rank 0 writes the manifest of a new folder
     path = os.path.join(args.out, 'manifest.json')
-    if (problem := irepa.output_dir_problem(args.out)):
+    if (problem := runs.output_dir_problem(args.out)):
         fail(f"--out {problem}")
     if os.path.isfile(path):
         old = json.load(open(path))
@@ -140,13 +111,13 @@ def main(argv=None):
             fail(f"--out {args.out} holds another prepared dataset "
                  f"(its {', '.join(differ)} differ from this run's); choose an empty folder")
     elif master:
-        write_json(path, manifest)
+        data.write_json(path, manifest)
     if world > 1:
         dist.barrier()
 
     # each rank its shards: k = rank, rank + world, ...
     mine = [k for k in range(rank, num_shards, world)
-            if not shard_done(args.out, k, shard_len(k), S, latent)]
+            if not data.shard_done(args.out, k, shard_len(k), S, latent)]
     todo = sum(shard_len(k) for k in mine)
     print(f"rank {rank}: {len(mine)} of {len(range(rank, num_shards, world))} shards to write "
           f"({todo} images)", flush=True)
@@ -174,8 +145,8 @@ def main(argv=None):
                  f"of another class; fix or remove it, then run prepare.py again")
         # Moments first: the images file marks a shard done.
         if sd_vae is not None:
-            save_npy(os.path.join(args.out, f'moments-{k:05d}.npy'), np.concatenate(moments))
-        save_npy(os.path.join(args.out, f'images-{k:05d}.npy'), np.concatenate(images))
+            data.save_npy(os.path.join(args.out, f'moments-{k:05d}.npy'), np.concatenate(moments))
+        data.save_npy(os.path.join(args.out, f'images-{k:05d}.npy'), np.concatenate(images))
         done += len(idx)
         rate = done / (time.time() - t0)
         print(f"rank {rank}: shard {k + 1}/{num_shards} | {done}/{todo} images | "
@@ -184,12 +155,12 @@ def main(argv=None):
         dist.barrier()
     if master:
         missing = [k for k in range(num_shards)
-                   if not shard_done(args.out, k, shard_len(k), S, latent)]
+                   if not data.shard_done(args.out, k, shard_len(k), S, latent)]
         if missing:
             fail(f"{len(missing)} shard(s) missing after the run (first: {missing[0]}); "
                  f"run it again to continue")
         manifest['complete'] = True
-        write_json(path, manifest)
+        data.write_json(path, manifest)
         minutes = (time.time() - t0) / 60
         print(f"prepared {n_all} images in {num_shards} shards at {args.out} ({minutes:.1f} min)")
     if world > 1:

@@ -31,6 +31,9 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 
 import irepa
+import runs
+import trained
+import vae
 
 # -----------------------------------------------------------------------------
 # CFG: batch [cond; null], null label = model.num_classes (the label table's extra row, SiT / DiT).
@@ -104,7 +107,7 @@ def euler_maruyama_sampler(model, x, y, num_steps=250, cfg_scale=1.0, guidance_l
 
 @torch.no_grad()
 def meanflow_sampler(model, x, y, num_steps=1):
-    """MeanFlow (irepa.py section 10): x <- x - (t_i - t_i+1) u(x, t_i, y, interval = t_i - t_i+1)
+    """MeanFlow (meanflow.py): x <- x - (t_i - t_i+1) u(x, t_i, y, interval = t_i - t_i+1)
     on the uniform grid linspace(1, 0, k + 1); one step is x_0 = x_1 - u(x_1, 1, y, 1). NFE = k.
     Guidance was trained in: no CFG."""
     dtype = x.dtype
@@ -126,7 +129,7 @@ def sample(model, labels, mode='sde', num_steps=250, heun=False, cfg_scale=1.0, 
            guidance_high=1.0, seed=0, batch_size=64, verbose=False, sd_vae=None):
     """Sample one image per label. Returns uint8 (N, H, W, 3). Deterministic given the seed and
     batch_size; the caller's RNG state is left untouched (safe to call from a training loop).
-    A latent-space model's samples are decoded by `sd_vae` (irepa.SDVAE: the SD-VAE) into 8x larger
+    A latent-space model's samples are decoded by `sd_vae` (vae.SDVAE: the SD-VAE) into 8x larger
     images."""
     device = next(model.parameters()).device
     C, S = model.in_channels, model.input_size
@@ -231,12 +234,12 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     # Each flag's least value; --cfg-scale 1 is no guidance.
-    irepa.check_ranges(args, dict(num_steps=1, batch_size=1, num_samples=1, cfg_scale=1, seed=0))
+    runs.check_ranges(args, dict(num_steps=1, batch_size=1, num_samples=1, cfg_scale=1, seed=0))
     if not 0 <= args.guidance_low <= args.guidance_high <= 1:
-        irepa.fail(f"--guidance-low must be <= --guidance-high, both in [0, 1], "
+        runs.fail(f"--guidance-low must be <= --guidance-high, both in [0, 1], "
                    f"got {args.guidance_low}, {args.guidance_high}")
-    if problem := irepa.output_dir_problem(args.out):
-        irepa.fail(f"--out {problem}")
+    if problem := runs.output_dir_problem(args.out):
+        runs.fail(f"--out {problem}")
 
     # one process, or one per GPU (CPU: gloo) under torchrun; float64 state rules out MPS
     if "WORLD_SIZE" in os.environ:
@@ -248,12 +251,12 @@ def main(argv=None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    model, ckpt_args = irepa.call_or_fail(irepa.load_sit, args.ckpt, device, args.model)
+    model, ckpt_args = runs.call_or_fail(trained.load_sit, args.ckpt, device, args.model)
     # A latent-space checkpoint's samples are decoded with the VAE, downloaded once a node.
     sd_vae = None
-    with irepa.node_first(world):
+    with runs.node_first(world):
         if ckpt_args.get("vae"):
-            sd_vae = irepa.call_or_fail(irepa.SDVAE, device)
+            sd_vae = runs.call_or_fail(vae.SDVAE, device)
     K, class_names = model.num_classes, ckpt_args.get("class_names")
     recipe = {**dict(mode="sde", num_steps=250, heun=False, cfg_scale=1.0),
               **(ckpt_args.get("sampler") or {})}
@@ -265,19 +268,19 @@ def main(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, recipe[k])
     if args.mode != "ode" and args.heun:
-        irepa.fail("--heun is for --mode ode")
+        runs.fail("--heun is for --mode ode")
     # The other way round is fine: at interval 0 a MeanFlow SiT is a velocity, so ode/sde work.
     if args.mode == "meanflow" and ckpt_args.get("objective") != "meanflow":
-        irepa.fail("--mode meanflow needs a checkpoint trained with --objective meanflow")
+        runs.fail("--mode meanflow needs a checkpoint trained with --objective meanflow")
     if args.mode == "meanflow" and args.cfg_scale != 1:
-        irepa.fail("MeanFlow trains its guidance in (the recipe's omega, kappa): "
+        runs.fail("MeanFlow trains its guidance in (the recipe's omega, kappa): "
                    "--cfg-scale must be 1")
 
     # labels for all N samples, the same on every rank; each rank samples a contiguous share
     if args.class_labels is not None:
         bad = [c for c in args.class_labels if not 0 <= c < K]
         if bad:
-            irepa.fail(f"class labels {bad} out of range: this checkpoint has classes 0..{K - 1}")
+            runs.fail(f"class labels {bad} out of range: this checkpoint has classes 0..{K - 1}")
     if args.num_samples:
         N = args.num_samples
     elif args.class_labels:

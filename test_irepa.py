@@ -1,15 +1,11 @@
-"""Tests for irepa.py, sample.py and metrics.py. Small, CPU-only, no network: python -m pytest -q"""
+"""Tests for irepa.py: SiT, the projectors, the encoders, the losses, the settings and the loop. Small, CPU-only, no
+network: python -m pytest -q"""
 import argparse
-import copy
-import glob
 import math
 import os
-import re
-import shutil
 import socket
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -17,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import data
 import irepa
+import meanflow
+import runs
+import trained
+import vae
+from conftest import HUBCONF
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -265,7 +267,7 @@ def test_overfit_one_batch():
     torch.manual_seed(0)
     model = tiny(target_dim=36, projector='conv', depth=2, encoder_depth=1)
     enc = irepa.load_encoder('hog', 4)
-    img = torch.stack([irepa.Shapes(8, 16)[i][0] for i in range(8)]).float()
+    img = torch.stack([data.Shapes(8, 16)[i][0] for i in range(8)]).float()
     x, y = img / 127.5 - 1, torch.arange(8) % 4
     z = irepa.spatial_norm(enc(img))
     eps, t = torch.randn_like(x), torch.rand(8)                        # one fixed batch
@@ -284,142 +286,6 @@ def test_overfit_one_batch():
 # -----------------------------------------------------------------------------
 # Encoders
 
-def test_hog_grid_and_orientation_response():
-    enc = irepa.load_encoder('hog', grid_size=4)
-    assert enc.embed_dim == 36 and not any(p.requires_grad for p in enc.parameters())
-    xs = torch.arange(32).float()
-    vertical_edges = ((xs // 4) % 2 * 255).view(1, 1, 1, 32).expand(1, 3, 32, 32)   # stripes along x
-    horizontal_edges = vertical_edges.transpose(-1, -2)
-    zv, zh = enc(vertical_edges), enc(horizontal_edges)
-    assert zv.shape == (1, 16, 36)
-    hist_v, hist_h = zv[0].view(16, 4, 9).mean((0, 1)), zh[0].view(16, 4, 9).mean((0, 1))
-    # gradient along x (angle 0) -> bins 0 / 8 around 0 and pi; gradient along y (pi/2) -> bin 4
-    assert hist_v.argmax().item() in (0, 8) and hist_h.argmax().item() == 4
-    assert enc(torch.full((1, 3, 32, 32), 128.0)).abs().max() < 1e-3        # flat image: no gradients
-    z = enc(torch.rand(2, 3, 40, 40) * 255)                                # any input size, grid fixed by grid_size
-    assert z.shape == (2, 16, 36) and torch.isfinite(z).all()
-
-def test_hog_block_normalisation_is_l2_hys_on_the_36d_block():
-    """Reference: Dalal & Triggs (2005) L2-Hys, written as loops. Each 2x2-cell block (stride 1, edge cells
-    replicated) is one 36-d vector: L2-normalise, clip at 0.2, L2-normalise again. A cell's token holds its
-    9 bins from each of the 4 blocks containing it, ordered (block above-left, above-right, below-left, below-right)."""
-    G, eps = 3, 1e-6
-    hist = torch.rand(1, 9, G, G, dtype=torch.float64) ** 4 * 10                 # peaky, so clipping matters
-    hist[0, :, 0, 0] *= 50                                                     # one high-contrast cell
-    hp = np.pad(hist[0].numpy(), ((0, 0), (1, 1), (1, 1)), mode='edge')         # (9, G+2, G+2)
-    ref = np.zeros((G, G, 36))
-    for i in range(G):
-        for j in range(G):
-            pieces = []
-            for a, b in [(i, j), (i, j + 1), (i + 1, j), (i + 1, j + 1)]:     # padded top-left of each block
-                block = hp[:, a:a + 2, b:b + 2]                                 # (9, 2, 2)
-                block = block / np.sqrt((block ** 2).sum() + eps)
-                block = np.minimum(block, 0.2)
-                block = block / np.sqrt((block ** 2).sum() + eps)
-                pieces.append(block[:, i + 1 - a, j + 1 - b])                   # this cell's place in the block
-            ref[i, j] = np.concatenate(pieces)
-    out = irepa.HOG(G).block_features(hist)                                     # (1, G*G, 36)
-    np.testing.assert_allclose(out[0].numpy(), ref.reshape(G * G, 36), rtol=1e-6, atol=1e-9)
-
-def test_hog_pieces_differ_across_a_contrast_edge():
-    """The 4 pieces of a token are its cell normalised by 4 different blocks: equal in uniform texture,
-    different next to a contrast edge (a per-piece renormalisation would make them unit-norm copies)."""
-    enc = irepa.load_encoder('hog', grid_size=4)
-    xs = torch.arange(32).float()
-    stripes = ((xs // 2) % 2).view(1, 1, 1, 32).expand(1, 3, 32, 32)
-    img = torch.where(xs.view(1, 1, 1, 32) < 16, 255 * stripes, 100 + 20 * stripes)  # strong left, weak right
-    norms = enc(img)[0].view(4, 4, 4, 9).norm(dim=-1)                           # (row, col, piece)
-    torch.testing.assert_close(norms[1, 0], torch.full((4,), 0.5))              # inside the strong texture: equal
-    assert norms[1, 1].max() / norms[1, 1].min() > 1.3                          # at the edge: blocks differ
-    assert norms[1, 2].max() / norms[1, 2].min() > 1.8                          # the weak side is outshone
-
-def test_hog_tokens_follow_raster_order():
-    enc = irepa.load_encoder('hog', grid_size=4)
-    img = torch.zeros(1, 3, 32, 32)
-    img[..., 8:16, 24:32] = 255                                            # a bright block in cell (row 1, col 3)
-    energy = enc(img)[0].norm(dim=-1).view(4, 4)
-    assert energy[1, 3] > 0 and energy[3, 0] == 0
-
-HUBCONF = textwrap.dedent('''
-    import torch, torch.nn as nn, torch.nn.functional as F
-    dependencies = ['torch']
-
-    class TinyViT(nn.Module):
-        def __init__(self, embed_dim, fixed_tokens=None):
-            super().__init__()
-            self.patch_size, self.embed_dim, self.fixed_tokens = 14, embed_dim, fixed_tokens
-            self.patch_embed = nn.Conv2d(3, embed_dim, 14, 14)
-            self.pos_embed = nn.Parameter(torch.randn(1, 1 + 5 * 5, embed_dim))   # trained at 70 px, like 518 px
-            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-
-        def forward_features(self, x):
-            t = self.patch_embed(x).flatten(2).transpose(1, 2)
-            if t.shape[1] != self.pos_embed.shape[1] - 1:
-                raise RuntimeError('pos_embed was not resampled to the grid')
-            t = torch.cat([self.cls_token.expand(len(t), -1, -1), t], 1) + self.pos_embed
-            t = F.layer_norm(t, t.shape[-1:])
-            if self.fixed_tokens:
-                t = t[:, :1 + self.fixed_tokens]
-            return {'x_norm_clstoken': t[:, 0], 'x_norm_patchtokens': t[:, 1:]}
-
-    def dinov2_vits14(pretrained=True, **kw):
-        return TinyViT(24)
-
-    def dinov2_vitb14(pretrained=True, **kw):
-        return TinyViT(32, fixed_tokens=4)        # a broken encoder whose grid cannot match
-
-    class TinyDINOv3(nn.Module):                  # patch 16, RoPE (no pos_embed), CLS + 4 storage tokens
-        def __init__(self):
-            super().__init__()
-            self.patch_size, self.embed_dim = 16, 20
-            self.patch_embed = nn.Conv2d(3, 20, 16, 16)
-
-        def forward_features(self, x):
-            t = self.patch_embed(x).flatten(2).transpose(1, 2)
-            t = F.layer_norm(torch.cat([torch.full_like(t[:, :1], 7.0).expand(-1, 5, -1), t], 1), t.shape[-1:])
-            return {'x_norm_clstoken': t[:, 0], 'x_storage_tokens': t[:, 1:5], 'x_norm_patchtokens': t[:, 5:]}
-
-    def dinov3_vits16(pretrained=True, weights=None, **kw):
-        model = TinyDINOv3()
-        model.load_state_dict(torch.load(weights))      # the gated file, given by path
-        return model
-
-    class TinyDINO(nn.Module):                    # DINOv1: patch 16, absolute pos_embed for 4x4, no forward_features
-        def __init__(self):
-            super().__init__()
-            self.embed_dim = 12                   # like dino's VisionTransformer: patch_size only on patch_embed
-            self.patch_embed = nn.Conv2d(3, 12, 16, 16)
-            self.patch_embed.patch_size = 16
-            self.pos_embed = nn.Parameter(torch.randn(1, 1 + 4 * 4, 12))
-
-        def get_intermediate_layers(self, x, n=1):
-            t = self.patch_embed(x).flatten(2).transpose(1, 2)
-            if t.shape[1] != self.pos_embed.shape[1] - 1:
-                raise RuntimeError('pos_embed was not resampled to the grid')
-            t = torch.cat([torch.full_like(t[:, :1], 7.0), t], 1) + self.pos_embed
-            return [F.layer_norm(t, t.shape[-1:])]
-
-    def dino_vits16(pretrained=True, **kw):
-        return TinyDINO()
-
-    def not_an_encoder(pretrained=True, **kw):    # a hub entry without DINOv2's interface
-        return nn.Sequential(nn.Conv2d(3, 8, 4, 4))
-
-    def offline_entry(pretrained=True, **kw):     # a hub entry whose weights cannot be downloaded
-        raise OSError('<urlopen error [Errno -3] Temporary failure in name resolution>')
-
-    def wrong_output(pretrained=True, **kw):      # the attributes, but forward_features returns a list
-        model = TinyViT(24)
-        model.forward_features = lambda x: [x]
-        return model
-''')
-
-@pytest.fixture
-def hub_dir(tmp_path):
-    d = tmp_path / 'hub'
-    d.mkdir()
-    (d / 'hubconf.py').write_text(HUBCONF)
-    return str(d)
 
 def test_dinov2_loads_from_local_hub_dir(hub_dir):
     enc = irepa.load_encoder('dinov2_vits14', grid_size=3, hub_repo=hub_dir)
@@ -507,18 +373,6 @@ def test_encoder_errors(tmp_path):
 # -----------------------------------------------------------------------------
 # Data
 
-def test_center_crop_arr_non_square():
-    arr = np.zeros((100, 300, 3), np.uint8)                                # H=100, W=300: thirds R, G, B
-    arr[:, :100, 0] = arr[:, 100:200, 1] = arr[:, 200:, 2] = 255
-    out = irepa.center_crop_arr(Image.fromarray(arr), 64)
-    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
-    assert out[:, 8:56, 1].min() == 255 and out[:, 8:56, [0, 2]].max() == 0    # the centre is the green third
-    # halving with BOX while the short side >= 2S: 1000x520 -> 500x260 -> 250x130 -> 125x65, then bicubic to 64 high
-    big = Image.fromarray(np.random.default_rng(0).integers(0, 256, (520, 1000, 3), dtype=np.uint8))
-    ref = big.resize((500, 260), Image.BOX).resize((250, 130), Image.BOX).resize((125, 65), Image.BOX)
-    ref = np.array(ref.resize((round(125 * 64 / 65), 64), Image.BICUBIC))
-    left = (ref.shape[1] - 64) // 2
-    np.testing.assert_array_equal(irepa.center_crop_arr(big, 64), ref[:, left:left + 64])
 
 def make_folder(root, classes=('b_dog', 'a_cat'), n=3, size=(40, 30)):
     rng = np.random.default_rng(0)
@@ -528,58 +382,11 @@ def make_folder(root, classes=('b_dog', 'a_cat'), n=3, size=(40, 30)):
             Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(os.path.join(root, c, f'{i}.png'))
     return str(root)
 
-def test_image_folder_labels_and_items(tmp_path):
-    ds = irepa.ImageFolder(make_folder(tmp_path / 'd'), 16)
-    assert ds.classes == ['a_cat', 'b_dog'] and len(ds) == 6
-    img, label = ds[4]
-    assert img.shape == (3, 16, 16) and img.dtype == torch.uint8 and label == 1
-
-def test_image_folder_skips_corrupt_image_with_a_warning(tmp_path):
-    root = make_folder(tmp_path / 'd')
-    bad = os.path.join(root, 'a_cat', '1.png')
-    with open(bad, 'wb') as f:
-        f.write(b'not a png')
-    ds = irepa.ImageFolder(root, 16)
-    with pytest.warns(UserWarning, match='skipping unreadable image .*1.png'):
-        img, label = ds[1]
-    torch.testing.assert_close(img, ds[2][0])                              # replaced by the next image
-    assert ds.bad == {bad}
-
-@pytest.mark.parametrize('n_bad, tries', [(6, 6), (150, 100)])
-def test_image_folder_gives_up_on_a_systematic_failure(tmp_path, n_bad, tries):
-    (tmp_path / 'c').mkdir()
-    for i in range(n_bad):
-        (tmp_path / 'c' / f'{i:03d}.png').write_bytes(b'not a png')         # e.g. a codec missing for every file
-    ds = irepa.ImageFolder(str(tmp_path), 16)
-    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match=f'{tries} images in a row are unreadable'):
-        ds[0]
-    assert len(ds.bad) == tries                                            # tried that many, not the whole folder
-
-def test_image_folder_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match='is not a folder'):
-        irepa.ImageFolder(str(tmp_path / 'missing'), 16)
-    (tmp_path / 'empty' / 'cls').mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match='no images in'):
-        irepa.ImageFolder(str(tmp_path / 'empty'), 16)
-
-def test_shapes_dataset_is_deterministic_and_labelled():
-    ds = irepa.Shapes(8, 32, seed=1)
-    a, la = ds[5]
-    b, lb = irepa.Shapes(8, 32, seed=1)[5]
-    assert torch.equal(a, b) and la == lb == 1 and a.shape == (3, 32, 32) and a.dtype == torch.uint8
-    assert not torch.equal(a, irepa.Shapes(8, 32, seed=2)[5][0])
 
 def test_every_seed_and_epoch_has_its_own_data_order():
     orders = {(s, e): irepa.global_batches(64, 64, seed=s, epoch=e)[0] for s in (0, 1) for e in (0, 1, 1000)}
     assert len({tuple(o) for o in orders.values()}) == len(orders)          # e.g. seed 0 epoch 1000 != seed 1 epoch 0
 
-def test_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
-    (tmp_path / 'checkpoints').mkdir()
-    for name in ('9999999.pt', '10000000.pt', '0000050.pt', 'notes.pt'):
-        (tmp_path / 'checkpoints' / name).write_bytes(b'')
-    assert [os.path.basename(p) for p in irepa.checkpoints(str(tmp_path))] == [
-        'notes.pt', '0000050.pt', '9999999.pt', '10000000.pt']
-    assert irepa.latest_checkpoint(str(tmp_path)).endswith('10000000.pt')
 
 def test_global_batches_shard_the_same_data_for_any_world_size():
     b = irepa.global_batches(100, 32, seed=0, epoch=3)
@@ -591,20 +398,20 @@ def test_global_batches_shard_the_same_data_for_any_world_size():
 # Training: the CLI, DDP equivalence, exact resume, bad input
 
 TRAIN = ['--setting', 'demo', '--no-irepa', '--model', 'SiT-T/4', '--image-size', '16', '--global-batch-size', '8', '--num-workers', '0',
-         '--log-every', '1', '--lr', '1e-3']
+         '--log_every=1', '--lr', '1e-3']
 
 def run_train(tmp, *extra):
     return irepa.main(TRAIN + ['--results-dir', str(tmp)] + list(extra))
 
 def load_last(run_dir):
-    return torch.load(irepa.latest_checkpoint(run_dir), map_location='cpu', weights_only=False)
+    return torch.load(runs.latest_checkpoint(run_dir), map_location='cpu', weights_only=False)
 
 @pytest.mark.parametrize('mode', ['none', 'repa', 'irepa'])
 def test_train_none_repa_irepa(tmp_path, mode):
     extra = {'none': ['--encoder', 'none'], 'repa': ['--encoder', 'hog'], 'irepa': ['--encoder', 'hog', '--irepa']}
     run_dir = run_train(tmp_path, '--max-steps', '3', *extra[mode])
     ck = load_last(run_dir)
-    assert ck['step'] == 3 and ck['args']['class_names'] == irepa.Shapes.classes
+    assert ck['step'] == 3 and ck['args']['class_names'] == data.Shapes.classes
     name = {'none': 'vanilla', 'repa': 'hog-repa', 'irepa': 'hog-irepa'}[mode]
     assert os.path.basename(run_dir) == f'demo-SiT-T-4-{name}'                # run folders say what was trained
     assert ck['args']['method'] == {'none': 'vanilla'}.get(mode, mode)
@@ -619,22 +426,6 @@ def test_train_none_repa_irepa(tmp_path, mode):
     assert (align == 0) == (mode == 'none') and align > -1.0               # -cos in [-1, 0) when aligned
     assert 'provenance: torch' in open(os.path.join(run_dir, 'log.txt')).read()
 
-@pytest.fixture
-def fp32(monkeypatch):
-    """Runs compared to float tolerance pin fp32: bf16 autocast rounds a batch of 8 and two of 4 differently."""
-    monkeypatch.setenv('IREPA_PRECISION', 'fp32')
-
-def test_exact_resume_is_bit_identical(tmp_path):
-    straight = run_train(tmp_path / 'a', '--encoder', 'hog', '--irepa', '--max-steps', '4', '--ckpt-every', '2')
-    half = run_train(tmp_path / 'b', '--encoder', 'hog', '--irepa', '--max-steps', '2', '--ckpt-every', '2')
-    resumed = irepa.main(['--resume', half, '--max-steps', '4', '--num-workers', '0'])            # the rest comes from the checkpoint
-    assert resumed == half
-    a, b = load_last(straight), load_last(resumed)
-    assert a['step'] == b['step'] == 4
-    for part in ('model', 'ema'):
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), (part, k)
-    assert 'resuming at step 2' in open(os.path.join(resumed, 'log.txt')).read()
 
 def test_grad_accum_matches_one_big_batch(tmp_path, fp32):
     a = load_last(run_train(tmp_path / 'a', '--encoder', 'hog', '--irepa', '--max-steps', '2'))
@@ -663,108 +454,9 @@ def test_torchrun_two_cpu_ranks_equals_one_process(tmp_path, fp32):
     r = torchrun(*TRAIN, '--encoder', 'none', '--global-batch-size', '5', '--results-dir', str(tmp_path / 'x'))
     assert r.returncode != 0 and 'not divisible by world size 2' in r.stderr
 
-@pytest.mark.parametrize('extra, message', [
-    (['--data-path', '/no/such/folder'], 'is not a folder'),
-    (['--data-path', 'EMPTY'], 'no images in'),
-    (['--image-size', '18'], 'not divisible by the patch size'),
-    (['--model', 'SiT-Q/2'], "invalid choice: 'SiT-Q/2'"),
-    (['--encoder', 'clip'], "unknown encoder 'clip'"),
-    (['--grad-accum', '3'], 'not divisible by world size 1 x --grad-accum 3'),
-    (['--grad-accum', '0'], '--grad-accum must be >= 1'),
-    (['--encoder-depth', '7'], '--encoder-depth 7 is outside 1..6'),
-    (['--resume', 'NOCKPT'], 'no readable checkpoint in'),
-    (['--lr', '0'], '--lr must be > 0, got 0.0'),
-    (['--lr', 'nan'], '--lr must be > 0, got nan'),
-    (['--max-steps', '0'], '--max-steps must be >= 1'),
-    (['--ckpt-every', '0'], '--ckpt-every must be >= 1'),
-    (['--log-every', '-5'], '--log-every must be >= 1'),
-    (['--num-workers', '-1'], '--num-workers must be >= 0'),
-    (['--global-batch-size', '0'], '--global-batch-size must be >= 1'),
-    (['--image-size', '0'], '--image-size must be >= 1'),
-    (['--proj-coeff', '-1'], '--proj-coeff must be >= 0'),
-    (['--seed', '-3'], '--seed must be >= 0'),
-    (['--results-dir', 'AFILE'], 'cannot create it'),
-    (['--encoder', 'dinov2_vitb14', '--hub-dir', 'HUB', '--image-size', '32'], 'gives 4 tokens but SiT-T/4 at 32 px'),
-    (['--encoder', 'dinov2_vits14', '--hub-dir', 'NOHUB'], 'could not load encoder'),
-    (['--encoder', 'typo_name', '--hub-dir', 'HUB'], "Is 'typo_name' an entry of"),
-    (['--encoder', 'offline_entry', '--hub-dir', 'HUB'], 'name resolution>). Offline? The weights go in'),
-    (['--encoder', 'not_an_encoder', '--hub-dir', 'HUB'], "encoder 'not_an_encoder' (Sequential) lacks DINOv2's"),
-    (['--encoder', 'wrong_output', '--hub-dir', 'HUB'], 'wrong_output failed on a blank image (TypeError'),
-    (['--encoder', 'hog', '--irepa', '--image-size', '4'], "SiT-T/4 at 4 px has one token: the spatial norm's"),
-])
-def test_bad_input_gives_a_clear_error(tmp_path, hub_dir, capsys, extra, message):
-    (tmp_path / 'empty' / 'c').mkdir(parents=True)
-    (tmp_path / 'nockpt').mkdir()
-    (tmp_path / 'afile').write_text('not a folder')
-    subs = {'EMPTY': str(tmp_path / 'empty'), 'NOCKPT': str(tmp_path / 'nockpt'), 'HUB': hub_dir,
-            'NOHUB': str(tmp_path), 'AFILE': str(tmp_path / 'afile' / 'sub')}
-    with pytest.raises(SystemExit) as e:
-        run_train(tmp_path / 'r', '--encoder', 'none', *[subs.get(a, a) for a in extra])
-    err = str(e.value.code) + capsys.readouterr().err
-    assert message in err and 'Traceback' not in err
-
-def test_check_ranges_bounds_are_inclusive_and_finite():
-    ok = lambda **kw: irepa.check_ranges(argparse.Namespace(**kw), dict(n=1, g=(0, 1)), recipe=('g',)) is None
-    assert ok(n=1, g=0) and ok(n=10 ** 9, g=1.0) and ok(n=None, g=None)     # bounds included, None is unset
-    for kw, msg in ((dict(n=0, g=0.5), '--n must be >= 1, got 0'), (dict(n=1, g=1.01), "the recipe's g must be in [0, 1]"),
-                    (dict(n=math.inf, g=0.5), '--n must be >= 1, got inf'), (dict(n=1, g=math.nan), 'got nan')):
-        with pytest.raises(SystemExit, match=re.escape(msg)):
-            ok(**kw)
-
-@pytest.mark.parametrize('entry, value, msg', [('ema_decay', 1.0, "the recipe's ema_decay must be in [0, 1), got 1.0"),
-                                               ('spnorm_gamma', 1.5, "the recipe's spnorm_gamma must be in [0, 1]"),
-                                               ('proj_kernel', 0, "the recipe's proj_kernel must be >= 1, got 0"),
-                                               ('proj_kernel', 2, "the recipe's proj_kernel must be odd"),
-                                               ('projector', "'linear'", "projector must be mlp or conv")])
-def test_recipe_entries_are_range_checked(tmp_path, entry, value, msg):
-    with pytest.raises(SystemExit, match=re.escape(msg)):
-        run_train(tmp_path, '--encoder', 'none', f'--{entry}={value}')
-
-def test_any_recipe_key_is_set_as_key_value(tmp_path):
-    """nanoGPT's configurator: --key=value for a key without a flag, a dict's entry as --key.entry=value, the value
-    a literal of the recipe value's type (an int for a float); the recipes themselves are never written."""
-    before = copy.deepcopy(irepa.RECIPES)
-    a = irepa.get_args(['--setting', 'demo', '--spnorm_gamma=0.8', '--ema-decay=1', '--proj_kernel=5',
-                        '--sampler.num_steps=12', '--hflip=True', '--time_dist=(0.8, 0.8)', '--betas=[0.9, 0.95]'])
-    assert (a.spnorm_gamma, a.ema_decay, a.proj_kernel, a.hflip, a.time_dist, a.betas) == (0.8, 1.0, 5, True,
-                                                                                         (0.8, 0.8), (0.9, 0.95))
-    assert type(a.ema_decay) is float and a.sampler == dict(RECIPE_DEMO_SAMPLER, num_steps=12)
-    # iREPA's halves on their own (iREPA Table 2's ablation): explicit entries win over --irepa
-    b = irepa.get_args(['--setting', 'demo', '--irepa', '--projector=mlp'])
-    assert (b.projector, b.spatial_norm) == ('mlp', True)
-    c = irepa.get_args(['--setting', 'demo', '--no-irepa', '--projector=conv', '--spatial_norm=False'])
-    assert (c.projector, c.spatial_norm, irepa.method_name(c)) == ('conv', False, 'conv-only')
-    assert irepa.RECIPES == before
-    d = irepa.get_args(['--setting', 'latent', '--clip_grad=None', '--proj_coeff=1.0', '--encoder_depth=6'])
-    assert (d.clip_grad, d.proj_coeff, d.encoder_depth) == (None, 1.0, 6)     # None and float: other recipes' types
-    assert d.sampler is not irepa.RECIPES['latent']['sampler']                  # a copy of the recipe's dict
-    for argv, msg in ((['--ema_decay=high'], "--ema_decay=high: ema_decay takes float, not str 'high'"),
-                      (['--hflip=1'], "hflip takes bool, not int 1"),
-                      (['--encoder_depth=abc'], "encoder_depth takes int or None, not str 'abc'"),
-                      (['--time_dist=0.5'], "time_dist takes tuple or None, not float 0.5"),
-                      (['--sampler.steps=3'], "--sampler.steps=3: sampler has no entry 'steps'"),
-                      (['--lr.x=1'], "--lr.x=1: lr is not a dict"),
-                      (['--nonsense=3'], "unrecognised argument --nonsense=3: use a flag (--help) or --key=value"),
-                      (['--max-steps', '7', '--ema_decay', '0.9'], "unrecognised argument --ema_decay: use a flag")):
-        with pytest.raises(SystemExit, match=re.escape(msg)):
-            irepa.get_args(['--setting', 'demo'] + argv)
 
 RECIPE_DEMO_SAMPLER = dict(mode='ode', heun=True, num_steps=25, cfg_scale=4.0)
 
-def test_resume_refuses_a_changed_recipe_key(tmp_path):
-    run = run_train(tmp_path, '--encoder', 'hog', '--irepa', '--max-steps', '1', '--ema_decay=0.9')
-    with pytest.raises(SystemExit, match=re.escape("--resume continues the run as it began, but --ema-decay 0.5")):
-        irepa.main(['--resume', run, '--max-steps', '2', '--ema_decay=0.5'])
-    irepa.main(['--resume', run, '--max-steps', '2', '--ema_decay=0.9'])            # the same value: fine
-    ck = load_last(run)
-    assert ck['step'] == 2 and ck['args']['ema_decay'] == 0.9
-
-@pytest.mark.parametrize('script', ['irepa.py', 'sample.py', 'metrics.py'])
-def test_errors_are_one_line_named_after_the_running_script(monkeypatch, script):
-    monkeypatch.setattr(sys, 'argv', [f'/some/where/{script}', '--flag'])
-    with pytest.raises(SystemExit) as e:
-        irepa.fail('--lr must be > 0')
-    assert e.value.code == f'{script}: error: --lr must be > 0'
 
 def test_nan_loss_stops_with_a_message(tmp_path, monkeypatch):
     run_dir = run_train(tmp_path / 'ok', '--encoder', 'none', '--max-steps', '1')
@@ -772,7 +464,7 @@ def test_nan_loss_stops_with_a_message(tmp_path, monkeypatch):
     monkeypatch.setattr(irepa, 'flow_matching_loss', nan)
     with pytest.raises(SystemExit, match='loss is nan at step 2; stopping. The last good checkpoint'):
         run_train(tmp_path / 'ok', '--encoder', 'none', '--max-steps', '3', '--resume', run_dir)
-    assert irepa.latest_checkpoint(run_dir).endswith('0000001.pt')
+    assert runs.latest_checkpoint(run_dir).endswith('0000001.pt')
 
 def test_demo_trains_and_leaves_the_defaults_alone(tmp_path, capsys):
     run_dir = irepa.main(['--setting', 'demo', '--max-steps', '2', '--results-dir', str(tmp_path)])
@@ -801,15 +493,15 @@ def test_recipes_resolve_and_explicit_flags_win():
 def test_precision_follows_the_cpu_and_the_environment(monkeypatch):
     cpu = torch.device('cpu')
     monkeypatch.delenv('IREPA_PRECISION', raising=False)
-    monkeypatch.setattr(irepa, 'cpu_has_bf16', lambda: True)
+    monkeypatch.setattr(runs, 'cpu_has_bf16', lambda: True)
     assert irepa.precision(cpu) == 'bf16' and irepa.autocast(cpu)._enabled
     with irepa.autocast(cpu):
         assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
-    monkeypatch.setattr(irepa, 'cpu_has_bf16', lambda: False)
+    monkeypatch.setattr(runs, 'cpu_has_bf16', lambda: False)
     assert irepa.precision(cpu) == 'fp32' and not irepa.autocast(cpu)._enabled
     monkeypatch.setenv('IREPA_PRECISION', 'bf16')
     assert irepa.precision(cpu) == 'bf16'
-    monkeypatch.setattr(irepa, 'cpu_has_bf16', lambda: True)
+    monkeypatch.setattr(runs, 'cpu_has_bf16', lambda: True)
     monkeypatch.setenv('IREPA_PRECISION', 'fp32')
     assert irepa.precision(cpu) == 'fp32'
     with irepa.autocast(cpu):
@@ -846,9 +538,9 @@ def test_pixel_recipe_warms_up_the_lr_and_does_not_clip(tmp_path, monkeypatch):
         seen.append([g['lr'] for g in self.param_groups][0])
         return orig(self, *a, **k)
     monkeypatch.setattr(torch.optim.AdamW, 'step', spy)
-    monkeypatch.setattr(irepa.Shapes, '__len__', lambda self: 16)           # 2 steps per epoch at batch 8
+    monkeypatch.setattr(data.Shapes, '__len__', lambda self: 16)           # 2 steps per epoch at batch 8
     run = irepa.main(['--setting', 'pixel', '--model', 'SiT-T/4', '--image-size', '16', '--encoder', 'none',
-                      '--global-batch-size', '8', '--max-steps', '12', '--log-every', '100', '--num-workers', '0',
+                      '--global-batch-size', '8', '--max-steps', '12', '--log_every=100', '--num-workers', '0',
                       '--results-dir', str(tmp_path)])
     lr = 5e-5 * 8 / 256
     assert seen == pytest.approx([lr * s / 10 for s in range(10)] + [lr, lr])
@@ -867,20 +559,9 @@ def test_clip_grad_follows_the_recipe(monkeypatch, tmp_path):
 # -----------------------------------------------------------------------------
 # The latent setting: SD-VAE latents (a random-weight VAE in a temporary $TORCH_HOME, no network)
 
-@pytest.fixture(scope='session')
-def vae_home(tmp_path_factory):
-    import vae
-    home = tmp_path_factory.mktemp('torch_home')
-    folder = home / 'hub' / 'checkpoints'
-    folder.mkdir(parents=True)
-    torch.manual_seed(0)
-    torch.save(vae.AutoencoderKL().state_dict(), folder / vae.VAE_FILE)
-    torch.save({'latents_scale': torch.tensor([0.5, 1.0, 2.0, 4.0]), 'latents_bias': torch.tensor([0.1, 0.0, -0.1, 0.2])},
-               folder / vae.STATS_FILE)
-    return str(home)
 
 LATENT = ['--setting', 'latent', '--model', 'SiT-T/2', '--image-size', '64', '--encoder', 'hog', '--irepa',
-          '--global-batch-size', '4', '--num-workers', '0', '--log-every', '1']
+          '--global-batch-size', '4', '--num-workers', '0', '--log_every=1']
 
 def test_latent_training_resume_and_sampling(tmp_path, vae_home, monkeypatch):
     import sample
@@ -901,13 +582,13 @@ def test_latent_training_resume_and_sampling(tmp_path, vae_home, monkeypatch):
         os.makedirs(tmp_path / 'imgs' / 'c', exist_ok=True)
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
             tmp_path / 'imgs' / 'c' / f'{i}.png')
-    vals = metrics.main(['--ckpt', irepa.latest_checkpoint(run), '--data-path', str(tmp_path / 'imgs'),
+    vals = metrics.main(['--ckpt', runs.latest_checkpoint(run), '--data-path', str(tmp_path / 'imgs'),
                          '--num-workers', '0', '--batch-size', '2'])
     assert 'SiT h (block 2, t=0.5)' in vals and len(vals['SiT h (block 2, t=0.5)']['lds']) == 4
 
 def test_latents_are_a_normalised_posterior_sample(vae_home, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', vae_home)
-    lat = irepa.SDVAE('cpu')
+    lat = vae.SDVAE('cpu')
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     eps = torch.randn(2, 4, 2, 2)
     mean, logvar = lat.vae.encode(x)
@@ -925,136 +606,7 @@ def test_latent_setting_without_the_vae_files_says_where_to_put_them(tmp_path, m
     msg = str(e.value.code)
     assert vae.VAE_FILE in msg and vae.STATS_FILE in msg and 'empty_home' in msg and '\n' not in msg
 
-def test_resume_keeps_the_runs_schedule_and_refuses_changes(tmp_path):
-    run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '1', '--ckpt-every', '1', '--log-every', '1')
-    resumed = irepa.main(['--resume', run, '--max-steps', '3'])             # ckpt-every / log-every: the run's own
-    assert sorted(os.listdir(os.path.join(resumed, 'checkpoints'))) == ['0000001.pt', '0000002.pt', '0000003.pt']
-    assert len([l for l in open(os.path.join(run, 'log.txt')) if l.startswith('step ')]) == 3
-    with pytest.raises(SystemExit, match=r"--lr 0.5 differs from the run's 0.001") as e:
-        irepa.main(['--resume', run, '--max-steps', '4', '--lr', '0.5'])
-    assert '--data-path' in str(e.value) and '--grad-accum' in str(e.value) and '--resume,' not in str(e.value)
-    with pytest.raises(SystemExit, match='--model SiT-T/2 differs'):
-        irepa.main(['--resume', run, '--max-steps', '4', '--model', 'SiT-T/2'])
-    irepa.main(['--resume', run, '--max-steps', '4', '--lr', '1e-3'])        # the same value is no change
-    assert load_last(run)['step'] == 4
 
-@pytest.mark.parametrize('projector', ['conv', 'mlp', 'linear'])
-def test_official_checkpoint_format_loads_and_samples(tmp_path, vae_home, monkeypatch, projector):
-    """ldm/train.py saves {'model', 'ema', 'opt', 'args': argparse.Namespace, 'steps'} with the projector wrapped as
-    projectors.0.projection_layer.*; a 'linear' projector is a per-token linear map (here a 1x1 conv)."""
-    import argparse
-    import sample
-    monkeypatch.setenv('TORCH_HOME', vae_home)
-    torch.manual_seed(0)
-    ours = irepa.SiT_models['SiT-T/2'](input_size=4, in_channels=4, num_classes=10, encoder_depth=2, target_dim=8,
-                                       projector='mlp' if projector == 'mlp' else 'conv',
-                                       proj_kernel=1 if projector == 'linear' else 3)
-    for p in ours.parameters():
-        p.data.normal_(0, 0.02)                                            # not the zero init: outputs must match
-    sd = {k.replace('projectors.0.', 'projectors.0.projection_layer.'): v for k, v in ours.state_dict().items()}
-    if projector == 'linear':
-        sd['projectors.0.projection_layer.weight'] = sd['projectors.0.projection_layer.weight'].flatten(1)
-    ns = argparse.Namespace(model='SiT-T/2', resolution=32, encoder_depth=2, enc_type='dinov2-vit-b',
-                            projection_layer_type=projector, proj_kwargs_kernel_size=1, qk_norm=False,
-                            spnorm_method='zscore' if projector == 'conv' else 'none')
-    torch.save({'model': sd, 'ema': sd, 'opt': {}, 'args': ns, 'steps': 7}, tmp_path / '0000007.pt')
-    del ns.spnorm_method                                                   # sihyun-yu/REPA's train.py: 0.18215 latents
-    torch.save({'model': sd, 'ema': sd, 'opt': {}, 'args': ns, 'steps': 7}, tmp_path / 'repa.pt')
-    with pytest.raises(ValueError, match="not from End2End-Diffusion/iREPA's ldm/train.py"):
-        irepa.load_sit(str(tmp_path / 'repa.pt'))
-    model, args = irepa.load_sit(str(tmp_path / '0000007.pt'))
-    assert (args['model'], args['input_size'], args['in_channels'], args['num_classes'], args['vae']) == (
-        'SiT-T/2', 4, 4, 10, 'sd-vae-ft-mse')
-    assert args['encoder'] == 'dinov2_vitb14'                              # the official name, translated
-    x, t, y = torch.randn(2, 4, 4, 4), torch.rand(2), torch.tensor([1, 10])
-    out, h_proj = model(x, t, y)
-    ref_out, ref_zs = ours.eval()(x, t, y)
-    torch.testing.assert_close(out, ref_out)
-    torch.testing.assert_close(h_proj, ref_zs)
-    if projector == 'conv':
-        out = sample.main(['--ckpt', str(tmp_path / '0000007.pt'), '--num-steps', '2', '--num-samples', '2',
-                           '--out', str(tmp_path / 's')])
-        assert np.load(os.path.join(out, 'samples.npz'))['arr_0'].shape == (2, 32, 32, 3)
-        # what this code cannot sample faithfully is refused, with the reason on one line
-        ns.spnorm_method = 'zscore'
-        for change, msg in ((dict(path_type='cosine'), 'path_type is cosine'), (dict(qk_norm=True), 'qk-norm'),
-                            (dict(enc_type='dinov2-vit-b,mocov3-vit-b'), 'several encoders')):
-            bad = argparse.Namespace(**{**vars(ns), **change})
-            torch.save({'model': sd, 'ema': sd, 'opt': {}, 'args': bad, 'steps': 7}, tmp_path / 'bad.pt')
-            with pytest.raises(ValueError, match=msg) as e:
-                irepa.load_sit(str(tmp_path / 'bad.pt'))
-            assert '\n' not in str(e.value)
-
-def test_load_sit_leaves_the_optimizer_state_on_disk(tmp_path, monkeypatch):
-    """A checkpoint is memory-mapped: AdamW's moments (2x the model) are never read to sample."""
-    run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '1')
-    calls, load = [], torch.load
-    monkeypatch.setattr(torch, 'load', lambda *a, **kw: calls.append(kw) or load(*a, **kw))
-    irepa.load_sit(run)
-    assert calls and all(kw.get('mmap') for kw in calls)
-
-class NotATensor:
-    pass
-
-def test_load_sit_refuses_truncated_and_foreign_files(tmp_path):
-    good = tmp_path / 'good.pt'
-    torch.save(dict(ema=tiny().state_dict(), args=dict(model='SiT-T/4', image_size=16, num_classes=5, encoder_depth=2)),
-               good)
-    (tmp_path / 'cut.pt').write_bytes(good.read_bytes()[:1000])
-    torch.save({'ema': {}, 'args': NotATensor()}, tmp_path / 'pickle.pt')
-    torch.save({'state_dict': {}}, tmp_path / 'other.pt')
-    for name, msg in [('missing.pt', 'no checkpoint at'), ('cut.pt', 'truncated or not a torch checkpoint'),
-                      ('pickle.pt', 'truncated or not a torch checkpoint'), ('other.pt', 'not an irepa.py or official')]:
-        with pytest.raises(ValueError, match=msg) as e:
-            irepa.load_sit(str(tmp_path / name))
-        assert '\n' not in str(e.value)
-
-
-def test_resume_skips_a_corrupt_newest_checkpoint_and_removes_leftovers(tmp_path):
-    run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '2', '--ckpt-every', '1')
-    newest = os.path.join(run, 'checkpoints', '0000002.pt')
-    with open(newest, 'r+b') as f:
-        f.truncate(500)                                                    # a copy cut short
-    open(os.path.join(run, 'checkpoints', '0000003.pt.tmp'), 'w').write('killed mid-save')
-    with pytest.warns(UserWarning, match='skipping unreadable checkpoint .*0000002.pt'):
-        irepa.main(['--resume', run, '--max-steps', '3'])
-    assert sorted(os.listdir(os.path.join(run, 'checkpoints'))) == ['0000001.pt', '0000002.pt', '0000003.pt']
-    assert 'resuming at step 1' in open(os.path.join(run, 'log.txt')).read()
-    assert load_last(run)['step'] == 3
-
-def test_resume_may_move_the_data_but_not_change_it(tmp_path, monkeypatch):
-    data = make_folder(tmp_path / 'data', n=4)                                # 2 classes x 4 images
-    monkeypatch.setenv('IREPA_PRECISION', 'fp32')
-    run = run_train(tmp_path / 'r', '--encoder', 'none', '--max-steps', '1', '--data-path', data)
-    shutil.copytree(data, tmp_path / 'moved')
-    shutil.copytree(data, tmp_path / 'more')
-    Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(tmp_path / 'more' / 'a_cat' / 'extra.png')
-    shutil.copytree(data, tmp_path / 'other')
-    os.rename(tmp_path / 'other' / 'b_dog', tmp_path / 'other' / 'c_cow')
-    for folder, msg in (('more', 'has 9 images, the run had 8'), ('other', 'the classes in')):
-        with pytest.raises(SystemExit, match=msg):
-            irepa.main(['--resume', run, '--max-steps', '2', '--data-path', str(tmp_path / folder)])
-    monkeypatch.setenv('IREPA_PRECISION', 'bf16')
-    irepa.main(['--resume', run, '--max-steps', '2', '--data-path', str(tmp_path / 'moved')])
-    assert load_last(run)['step'] == 2
-    assert 'the run trained in fp32 until now and goes on in bf16' in open(os.path.join(run, 'log.txt')).read()
-
-def test_leftover_removal_tolerates_another_rank_removing_it_first(tmp_path, monkeypatch):
-    run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '1')
-    gone = os.path.join(run, 'checkpoints', '0000002.pt.tmp')             # listed, then removed by another rank
-    real_glob = glob.glob
-    monkeypatch.setattr(glob, 'glob', lambda p: [gone] if p.endswith('*.tmp') else real_glob(p))
-    assert irepa.load_latest_checkpoint(run)['step'] == 1
-
-def test_image_folder_ignores_hidden_and_empty_folders(tmp_path):
-    for c in ('b', 'a', '.cache', 'empty'):
-        (tmp_path / c).mkdir()
-    for c in ('a', 'b', '.cache'):
-        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / c / 'x.png')
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'a' / '.hidden.png')
-    with pytest.warns(UserWarning, match='without images are not classes: empty'):
-        ds = irepa.ImageFolder(str(tmp_path), 8)
-    assert ds.classes == ['a', 'b'] and len(ds) == 2
 
 # -----------------------------------------------------------------------------
 # The training recipe, line by line: what reaches the loss, the gradient, the optimizer and the EMA
@@ -1088,7 +640,7 @@ def spy_training(monkeypatch, tmp_path, *argv):
                          z=None if z is None else z.clone(), pred=pred))
         return orig(model, x, y, noise, t, z, pred)
     monkeypatch.setattr(irepa, 'flow_matching_loss', spy)
-    run = irepa.main(['--model', 'SiT-T/4', '--image-size', '16', '--num-workers', '0', '--log-every', '100',
+    run = irepa.main(['--model', 'SiT-T/4', '--image-size', '16', '--num-workers', '0', '--log_every=100',
                       '--results-dir', str(tmp_path), *argv])
     return run, {k: [s[k] for s in seen] for k in seen[0]}
 
@@ -1104,12 +656,12 @@ def test_what_reaches_the_loss_demo_recipe(monkeypatch, tmp_path):
     z = torch.cat(seen['z'])                                               # iREPA: spatially normalised targets
     torch.testing.assert_close(z.std(dim=1), torch.ones(z.shape[0], z.shape[2]), atol=1e-3, rtol=0)
     x = seen['x'][0]                                                        # step 0: the dataset's images in [-1, 1]
-    ds = irepa.Shapes(50_000, 16, seed=0)
+    ds = data.Shapes(50_000, 16, seed=0)
     idx = irepa.global_batches(len(ds), 64, 0, 0)[0]
     ref = torch.stack([ds[i][0] for i in idx]).float() / 127.5 - 1
     torch.testing.assert_close(x, ref)                                      # no flips in the demo recipe
     # the EMA after the first step: decay * initial + (1 - decay) * the stepped model, exactly
-    ck = torch.load(irepa.latest_checkpoint(run), weights_only=False)
+    ck = torch.load(runs.latest_checkpoint(run), weights_only=False)
     assert ck['args']['ema_decay'] == 0.995
 
 def test_each_run_seed_draws_its_own_t_and_noise(monkeypatch, tmp_path):
@@ -1143,7 +695,7 @@ def test_what_reaches_the_loss_pixel_recipe(monkeypatch, tmp_path):
     assert set(seen['pred']) == {'x'}
     z = torch.cat(seen['z'])                                               # REPA: the raw HOG tokens
     assert (z.std(dim=1) - 1).abs().max() > 0.2
-    ds = irepa.Shapes(50_000, 16, seed=0)
+    ds = data.Shapes(50_000, 16, seed=0)
     flipped = 0
     for step in range(4):                                                   # flips: about half the images
         idx = irepa.global_batches(len(ds), 64, 0, 0)[step]
@@ -1209,11 +761,11 @@ def test_bench_flops_count_per_token_and_per_image_weights():
     with torch.device('meta'):                                             # no memory: only the shapes count
         xl = irepa.SiT_models['SiT-XL/2'](input_size=32, in_channels=4, num_classes=1000)
     assert abs(bench.forward_flops(xl, 256) / 2 - 118.6e9) < 0.05e9       # DiT-XL/2: 118.6 Gflops (DiT, Table 4)
-    for meanflow in (False, True):                                          # MeanFlow: + the interval's MLP
-        model = tiny(target_dim=8, projector='conv', sit=irepa.MeanFlowSiT if meanflow else irepa.SiT)   # 4x4 tokens
+    for mean_flow in (False, True):                                          # MeanFlow: + the interval's MLP
+        model = tiny(target_dim=8, projector='conv', sit=meanflow.MeanFlowSiT if mean_flow else irepa.SiT)   # 4x4 tokens
         # under CPU autocast, attention is explicit matmuls, which the counter sees (SDPA's CPU kernel it does not)
         with FlopCounterMode(display=False) as counter, torch.autocast('cpu', dtype=torch.bfloat16):
-            model(torch.randn(3, 3, 16, 16), torch.rand(3), torch.tensor([0, 1, 2]), *[torch.rand(3)][:meanflow])
+            model(torch.randn(3, 3, 16, 16), torch.rand(3), torch.tensor([0, 1, 2]), *[torch.rand(3)][:mean_flow])
         assert counter.get_total_flops() == 3 * bench.forward_flops(model, model.grid_size ** 2)
 
 # -----------------------------------------------------------------------------
@@ -1232,7 +784,7 @@ def randomised(model, std=0.1, seed=0):
 def test_aligned_state_is_the_output_of_block_encoder_depth_before_any_norm():
     """REPA aligns the residual stream right after block `encoder_depth` (counting from 1), before any norm (SPEC 3).
     For every depth, against the blocks run by hand (projector replaced by the identity, so h_proj is the raw state);
-    metrics.py reads the same state through irepa.hidden_state. The output runs every block and the final layer."""
+    metrics.py reads the same state through trained.hidden_state. The output runs every block and the final layer."""
     depth = 4
     x, t, y = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([0.3, 0.8]), \
         torch.tensor([1, 5])
@@ -1248,7 +800,7 @@ def test_aligned_state_is_the_output_of_block_encoder_depth_before_any_norm():
         out, h_proj = model(x, t, y)
         torch.testing.assert_close(h_proj, states[k - 1])
         assert all((states[j] - states[k - 1]).abs().max() > 0.01 for j in range(depth) if j != k - 1)  # teeth
-        h_state, h_state_proj = irepa.hidden_state(model, x, t, y)
+        h_state, h_state_proj = trained.hidden_state(model, x, t, y)
         torch.testing.assert_close(h_state, states[k - 1])
         torch.testing.assert_close(h_state_proj, states[k - 1])
         torch.testing.assert_close(out, model.unpatchify(model.final_layer(states[-1], c)))
@@ -1412,15 +964,6 @@ def test_latent_setting_encodes_the_same_image_the_encoder_sees():
     torch.testing.assert_close(x, F.avg_pool2d(vae_in, 8).mean(1, keepdim=True).expand(-1, 4, -1, -1) + eps)
     torch.testing.assert_close(target, PatchMeans(2)(enc.seen[0]))
 
-def test_hog_an_edge_in_cell_r_c_shows_in_token_r_times_g_plus_c():
-    """A 2x2 bright square inside cell (r, c) (its gradients stay inside the cell) gives a non-zero HOG token at
-    r * G + c and nowhere else: the target's tokens are SiT's raster order (a transposed or mirrored order would
-    light another token)."""
-    enc = irepa.load_encoder('hog', grid_size=4)
-    for r, c in ((0, 2), (3, 1), (2, 3), (1, 0)):
-        img = torch.zeros(1, 3, 32, 32)
-        img[..., 8 * r + 3:8 * r + 5, 8 * c + 3:8 * c + 5] = 255
-        assert enc(img)[0].norm(dim=-1).nonzero().flatten().tolist() == [r * 4 + c], (r, c)
 
 class Recorder(torch.nn.Module):
     """Stub SiT: out = 0.5 * x_t; h_proj = x_t's 48 values per image as 12 tokens of 4 dims. Records its inputs."""
@@ -1469,7 +1012,7 @@ def test_training_loop_by_hand(tmp_path, monkeypatch, fp32):
     ema = copy.deepcopy(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0, eps=1e-8)
-    enc, ds = irepa.load_encoder('hog', 4), irepa.Shapes(50_000, 16, seed=0)
+    enc, ds = irepa.load_encoder('hog', 4), data.Shapes(50_000, 16, seed=0)
     for step, idx in enumerate(irepa.global_batches(len(ds), 8, 0, 0)[:2]):
         images, labels = torch.stack([ds[i][0] for i in idx]), torch.tensor([ds[i][1] for i in idx])
         x, y, noise, t, target = step_inputs(images, labels, step, argparse.Namespace(**a), encoder=enc)
@@ -1536,46 +1079,4 @@ def test_recipes_are_the_spec_values():
         a = irepa.get_args(argv)
         assert (a.projector, a.spatial_norm, a.proj_coeff) == (proj, norm, coeff), argv
 
-def test_resume_of_a_checkpoint_from_an_older_irepa_is_a_one_line_error(tmp_path):
-    """No older checkpoint format is read (none was released); resuming one says so instead of a traceback."""
-    run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '1')
-    path = irepa.latest_checkpoint(run)
-    ck = torch.load(path, weights_only=False)
-    del ck['args']['objective'], ck['args']['spatial_norm']
-    torch.save(ck, path)
-    with pytest.raises(SystemExit, match=r"has no objective, spatial_norm: an older irepa.py wrote it") as e:
-        irepa.main(['--resume', run, '--max-steps', '2'])
-    assert '\n' not in str(e.value)
 
-def test_checkpoint_written_in_the_background_holds_its_own_steps_weights(tmp_path, monkeypatch):
-    """The save runs in a thread while training goes on: a slow write (here 0.5 s) must still hold the weights of
-    the step it names, not later ones; the run waits for the last save before it returns."""
-    import time as _time
-    slow = irepa.save_checkpoint
-    def save(path, ckpt):
-        _time.sleep(0.5)
-        slow(path, ckpt)
-    monkeypatch.setattr(irepa, 'save_checkpoint', save)
-    run = run_train(tmp_path / 'a', '--encoder', 'hog', '--irepa', '--max-steps', '4', '--ckpt-every', '2')
-    assert sorted(os.listdir(os.path.join(run, 'checkpoints'))) == ['0000002.pt', '0000004.pt']
-    mid = torch.load(os.path.join(run, 'checkpoints', '0000002.pt'), weights_only=False)
-    two = load_last(run_train(tmp_path / 'b', '--encoder', 'hog', '--irepa', '--max-steps', '2'))
-    for part in ('model', 'ema'):
-        for k in two[part]:
-            assert torch.equal(mid[part][k], two[part][k]), (part, k)
-    assert mid['opt']['state'][0]['step'] == two['opt']['state'][0]['step'] == 2
-
-def test_a_failed_background_save_is_logged_at_once_and_the_next_one_tries_again(tmp_path, monkeypatch):
-    real, calls = irepa.save_checkpoint, []
-    def flaky(path, ckpt):
-        calls.append(path)
-        if len(calls) == 1 or path.endswith('0000006.pt'):
-            raise OSError(28, 'No space left on device')
-        real(path, ckpt)
-    monkeypatch.setattr(irepa, 'save_checkpoint', flaky)
-    run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '4', '--ckpt-every', '2')
-    log = open(os.path.join(run, 'log.txt')).read()
-    assert 'warning: could not save' in log and '0000002.pt (OSError' in log and 'next checkpoint tries again' in log
-    assert os.listdir(os.path.join(run, 'checkpoints')) == ['0000004.pt']
-    with pytest.raises(SystemExit, match=r'could not save .*0000006.pt \(OSError'):       # the run's last: stops
-        irepa.main(['--resume', run, '--max-steps', '6'])

@@ -1,4 +1,4 @@
-"""Tests for MeanFlow (irepa.py section 7, sample.py's meanflow_sampler): the jvp, the target, the adaptive weight,
+"""Tests for MeanFlow (meanflow.py, sample.py's meanflow_sampler): the jvp, the target, the adaptive weight,
 guidance, the samplers' closed forms, DDP, resume, and a loss that trains. CPU only: python -m pytest -q"""
 import os
 
@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import irepa
+import meanflow
+import runs
 import sample
 from test_irepa import TRAIN, load_last, run_train, torchrun
 
@@ -17,7 +19,7 @@ def tiny_mf(**kw):
     """A tiny MeanFlow SiT with every weight random (not adaLN-Zero's zeros), so u depends on every input."""
     torch.manual_seed(0)
     cfg = dict(input_size=8, patch_size=4, hidden_size=32, depth=3, num_heads=2, num_classes=5, encoder_depth=2)
-    model = irepa.MeanFlowSiT(**{**cfg, **kw})
+    model = meanflow.MeanFlowSiT(**{**cfg, **kw})
     for p in model.parameters():
         if p.requires_grad:
             p.data.normal_(0, 0.1)
@@ -38,7 +40,7 @@ def test_interval_embedder_only_for_meanflow():
     torch.manual_seed(3)
     fm = irepa.SiT(**cfg)
     torch.manual_seed(3)
-    mf = irepa.MeanFlowSiT(**cfg)
+    mf = meanflow.MeanFlowSiT(**cfg)
     assert 'meanflow' not in irepa.SiT.__init__.__code__.co_varnames           # SiT itself knows no MeanFlow
     assert not any('interval' in k for k in fm.state_dict())
     extra = set(mf.state_dict()) - set(fm.state_dict())
@@ -61,11 +63,11 @@ def test_du_dt_is_the_derivative_along_the_flow(precision):
     y, v_g = torch.tensor([0, 1, 2, 5]), torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     if precision == 'fp32':
         model, z, t, r, v_g = model.double(), x.double(), t.double(), r.double(), v_g.double()
-        du_dt = irepa.meanflow_du_dt(model, z, t, r, y, v_g).double()
+        du_dt = meanflow.meanflow_du_dt(model, z, t, r, y, v_g).double()
     else:
         z = x
         with torch.autocast('cpu', dtype=torch.bfloat16):
-            du_dt = irepa.meanflow_du_dt(model, z, t, r, y, v_g)
+            du_dt = meanflow.meanflow_du_dt(model, z, t, r, y, v_g)
         model, z, t, r, v_g = model.double(), z.double(), t.double(), r.double(), v_g.double()
     e = 1e-3                                  # SiT's time embedding computes in float32: a smaller e sees its rounding
     u = lambda e: model(z + e * v_g, t + e, y, t + e - r)[0]
@@ -98,7 +100,7 @@ def test_r_equal_t_without_guidance_is_weighted_flow_matching(p, eps):
     model = tiny_mf()
     x, noise, t, _ = batch()
     y = torch.tensor([0, 1, 2, 3])
-    loss, align = irepa.meanflow_loss(model, x, y, noise, torch.stack([t, t], 1), raw_model=model, omega=1.0, kappa=0.0,
+    loss, align = meanflow.meanflow_loss(model, x, y, noise, torch.stack([t, t], 1), raw_model=model, omega=1.0, kappa=0.0,
                                       p=p, eps=eps)
     want, err = hand_loss(model, x, y, noise, t, noise - x, p, eps)
     assert align == 0                                                            # no target: nothing to align
@@ -114,7 +116,7 @@ def test_guidance_mixing_by_hand_and_dropped_labels_keep_v():
     x, noise, t, _ = batch()
     y, null = torch.tensor([0, 5, 2, 5]), 5                                    # samples 1 and 3: dropped labels
     omega, kappa, p, eps = 0.6, 0.3, 1.0, 0.01
-    loss, _ = irepa.meanflow_loss(model, x, y, noise, torch.stack([t, t], 1), raw_model=model, omega=omega, kappa=kappa,
+    loss, _ = meanflow.meanflow_loss(model, x, y, noise, torch.stack([t, t], 1), raw_model=model, omega=omega, kappa=kappa,
                                   p=p, eps=eps)
     z_t = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
     with torch.no_grad():
@@ -136,7 +138,7 @@ def test_target_subtracts_the_interval_times_du_dt(omega, kappa):
     model = tiny_mf()
     x, noise, t, r = batch()
     y = torch.tensor([0, 1, 2, 3])
-    loss, _ = irepa.meanflow_loss(model, x, y, noise, torch.stack([t, r], 1), raw_model=model, omega=omega, kappa=kappa,
+    loss, _ = meanflow.meanflow_loss(model, x, y, noise, torch.stack([t, r], 1), raw_model=model, omega=omega, kappa=kappa,
                                   p=0.0, eps=0.01)
     z_t = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
     v, e, zero = noise - x, 1e-3, torch.zeros(4)
@@ -155,7 +157,8 @@ def test_target_subtracts_the_interval_times_du_dt(omega, kappa):
 def mf_inputs(args, images, labels, rank=0, world=1, step=0):
     args.in_channels, args.input_size, args.num_classes = 3, 16, 4
     return irepa.training_inputs(images, labels, step, args, rank=rank, world=world, generator=torch.Generator(),
-                                 sd_vae=None, encoder=None, mixed_precision=torch.autocast('cpu', enabled=False))
+                                 sd_vae=None, encoder=None, mixed_precision=torch.autocast('cpu', enabled=False),
+                                 times=meanflow.objective(args, None)[1] if args.objective == 'meanflow' else None)
 
 
 @pytest.mark.parametrize('B', [4000, 40, 10, 8, 2])
@@ -278,7 +281,7 @@ def test_meanflow_loss_falls_on_a_repeated_batch():
     opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=3e-3)
     losses = []
     for _ in range(60):
-        loss, _ = irepa.meanflow_loss(model, x, y, noise, torch.stack([t, r], 1), raw_model=model, omega=1.0, kappa=0.5,
+        loss, _ = meanflow.meanflow_loss(model, x, y, noise, torch.stack([t, r], 1), raw_model=model, omega=1.0, kappa=0.5,
                                       p=1.0, eps=0.01)
         opt.zero_grad()
         loss.backward()
@@ -291,12 +294,12 @@ def test_meanflow_settings_checked(tmp_path):
     args = irepa.get_args(['--setting', 'demo', *MF, '--results-dir', str(tmp_path)])
     args.meanflow = dict(args.meanflow, ratio=1.5)
     with pytest.raises(SystemExit, match="the recipe's ratio must be in \\[0, 1\\], got 1.5"):
-        irepa.check_settings(args)
+        runs.check_settings(args)
     args.meanflow = dict(args.meanflow, ratio=0.25, eps=0.0)                   # 1 / (0 + 0)^p on an exact fit
     with pytest.raises(SystemExit, match="the recipe's eps must be > 0 when p > 0"):
-        irepa.check_settings(args)
+        runs.check_settings(args)
     args.meanflow = dict(args.meanflow, p=0.0)                                  # no weight: eps unused
-    irepa.check_settings(args)
+    runs.check_settings(args)
 
 
 def test_bench_times_the_meanflow_step():

@@ -1,4 +1,4 @@
-"""Tests for prepare.py and training from a prepared folder (irepa.py's PreparedFolder): the stored crops and moments,
+"""Tests for prepare.py and training from a prepared folder (data.py's PreparedFolder): the stored crops and moments,
 resuming a killed preparation, torchrun, a run from prepared data equal to one from the raw folder, bad input."""
 import json
 import os
@@ -9,8 +9,11 @@ import torch
 from PIL import Image
 
 import irepa
+import data
+import runs
+import vae
 import prepare
-from test_irepa import LATENT, TRAIN, fp32, load_last, torchrun, vae_home  # noqa: F401 (fixtures)
+from test_irepa import LATENT, TRAIN, load_last, torchrun
 
 
 @pytest.fixture
@@ -34,7 +37,7 @@ def test_prepared_images_are_imagefolders_crops(raw, tmp_path):
         32, 'adm-center', None, 11, 4, True)
     assert m['class_names'] == ['cat', 'dog'] and m['class_counts'] == [6, 5]
     assert sorted(os.listdir(out)) == ['images-00000.npy', 'images-00001.npy', 'images-00002.npy', 'manifest.json']
-    ds, ref = irepa.PreparedFolder(out, 32, None), irepa.ImageFolder(raw, 32)
+    ds, ref = data.PreparedFolder(out, 32, None), data.ImageFolder(raw, 32)
     assert len(ds) == 11 and ds.classes == ref.classes
     for i in range(11):
         (a, la), (b, lb) = ds[i], ref[i]
@@ -49,7 +52,7 @@ def test_prepared_moments_are_the_vaes(raw, tmp_path, vae_home, monkeypatch):
     import vae
     assert m['vae'] == 'sd-vae-ft-mse' and m['latents_scale'] == [0.5, 1.0, 2.0, 4.0]
     assert m['vae_sha256'] == prepare.file_sha256(os.path.join(vae_home, 'hub', 'checkpoints', vae.VAE_FILE))
-    ds, ref, sd = irepa.PreparedFolder(out, 32, 'sd-vae-ft-mse'), irepa.ImageFolder(raw, 32), irepa.SDVAE('cpu')
+    ds, ref, sd = data.PreparedFolder(out, 32, 'sd-vae-ft-mse'), data.ImageFolder(raw, 32), vae.SDVAE('cpu')
     for i in (0, 5, 10):
         img, label, moments = ds[i]
         assert torch.equal(img, ref[i][0]) and moments.shape == (8, 4, 4) and moments.dtype == torch.float32
@@ -70,7 +73,7 @@ def test_a_killed_preparation_continues_and_another_dataset_is_refused(raw, tmp_
     prepare.main(argv)
     assert 'rank 0: 2 of 3 shards to write (7 images)' in capsys.readouterr().out
     assert np.array_equal(np.load(os.path.join(out, 'images-00000.npy')), first)
-    assert len(irepa.PreparedFolder(out, 32, None)) == 11
+    assert len(data.PreparedFolder(out, 32, None)) == 11
     other = tmp_path / 'other'
     os.makedirs(other / 'x')
     Image.new('RGB', (40, 40)).save(other / 'x' / 'a.png')
@@ -110,7 +113,7 @@ def test_latent_training_from_prepared_moments_equals_the_raw_folder(raw, tmp_pa
                         '--num-workers', '0'])
     common = LATENT + ['--max-steps', '3', '--ckpt-every', '1']
     ra = irepa.main(common + ['--data-path', raw, '--results-dir', str(tmp_path / 'a')])
-    monkeypatch.setattr(irepa.SDVAE, 'encode', lambda *a: pytest.fail('the VAE encoder ran'))
+    monkeypatch.setattr(vae.SDVAE, 'encode', lambda *a: pytest.fail('the VAE encoder ran'))
     rb = irepa.main(common + ['--data-path', out, '--results-dir', str(tmp_path / 'b')])
     a, b = load_last(ra), load_last(rb)
     for k in a['model']:
@@ -120,7 +123,7 @@ def test_latent_training_from_prepared_moments_equals_the_raw_folder(raw, tmp_pa
     assert len(losses[0]) == 3
     for la, lb in zip(*losses):
         assert abs(float(la.split()[1]) - float(lb.split()[1])) < 1e-4
-    os.remove(irepa.latest_checkpoint(rb))                                      # resume from step 2 to 3
+    os.remove(runs.latest_checkpoint(rb))                                      # resume from step 2 to 3
     irepa.main(['--resume', rb, '--max-steps', '3'])
     for k in b['model']:
         assert torch.equal(load_last(rb)['model'][k], b['model'][k]), k
@@ -174,7 +177,7 @@ def test_prepared_folder_checks_every_shards_shape(raw, tmp_path):
                         '--shard-size', '4', '--num-workers', '0'])
     np.save(os.path.join(out, 'images-00002.npy'), np.zeros((2, 16, 16, 3), np.uint8))     # the last holds 3
     with pytest.raises(ValueError, match=r"images-00002.npy holds uint8 \(2, 16, 16, 3\), not uint8 \(3, 16, 16, 3\)"):
-        irepa.PreparedFolder(out, 16, None)
+        data.PreparedFolder(out, 16, None)
 
 
 def test_two_ranks_from_prepared_moments_equal_one_process(raw, tmp_path, vae_home, monkeypatch, fp32):

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import irepa
+import trained
 import sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -180,7 +181,7 @@ def run_cli(*argv, torchrun=False):
 
 
 def test_sample_function_is_deterministic(tiny_ckpt):
-    model, args = irepa.load_sit(tiny_ckpt, "cpu")
+    model, args = trained.load_sit(tiny_ckpt, "cpu")
     state = torch.get_rng_state()
     a = sample.sample(model, [0, 1, 2], mode='sde', num_steps=4, cfg_scale=1.5, seed=3, batch_size=2)
     b = sample.sample(model, [0, 1, 2], mode='sde', num_steps=4, cfg_scale=1.5, seed=3, batch_size=2)
@@ -235,7 +236,7 @@ def test_torchrun_two_ranks_write_one_npz(tiny_ckpt, tmp_path):
     assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8
     assert sorted(os.listdir(tmp_path)) == ["grid.png", "samples.npz"]     # per-rank parts cleaned up
     # rank r sampled the r-th contiguous share with seed 1 * 2 + r; labels are drawn from the global seed
-    model, _ = irepa.load_sit(tiny_ckpt, "cpu")
+    model, _ = trained.load_sit(tiny_ckpt, "cpu")
     labels = torch.randint(4, (5,), generator=torch.Generator().manual_seed(1))
     ref = np.concatenate([sample.sample(model, labels[:3], num_steps=3, seed=2, batch_size=2),
                           sample.sample(model, labels[3:], num_steps=3, seed=3, batch_size=2)])

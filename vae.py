@@ -237,3 +237,34 @@ def read(path):
     except Exception as e:
         raise RuntimeError(f"{path} is not a readable torch file ({type(e).__name__}); "
                            f"if it is a cached download, delete it to fetch it again") from e
+
+# -----------------------------------------------------------------------------
+# 5. What training and sampling call: images in [-1, 1] <-> the normalised latents SiT learns
+
+class SDVAE:
+    """The latent setting's frozen SD-VAE (iREPA Appendix G): images in [-1, 1] <-> the normalised
+    latents SiT is trained on, (latent - bias) * scale with the official per-channel statistics.
+    With `stats` (a prepared folder's scale and bias) no weights are loaded: the step samples from
+    the stored moments and never runs the encoder."""
+    def __init__(self, device, stats=None):
+        if stats is None:
+            self.vae, self.scale, self.bias = load_vae(device=device)
+        else:
+            self.vae = None
+            self.scale, self.bias = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in stats)
+
+    @torch.no_grad()
+    def sample(self, mean, logvar, noise):
+        """The normalised posterior sample of moments mean, logvar (B, 4, h, w), with the VAE's
+        own noise `noise` like them (not the diffusion noise)."""
+        return normalize_latents(sample_posterior(mean, logvar, noise), self.scale, self.bias)
+
+    @torch.no_grad()
+    def encode(self, x, noise):
+        """x (B, 3, H, W) -> (B, 4, H/8, W/8), in fp32 (TF32 on CUDA), as in DiT's train.py."""
+        return self.sample(*self.vae.encode(x), noise)
+
+    @torch.no_grad()
+    def decode(self, latent):
+        """latent (B, 4, h, w) -> (B, 3, 8h, 8w)."""
+        return self.vae.decode(denormalize_latents(latent, self.scale, self.bias))

@@ -46,6 +46,9 @@ ROOT = os.path.dirname(HERE)                                                    
 sys.path[:0] = [ROOT, HERE]                                    # irepa.py (repo root), hubconf.py
 import hubconf  # noqa: E402
 import irepa    # noqa: E402
+import data  # noqa: E402
+import runs  # noqa: E402
+import trained  # noqa: E402
 import metrics  # noqa: E402
 import sample   # noqa: E402
 
@@ -101,7 +104,7 @@ def image_folder(root, split):
     if not os.path.isdir(path):
         fail(f"--data-path {root} has no {split}/ folder: expected ROOT/{{train,test}}/<class>/<image> "
              f"(`cifar10.py prep cifar-10-python.tar.gz ROOT` makes it)")
-    ds = irepa.ImageFolder(path, 32)                                            # items: uint8 (3, 32, 32), label
+    ds = data.ImageFolder(path, 32)                                            # items: uint8 (3, 32, 32), label
     ds.root = path
     return ds
 
@@ -302,7 +305,7 @@ def find_run(root):
     is removed, so the run starts afresh under the same name."""
     found = None
     for d in sorted(glob.glob(os.path.join(root, '*'))):
-        if irepa.latest_checkpoint(d):
+        if runs.latest_checkpoint(d):
             found = found or d
         elif os.path.isdir(d):
             shutil.rmtree(d)
@@ -337,7 +340,7 @@ def run_arm(args, arm, seed, cfg, net, ref):
             res['train_s'] += time.time() - t0
             ckpt = os.path.join(run_dir, 'checkpoints', f'{step:07d}.pt')
         t0 = time.time()
-        model, _ = irepa.load_sit(ckpt)
+        model, _ = trained.load_sit(ckpt)
         res['fd'][str(step)], images = fd_of(model, net, ref, cfg['fd_samples'], seed, cfg['recipe']['sampler'])
         if step == last and seed == cfg['seeds'][0]:                            # for the grid: 8 per class
             np.save(os.path.join(args.out_dir, 'results', f'{arm}-samples.npy'), images[:80])
@@ -345,7 +348,7 @@ def run_arm(args, arm, seed, cfg, net, ref):
         print(f"{arm} seed {seed} step {step}: FD {res['fd'][str(step)]:.3f}", flush=True)
         if step == last:                   # LDS / CDS of SiT's hidden state after block encoder_depth, t = METRIC_T
             images, labels = test_images(args, cfg['metric_images'])
-            h, _ = irepa.noised_features(model, images.float() / 127.5 - 1, labels, METRIC_T,
+            h, _ = trained.noised_features(model, images.float() / 127.5 - 1, labels, METRIC_T,
                                          torch.Generator().manual_seed(SEED))
             res.update(spatial_metrics(h))
         save_json(path, res)

@@ -1,0 +1,232 @@
+"""runs.py: one-line errors and range checks, the configurator, checkpoints, background saves and resume."""
+import argparse
+import copy
+import glob
+import math
+import os
+import re
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import irepa
+import runs
+from test_irepa import RECIPE_DEMO_SAMPLER, load_last, make_folder, run_train
+
+def test_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
+    (tmp_path / 'checkpoints').mkdir()
+    for name in ('9999999.pt', '10000000.pt', '0000050.pt', 'notes.pt'):
+        (tmp_path / 'checkpoints' / name).write_bytes(b'')
+    assert [os.path.basename(p) for p in runs.checkpoints(str(tmp_path))] == [
+        'notes.pt', '0000050.pt', '9999999.pt', '10000000.pt']
+    assert runs.latest_checkpoint(str(tmp_path)).endswith('10000000.pt')
+
+def test_exact_resume_is_bit_identical(tmp_path):
+    straight = run_train(tmp_path / 'a', '--encoder', 'hog', '--irepa', '--max-steps', '4', '--ckpt-every', '2')
+    half = run_train(tmp_path / 'b', '--encoder', 'hog', '--irepa', '--max-steps', '2', '--ckpt-every', '2')
+    resumed = irepa.main(['--resume', half, '--max-steps', '4', '--num-workers', '0'])            # the rest comes from the checkpoint
+    assert resumed == half
+    a, b = load_last(straight), load_last(resumed)
+    assert a['step'] == b['step'] == 4
+    for part in ('model', 'ema'):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert 'resuming at step 2' in open(os.path.join(resumed, 'log.txt')).read()
+
+@pytest.mark.parametrize('extra, message', [
+    (['--data-path', '/no/such/folder'], 'is not a folder'),
+    (['--data-path', 'EMPTY'], 'no images in'),
+    (['--image-size', '18'], 'not divisible by the patch size'),
+    (['--model', 'SiT-Q/2'], "invalid choice: 'SiT-Q/2'"),
+    (['--encoder', 'clip'], "unknown encoder 'clip'"),
+    (['--grad-accum', '3'], 'not divisible by world size 1 x --grad-accum 3'),
+    (['--grad-accum', '0'], '--grad-accum must be >= 1'),
+    (['--encoder-depth', '7'], '--encoder-depth 7 is outside 1..6'),
+    (['--resume', 'NOCKPT'], 'no readable checkpoint in'),
+    (['--lr', '0'], '--lr must be > 0, got 0.0'),
+    (['--lr', 'nan'], '--lr must be > 0, got nan'),
+    (['--max-steps', '0'], '--max-steps must be >= 1'),
+    (['--ckpt-every', '0'], '--ckpt-every must be >= 1'),
+    (['--log_every=-5'], "the recipe's log_every must be >= 1"),
+    (['--num-workers', '-1'], '--num-workers must be >= 0'),
+    (['--global-batch-size', '0'], '--global-batch-size must be >= 1'),
+    (['--image-size', '0'], '--image-size must be >= 1'),
+    (['--proj-coeff', '-1'], '--proj-coeff must be >= 0'),
+    (['--seed', '-3'], '--seed must be >= 0'),
+    (['--results-dir', 'AFILE'], 'cannot create it'),
+    (['--encoder', 'dinov2_vitb14', '--hub-dir', 'HUB', '--image-size', '32'], 'gives 4 tokens but SiT-T/4 at 32 px'),
+    (['--encoder', 'dinov2_vits14', '--hub-dir', 'NOHUB'], 'could not load encoder'),
+    (['--encoder', 'typo_name', '--hub-dir', 'HUB'], "Is 'typo_name' an entry of"),
+    (['--encoder', 'offline_entry', '--hub-dir', 'HUB'], 'name resolution>). Offline? The weights go in'),
+    (['--encoder', 'not_an_encoder', '--hub-dir', 'HUB'], "encoder 'not_an_encoder' (Sequential) lacks DINOv2's"),
+    (['--encoder', 'wrong_output', '--hub-dir', 'HUB'], 'wrong_output failed on a blank image (TypeError'),
+    (['--encoder', 'hog', '--irepa', '--image-size', '4'], "SiT-T/4 at 4 px has one token: the spatial norm's"),
+])
+def test_bad_input_gives_a_clear_error(tmp_path, hub_dir, capsys, extra, message):
+    (tmp_path / 'empty' / 'c').mkdir(parents=True)
+    (tmp_path / 'nockpt').mkdir()
+    (tmp_path / 'afile').write_text('not a folder')
+    subs = {'EMPTY': str(tmp_path / 'empty'), 'NOCKPT': str(tmp_path / 'nockpt'), 'HUB': hub_dir,
+            'NOHUB': str(tmp_path), 'AFILE': str(tmp_path / 'afile' / 'sub')}
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / 'r', '--encoder', 'none', *[subs.get(a, a) for a in extra])
+    err = str(e.value.code) + capsys.readouterr().err
+    assert message in err and 'Traceback' not in err
+
+def test_check_ranges_bounds_are_inclusive_and_finite():
+    ok = lambda **kw: runs.check_ranges(argparse.Namespace(**kw), dict(n=1, g=(0, 1)), recipe=('g',)) is None
+    assert ok(n=1, g=0) and ok(n=10 ** 9, g=1.0) and ok(n=None, g=None)     # bounds included, None is unset
+    for kw, msg in ((dict(n=0, g=0.5), '--n must be >= 1, got 0'), (dict(n=1, g=1.01), "the recipe's g must be in [0, 1]"),
+                    (dict(n=math.inf, g=0.5), '--n must be >= 1, got inf'), (dict(n=1, g=math.nan), 'got nan')):
+        with pytest.raises(SystemExit, match=re.escape(msg)):
+            ok(**kw)
+
+@pytest.mark.parametrize('entry, value, msg', [('ema_decay', 1.0, "the recipe's ema_decay must be in [0, 1), got 1.0"),
+                                               ('spnorm_gamma', 1.5, "the recipe's spnorm_gamma must be in [0, 1]"),
+                                               ('proj_kernel', 0, "the recipe's proj_kernel must be >= 1, got 0"),
+                                               ('proj_kernel', 2, "the recipe's proj_kernel must be odd"),
+                                               ('projector', "'linear'", "projector must be mlp or conv")])
+def test_recipe_entries_are_range_checked(tmp_path, entry, value, msg):
+    with pytest.raises(SystemExit, match=re.escape(msg)):
+        run_train(tmp_path, '--encoder', 'none', f'--{entry}={value}')
+
+def test_any_recipe_key_is_set_as_key_value(tmp_path):
+    """nanoGPT's configurator: --key=value for a key without a flag, a dict's entry as --key.entry=value, the value
+    a literal of the recipe value's type (an int for a float); the recipes themselves are never written."""
+    before = copy.deepcopy(irepa.RECIPES)
+    a = irepa.get_args(['--setting', 'demo', '--spnorm_gamma=0.8', '--ema-decay=1', '--proj_kernel=5',
+                        '--sampler.num_steps=12', '--hflip=True', '--time_dist=(0.8, 0.8)', '--betas=[0.9, 0.95]'])
+    assert (a.spnorm_gamma, a.ema_decay, a.proj_kernel, a.hflip, a.time_dist, a.betas) == (0.8, 1.0, 5, True,
+                                                                                         (0.8, 0.8), (0.9, 0.95))
+    assert type(a.ema_decay) is float and a.sampler == dict(RECIPE_DEMO_SAMPLER, num_steps=12)
+    # iREPA's halves on their own (iREPA Table 2's ablation): explicit entries win over --irepa
+    b = irepa.get_args(['--setting', 'demo', '--irepa', '--projector=mlp'])
+    assert (b.projector, b.spatial_norm) == ('mlp', True)
+    c = irepa.get_args(['--setting', 'demo', '--no-irepa', '--projector=conv', '--spatial_norm=False'])
+    assert (c.projector, c.spatial_norm, runs.method_name(c)) == ('conv', False, 'conv-only')
+    assert irepa.RECIPES == before
+    d = irepa.get_args(['--setting', 'latent', '--clip_grad=None', '--proj_coeff=1.0', '--encoder_depth=6'])
+    assert (d.clip_grad, d.proj_coeff, d.encoder_depth) == (None, 1.0, 6)     # None and float: other recipes' types
+    assert d.sampler is not irepa.RECIPES['latent']['sampler']                  # a copy of the recipe's dict
+    for argv, msg in ((['--ema_decay=high'], "--ema_decay=high: ema_decay takes float, not str 'high'"),
+                      (['--hflip=1'], "hflip takes bool, not int 1"),
+                      (['--encoder_depth=abc'], "encoder_depth takes int or None, not str 'abc'"),
+                      (['--time_dist=0.5'], "time_dist takes tuple or None, not float 0.5"),
+                      (['--sampler.steps=3'], "--sampler.steps=3: sampler has no entry 'steps'"),
+                      (['--lr.x=1'], "--lr.x=1: lr is not a dict"),
+                      (['--nonsense=3'], "unrecognised argument --nonsense=3: use a flag (--help) or --key=value"),
+                      (['--max-steps', '7', '--ema_decay', '0.9'], "unrecognised argument --ema_decay: use a flag")):
+        with pytest.raises(SystemExit, match=re.escape(msg)):
+            irepa.get_args(['--setting', 'demo'] + argv)
+
+def test_resume_refuses_a_changed_recipe_key(tmp_path):
+    run = run_train(tmp_path, '--encoder', 'hog', '--irepa', '--max-steps', '1', '--ema_decay=0.9')
+    with pytest.raises(SystemExit, match=re.escape("--resume continues the run as it began, but --ema-decay 0.5")):
+        irepa.main(['--resume', run, '--max-steps', '2', '--ema_decay=0.5'])
+    irepa.main(['--resume', run, '--max-steps', '2', '--ema_decay=0.9'])            # the same value: fine
+    ck = load_last(run)
+    assert ck['step'] == 2 and ck['args']['ema_decay'] == 0.9
+
+@pytest.mark.parametrize('script', ['irepa.py', 'sample.py', 'metrics.py'])
+def test_errors_are_one_line_named_after_the_running_script(monkeypatch, script):
+    monkeypatch.setattr(sys, 'argv', [f'/some/where/{script}', '--flag'])
+    with pytest.raises(SystemExit) as e:
+        runs.fail('--lr must be > 0')
+    assert e.value.code == f'{script}: error: --lr must be > 0'
+
+def test_resume_keeps_the_runs_schedule_and_refuses_changes(tmp_path):
+    run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '1', '--ckpt-every', '1', '--log_every=1')
+    resumed = irepa.main(['--resume', run, '--max-steps', '3'])             # ckpt-every / log-every: the run's own
+    assert sorted(os.listdir(os.path.join(resumed, 'checkpoints'))) == ['0000001.pt', '0000002.pt', '0000003.pt']
+    assert len([l for l in open(os.path.join(run, 'log.txt')) if l.startswith('step ')]) == 3
+    with pytest.raises(SystemExit, match=r"--lr 0.5 differs from the run's 0.001") as e:
+        irepa.main(['--resume', run, '--max-steps', '4', '--lr', '0.5'])
+    assert '--data-path' in str(e.value) and '--grad-accum' in str(e.value) and '--resume,' not in str(e.value)
+    with pytest.raises(SystemExit, match='--model SiT-T/2 differs'):
+        irepa.main(['--resume', run, '--max-steps', '4', '--model', 'SiT-T/2'])
+    irepa.main(['--resume', run, '--max-steps', '4', '--lr', '1e-3'])        # the same value is no change
+    assert load_last(run)['step'] == 4
+
+def test_resume_skips_a_corrupt_newest_checkpoint_and_removes_leftovers(tmp_path):
+    run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '2', '--ckpt-every', '1')
+    newest = os.path.join(run, 'checkpoints', '0000002.pt')
+    with open(newest, 'r+b') as f:
+        f.truncate(500)                                                    # a copy cut short
+    open(os.path.join(run, 'checkpoints', '0000003.pt.tmp'), 'w').write('killed mid-save')
+    with pytest.warns(UserWarning, match='skipping unreadable checkpoint .*0000002.pt'):
+        irepa.main(['--resume', run, '--max-steps', '3'])
+    assert sorted(os.listdir(os.path.join(run, 'checkpoints'))) == ['0000001.pt', '0000002.pt', '0000003.pt']
+    assert 'resuming at step 1' in open(os.path.join(run, 'log.txt')).read()
+    assert load_last(run)['step'] == 3
+
+def test_resume_may_move_the_data_but_not_change_it(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / 'data', n=4)                                # 2 classes x 4 images
+    monkeypatch.setenv('IREPA_PRECISION', 'fp32')
+    run = run_train(tmp_path / 'r', '--encoder', 'none', '--max-steps', '1', '--data-path', data)
+    shutil.copytree(data, tmp_path / 'moved')
+    shutil.copytree(data, tmp_path / 'more')
+    Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(tmp_path / 'more' / 'a_cat' / 'extra.png')
+    shutil.copytree(data, tmp_path / 'other')
+    os.rename(tmp_path / 'other' / 'b_dog', tmp_path / 'other' / 'c_cow')
+    for folder, msg in (('more', 'has 9 images, the run had 8'), ('other', 'the classes in')):
+        with pytest.raises(SystemExit, match=msg):
+            irepa.main(['--resume', run, '--max-steps', '2', '--data-path', str(tmp_path / folder)])
+    monkeypatch.setenv('IREPA_PRECISION', 'bf16')
+    irepa.main(['--resume', run, '--max-steps', '2', '--data-path', str(tmp_path / 'moved')])
+    assert load_last(run)['step'] == 2
+    assert 'the run trained in fp32 until now and goes on in bf16' in open(os.path.join(run, 'log.txt')).read()
+
+def test_leftover_removal_tolerates_another_rank_removing_it_first(tmp_path, monkeypatch):
+    run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '1')
+    gone = os.path.join(run, 'checkpoints', '0000002.pt.tmp')             # listed, then removed by another rank
+    real_glob = glob.glob
+    monkeypatch.setattr(glob, 'glob', lambda p: [gone] if p.endswith('*.tmp') else real_glob(p))
+    assert runs.load_latest_checkpoint(run)['step'] == 1
+
+def test_resume_of_a_checkpoint_from_an_older_irepa_is_a_one_line_error(tmp_path):
+    """No older checkpoint format is read (none was released); resuming one says so instead of a traceback."""
+    run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '1')
+    path = runs.latest_checkpoint(run)
+    ck = torch.load(path, weights_only=False)
+    del ck['args']['objective'], ck['args']['spatial_norm']
+    torch.save(ck, path)
+    with pytest.raises(SystemExit, match=r"has no objective, spatial_norm: an older irepa.py wrote it") as e:
+        irepa.main(['--resume', run, '--max-steps', '2'])
+    assert '\n' not in str(e.value)
+
+def test_checkpoint_written_in_the_background_holds_its_own_steps_weights(tmp_path, monkeypatch):
+    """The save runs in a thread while training goes on: a slow write (here 0.5 s) must still hold the weights of
+    the step it names, not later ones; the run waits for the last save before it returns."""
+    import time as _time
+    slow = runs.save_checkpoint
+    def save(path, ckpt):
+        _time.sleep(0.5)
+        slow(path, ckpt)
+    monkeypatch.setattr(runs, 'save_checkpoint', save)
+    run = run_train(tmp_path / 'a', '--encoder', 'hog', '--irepa', '--max-steps', '4', '--ckpt-every', '2')
+    assert sorted(os.listdir(os.path.join(run, 'checkpoints'))) == ['0000002.pt', '0000004.pt']
+    mid = torch.load(os.path.join(run, 'checkpoints', '0000002.pt'), weights_only=False)
+    two = load_last(run_train(tmp_path / 'b', '--encoder', 'hog', '--irepa', '--max-steps', '2'))
+    for part in ('model', 'ema'):
+        for k in two[part]:
+            assert torch.equal(mid[part][k], two[part][k]), (part, k)
+    assert mid['opt']['state'][0]['step'] == two['opt']['state'][0]['step'] == 2
+
+def test_a_failed_background_save_is_logged_at_once_and_the_next_one_tries_again(tmp_path, monkeypatch):
+    real, calls = runs.save_checkpoint, []
+    def flaky(path, ckpt):
+        calls.append(path)
+        if len(calls) == 1 or path.endswith('0000006.pt'):
+            raise OSError(28, 'No space left on device')
+        real(path, ckpt)
+    monkeypatch.setattr(runs, 'save_checkpoint', flaky)
+    run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '4', '--ckpt-every', '2')
+    log = open(os.path.join(run, 'log.txt')).read()
+    assert 'warning: could not save' in log and '0000002.pt (OSError' in log and 'next checkpoint tries again' in log
+    assert os.listdir(os.path.join(run, 'checkpoints')) == ['0000004.pt']
+    with pytest.raises(SystemExit, match=r'could not save .*0000006.pt \(OSError'):       # the run's last: stops
+        irepa.main(['--resume', run, '--max-steps', '6'])
