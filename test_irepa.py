@@ -1080,3 +1080,25 @@ def test_recipes_are_the_spec_values():
         assert (a.projector, a.spatial_norm, a.proj_coeff) == (proj, norm, coeff), argv
 
 
+@pytest.mark.parametrize('objective', ['fm', 'meanflow'])
+@pytest.mark.parametrize('setting', list(irepa.RECIPES))
+def test_irepa_builds_a_3x3_conv_projector_in_every_setting(setting, objective):
+    """--irepa resolves, in every setting, to iREPA's 3x3 conv with padding 1 (official ldm's flag defaults to 1)."""
+    a = irepa.get_args(['--setting', setting, '--irepa', '--objective', objective])
+    assert (a.projector, a.proj_kernel, a.spatial_norm) == ('conv', 3, True), setting
+    cfg = dict(vars(a), input_size=a.image_size // 8 if a.vae else a.image_size, in_channels=4 if a.vae else 3,
+               num_classes=4 if setting == 'demo' else 1000, target_dim={'hog': 36}.get(a.encoder, 768),
+               encoder_depth=irepa.SiT_models[a.model].keywords['encoder_depth'])
+    with torch.device('meta'):                                              # XL/2 and B/16 without their weights
+        conv = irepa.build_model(cfg).projectors[0]
+    assert isinstance(conv, torch.nn.Conv2d)
+    assert (conv.kernel_size, conv.padding, conv.out_channels) == ((3, 3), (1, 1), cfg['target_dim']), setting
+
+def test_irepa_checkpoint_records_the_3x3_conv(tmp_path):
+    """A demo --irepa run stores proj_kernel 3 in its args and a (.., 3, 3) conv weight, and rebuilds as such."""
+    ck = load_last(run_train(tmp_path, '--encoder', 'hog', '--irepa', '--max-steps', '1'))
+    assert (ck['args']['projector'], ck['args']['proj_kernel']) == ('conv', 3)
+    for part in ('model', 'ema'):
+        assert ck[part]['projectors.0.weight'].shape[-2:] == (3, 3), part
+    conv = irepa.build_model(ck['args']).projectors[0]                     # what sample.py --ckpt builds
+    assert (conv.kernel_size, conv.padding) == ((3, 3), (1, 1))

@@ -310,3 +310,32 @@ def test_bench_times_the_meanflow_step():
                        timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert r.returncode == 0, r.stderr
     assert 'iREPA meanflow' in r.stdout and r.stdout.count('ms/step') == 2
+
+
+@pytest.mark.parametrize('kept', [0, 1, 3, 10, 15, 40])
+def test_dropped_labels_never_get_r_below_t_even_when_most_are_dropped(kept):
+    """With all but `kept` of 40 labels dropped, exactly min(kept, the quarter) rows get r != t, all with kept labels."""
+    B, quota = 40, 40 - int(0.75 * 40)
+    g = torch.Generator().manual_seed(kept)
+    t = torch.rand(B, generator=g)
+    dropped = torch.ones(B, dtype=torch.bool)
+    dropped[torch.randperm(B, generator=g)[:kept]] = False
+    t, r = meanflow.meanflow_times(t, dropped, ratio=0.25, time_dist=(-0.4, 1.0), generator=g).unbind(1)
+    differ = r < t
+    assert (r <= t).all() and not differ[dropped].any()                       # dropped: r = t, on every row
+    assert differ.sum().item() == min(kept, quota)                             # kept labels are drawn first
+
+
+@pytest.mark.parametrize('drop', [0.9, 1.0])
+def test_training_inputs_keep_r_equal_t_when_most_or_all_labels_are_dropped(monkeypatch, drop):
+    """Label drop 0.9 or 1.0 in training: every null-class row has r = t, and the kept rows fill the quarter first."""
+    monkeypatch.setattr(irepa, 'LABEL_DROP', drop)
+    B = 4000
+    args = irepa.get_args(TRAIN + MF + ['--global-batch-size', str(B)])
+    images, labels = torch.zeros(B, 3, 16, 16, dtype=torch.uint8), torch.arange(B) % 4
+    x, y, noise, tr, target = mf_inputs(args, images, labels)
+    t, r = tr.unbind(1)
+    dropped = y == 4
+    assert dropped.sum().item() > B // 2 and (r <= t).all()
+    assert torch.equal(r[dropped], t[dropped])                                  # dropped: r = t
+    assert torch.equal(r < t, ~dropped)                                         # fewer kept than B/4: all of them
