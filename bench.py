@@ -26,7 +26,6 @@ import os
 import statistics
 import time
 from contextlib import nullcontext
-from functools import partial
 
 import torch
 
@@ -113,16 +112,14 @@ def main():
                          torch.full((B, 4, S, S), -4.0, device=device)], 1)
     step_flops(args, model, enc, grid)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    # The loss, picked as irepa.main picks it.
+    # The loss, picked as irepa.train picks it.
     if mean_flow:
-        mf = meanflow.RECIPE['meanflow']
-        loss_fn = partial(meanflow.meanflow_loss, raw_model=model, omega=mf['omega'],
-                          kappa=mf['kappa'], p=mf['p'], eps=mf['eps'])
+        loss_fn = meanflow.objective(argparse.Namespace(**meanflow.RECIPE), model)[0]
     else:
         loss_fn = irepa.flow_matching_loss
 
     def step(bf16):
-        """One training step as irepa.main runs it; returns the seconds spent in the VAE."""
+        """One training step as irepa.train runs it; returns the seconds spent in the VAE."""
         mixed_precision = nullcontext()
         if bf16:
             mixed_precision = torch.autocast(device.type, dtype=torch.bfloat16)

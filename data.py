@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -52,7 +51,7 @@ class ImageFolder(torch.utils.data.Dataset):
                   for d in os.scandir(root) if d.is_dir() and not d.name.startswith('.')}
         empty = sorted(c for c, files in images.items() if not files)
         if empty:
-            warnings.warn(f"{root}: folder(s) without images are not classes: {', '.join(empty)}")
+            runs.warn(f"{root}: folder(s) without images are not classes: {', '.join(empty)}")
         self.classes = sorted(c for c, files in images.items() if files)
         self.samples = [(path, label) for label, c in enumerate(self.classes) for path in images[c]]
         if not self.samples:
@@ -63,20 +62,24 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
+    def load(self, path):
+        """The ADM crop of one file, uint8 (3, S, S); an unreadable file raises."""
+        with Image.open(path) as im:
+            arr = center_crop_arr(im.convert('RGB'), self.image_size)
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
     def __getitem__(self, idx):
         # 100 unreadable images in a row mean something systematic.
         for i in range(min(len(self.samples), 100)):
             path, label = self.samples[(idx + i) % len(self.samples)]
             try:
-                with Image.open(path) as im:
-                    arr = center_crop_arr(im.convert('RGB'), self.image_size)
-                return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), label
+                return self.load(path), label
             except Exception as e:
                 why = f"{type(e).__name__}: {e}"
                 if path not in self.bad:
                     self.bad.add(path)
-                    warnings.warn(f"skipping unreadable image {path} ({why}); "
-                                  f"{len(self.bad)} skipped so far in this process")
+                    runs.warn(f"skipping unreadable image {path} ({why}); "
+                              f"{len(self.bad)} skipped so far in this process")
         raise RuntimeError(f"{i + 1} images in a row are unreadable in "
                            f"{os.path.dirname(os.path.dirname(path))}, the last {path} ({why})")
 
@@ -150,6 +153,27 @@ def npy_shape(path):
             raise ValueError("shorter than its header says")
     return shape, dtype
 
+# What a manifest holds (prepare.py writes it first with complete False, then True at the end).
+MANIFEST_KEYS = dict(format=str, resolution=int, crop=str, vae=(str, type(None)),
+                     vae_sha256=(str, type(None)), latents_scale=(list, type(None)),
+                     latents_bias=(list, type(None)), class_names=list, class_counts=list,
+                     count=int, shard_size=int, source=str, complete=bool)
+
+def read_manifest(path):
+    """A prepared folder's manifest.json as a dict; ValueError with one line naming the file for one
+    that is unreadable, not JSON, or not prepare.py's."""
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(m, dict) or m.get('format') != PREPARED_FORMAT:
+        raise ValueError(f"{path} is not a prepare.py manifest ({PREPARED_FORMAT})")
+    bad = [k for k, t in MANIFEST_KEYS.items() if not isinstance(m.get(k, ...), t)]
+    if bad:
+        raise ValueError(f"{path} lacks or garbles {', '.join(bad)}: a damaged prepare.py manifest")
+    return m
+
 class PreparedFolder(torch.utils.data.Dataset):
     """A folder written by prepare.py: manifest.json, images-NNNNN.npy (uint8 (n, S, S, 3), ADM
     center crops) and, for the latent setting, moments-NNNNN.npy (float32 (n, 8, S/8, S/8): the
@@ -157,14 +181,7 @@ class PreparedFolder(torch.utils.data.Dataset):
     moments (8, S/8, S/8) when `vae` names the VAE they were made with. Checked at start: complete,
     the resolution, crop and VAE of this run, every shard's size, the image count."""
     def __init__(self, root, image_size, vae):
-        path = os.path.join(root, 'manifest.json')
-        try:
-            with open(path) as f:
-                m = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
-        if m.get('format') != PREPARED_FORMAT:
-            raise ValueError(f"{path} is not a prepare.py manifest ({PREPARED_FORMAT})")
+        m = read_manifest(os.path.join(root, 'manifest.json'))
         if not m['complete']:
             raise ValueError(f"{root} is not complete: run prepare.py again to finish it")
         if m['resolution'] != image_size:
@@ -195,8 +212,8 @@ class PreparedFolder(torch.utils.data.Dataset):
                 try:
                     shape, dtype = npy_shape(p)
                 except (OSError, ValueError) as e:
-                    raise ValueError(f"{p} is truncated or unreadable ({e}); run prepare.py again "
-                                     f"to rewrite it (delete it first)") from None
+                    raise ValueError(f"{p} is missing, truncated or unreadable ({e}); prepare.py "
+                                     f"with the same arguments writes it again") from None
                 n = min(self.shard_size, m['count'] - k * self.shard_size)
                 want_shape, want_dtype = prepared_shard(kind, n, image_size)
                 if (shape, dtype) != (want_shape, want_dtype):
@@ -223,16 +240,10 @@ def source_hash(dataset, root):
     return h.hexdigest()
 
 def save_npy(path, array):
-    """np.save to a temporary file, then a rename: a kill never leaves a partial shard under the
-    real name."""
-    with open(path + '.tmp', 'wb') as f:
-        np.save(f, array)
-    os.replace(path + '.tmp', path)
+    runs.write_atomic(path, lambda f: np.save(f, array))
 
 def write_json(path, obj):
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + '.tmp', path)
+    runs.write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 def shard_done(out, k, n, S, latent):
     """Shard k's files exist whole, with the shapes PreparedFolder reads."""
@@ -254,8 +265,8 @@ def open_dataset(args, ckpt):
     if args.data_path and os.path.isfile(os.path.join(args.data_path, 'manifest.json')):
         dataset = runs.call_or_fail(PreparedFolder, args.data_path, args.image_size, args.vae)
         if args.vae and args.hflip:
-            runs.fail(f"{args.data_path}: its stored moments are of unflipped images; the latent setting "
-                 f"trains without flips (hflip False)")
+            runs.fail(f"{args.data_path}: its stored moments are of unflipped images; the latent "
+                      f"setting trains without flips (hflip False)")
     elif args.data_path:
         dataset = runs.call_or_fail(ImageFolder, args.data_path, args.image_size)
     else:
@@ -263,10 +274,10 @@ def open_dataset(args, ckpt):
     if len(dataset) < args.global_batch_size:
         runs.fail(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
     if ckpt is not None and list(dataset.classes) != ckpt['args']['class_names']:
-        runs.fail(f"the classes in {args.data_path} differ from the run's ({len(dataset.classes)} vs "
-             f"{len(ckpt['args']['class_names'])}); --data-path may move the data, not change it")
+        runs.fail(f"the classes in {args.data_path} differ from the run's ({len(dataset.classes)} "
+                  f"vs {len(ckpt['args']['class_names'])}); --data-path may move the data, not change it")
     # Another number of images would give another epoch order.
     if ckpt is not None and len(dataset) != ckpt['args']['num_images']:
-        runs.fail(f"{args.data_path} has {len(dataset)} images, the run had {ckpt['args']['num_images']}; "
-             f"--data-path may move the data, not change it")
+        runs.fail(f"{args.data_path} has {len(dataset)} images, the run had "
+                  f"{ckpt['args']['num_images']}; --data-path may move the data, not change it")
     return dataset

@@ -1,8 +1,6 @@
 """
-hog.py -- a weight-free alignment target: Histograms of Oriented Gradients (Dalal & Triggs 2005), one
-cell per SiT token. iREPA (section 3) shows that such classical descriptors, pure spatial structure,
-work as REPA targets; the demo trains with it offline. Called like irepa.py's hub encoders: images
-(B, 3, H, W) in 0..255 -> tokens (B, T, 36).
+hog.py -- a weight-free alignment target for REPA and iREPA, the demo's (offline). Called like
+irepa.py's hub encoders: images (B, 3, H, W) in 0..255 -> tokens (B, T, 36).
 """
 import math
 

@@ -10,13 +10,13 @@ vae.py (the SD-VAE), meanflow.py. Settings (section 7): latent (the paper's), pi
 
     python irepa.py --setting demo          # CPU, ~3 min; then python sample.py --ckpt results/...
     torchrun --nproc_per_node=8 irepa.py --encoder dinov2_vitb14 --irepa --data-path imagenet/train
+    (one GPU: python irepa.py ...; multi-node: torchrun --nnodes=N --node_rank=R --master_addr=...)
     ... --setting pixel | --objective meanflow | --spnorm_gamma=0.8 (any recipe key: --key=value)
 """
 import argparse
 import copy
 import math
 import os
-import socket
 import sys
 import time
 from functools import partial
@@ -30,7 +30,6 @@ import torch.nn.functional as F
 import data
 import hog
 import runs
-import vae
 
 # -----------------------------------------------------------------------------
 # 1. SiT's parts (DiT, arXiv 2212.09748; SiT, arXiv 2401.08740), named as in the official code.
@@ -76,7 +75,8 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 class LabelEmbedder(nn.Module):
-    """Class label -> (B, D); row `num_classes` is CFG's null class (training_inputs drops to it)."""
+    """Class label -> (B, D); row `num_classes` is CFG's null class. training_inputs drops labels,
+    so that model(x, t, y) is deterministic."""
     def __init__(self, num_classes, hidden_size):
         super().__init__()
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
@@ -211,7 +211,9 @@ class SiT(nn.Module):
         self.add_projector(hidden_size, target_dim, projector, proj_kernel)
 
     def add_projector(self, hidden_size, target_dim, projector, proj_kernel):
-        """Built last: a seed gives the same SiT with any projector; named projectors.0.*."""
+        """Built last: a seed gives the same SiT with any projector. A list of one, as in the
+        official code, whose checkpoints then load (projectors.0.*). The MLP gets DiT's init, the
+        conv torch's default."""
         if target_dim is None:
             return
         if projector == 'mlp':
@@ -405,7 +407,8 @@ RECIPES = {
                    ckpt_every=50_000, log_every=100, num_workers=4,
                    sampler=dict(mode='sde', num_steps=250, cfg_scale=1.0)),
     # Pixels with JiT's recipe (arXiv 2511.13720) on SiT, iREPA Table 10 (official jit/main_jit.py,
-    # jit/configs/irepa.yaml): x-prediction, logit-normal t (JiT's P_mean -0.8 on its reversed time),
+    # jit/configs/irepa.yaml): x-prediction, logit-normal t (JiT's P_mean -0.8 on its reversed time:
+    # +0.8 here),
     # lr 5e-5 per 256 images after a 5-epoch warm-up; JiT-B/16's size; Heun 50 steps, no CFG.
     'pixel': dict(vae=None, model='SiT-B/16', image_size=256, encoder='dinov2_vitb14', pred='x',
                   time_dist=(0.8, 0.8), lr=None, base_lr=5e-5, betas=(0.9, 0.95), warmup_epochs=5,
@@ -419,7 +422,8 @@ RECIPES = {
                  global_batch_size=32, max_steps=1200, ckpt_every=1200, log_every=50, num_workers=0,
                  sampler=dict(mode='ode', heun=True, num_steps=25, cfg_scale=4.0)),
 }
-# iREPA's two changes follow --irepa unless set alone (iREPA Table 2's ablation).
+# iREPA's two changes follow --irepa unless set alone, --projector=conv or --spatial_norm=True
+# (iREPA Table 2's ablation).
 COMMON = dict(projector=None, spatial_norm=None, proj_kernel=3)
 
 # -----------------------------------------------------------------------------
@@ -504,7 +508,7 @@ def training_inputs(images, labels, step, args, *, rank, world, generator, sd_va
                     mixed_precision, moments=None, times=None):
     """This rank's x, y, noise, t (B,), target. Drawn for the global batch from a generator seeded
     by the step, then sliced: any world size trains the same, a resume is exact. moments: stored
-    SD-VAE mean and logvar (B, 8, S, S); times: MeanFlow's hook, t -> (t, r) (B, 2)."""
+    SD-VAE mean and logvar; times: MeanFlow's hook, t -> (t, r) (B, 2)."""
     GB, C, S, dev = args.global_batch_size, args.in_channels, args.input_size, images.device
     mine = slice(rank * (GB // world), (rank + 1) * (GB // world))
     generator.manual_seed(step_seed(args.seed, step))
@@ -519,8 +523,8 @@ def training_inputs(images, labels, step, args, *, rank, world, generator, sd_va
         t = times(t, drop < LABEL_DROP, generator=generator)
     if args.hflip:                                          # drawn either way: the same stream
         images = torch.where((flip[mine] < 0.5).view(-1, 1, 1, 1), images.flip(-1), images)
-    y = torch.where(drop[mine] < LABEL_DROP, args.num_classes, labels)          # null class
-    x = images.float() / 127.5 - 1                                              # [-1, 1]
+    y = torch.where(drop[mine] < LABEL_DROP, args.num_classes, labels)
+    x = images.float() / 127.5 - 1
     if moments is not None:                                 # latent: stored by prepare.py
         x = sd_vae.sample(*moments.chunk(2, dim=1), vae_noise[mine])            # (B, 4, S, S)
     elif sd_vae is not None:                                # latent: encoded here
@@ -533,17 +537,6 @@ def training_inputs(images, labels, step, args, *, rank, world, generator, sd_va
             target = spatial_norm(target, args.spnorm_gamma)                    # iREPA
     return x, y, noise[mine], t[mine], target
 
-def frozen_networks(args, dataset, grid, device, world):
-    sd_vae = encoder = None                         # the SD-VAE (latent), the encoder
-    with runs.node_first(world):
-        if args.vae:
-            sd_vae = runs.call_or_fail(vae.SDVAE, device, getattr(dataset, 'latent_stats', None))
-        if args.encoder != 'none':
-            encoder = runs.call_or_fail(load_encoder, args.encoder, grid, args.hub_dir, device)
-    if encoder is not None:
-        runs.check_encoder(args, encoder, grid, device, ENCODERS)
-    return sd_vae, encoder
-
 def train(args, ckpt=None):
     """Trains `args` (get_args), from scratch or from a checkpoint; returns the run folder."""
     runs.check_settings(args)
@@ -555,11 +548,13 @@ def train(args, ckpt=None):
     dataset = data.open_dataset(args, ckpt)
     args.input_size = args.image_size // 8 if args.vae else args.image_size    # the SD-VAE: /8,
     args.in_channels = 4 if args.vae else 3                                     # 4 channels
-    sd_vae, encoder = frozen_networks(args, dataset, args.input_size // patch, device, world)
+    sd_vae, encoder = runs.frozen_networks(args, dataset, args.input_size // patch, device, world,
+                                           load_encoder, ENCODERS)
     runs.derive_args(args, dataset, encoder, world, precision(device), size)
     model, ema, opt, step = new_model(args, ckpt, device)
     run_args = ckpt['args'] if ckpt else None
-    del ckpt                                        # restored: let go of the memory-mapped weights
+    if ckpt:                                        # restored: let go of the memory-mapped weights
+        ckpt.clear()                                # (main holds the dict too)
     run_dir = args.resume or runs.new_run_dir(args, master, world)
     log = runs.Logger(run_dir, master)
     runs.log_start(log, args, run_args, model, dataset, step, run_dir, RECIPES[args.setting]['pred'])
@@ -567,7 +562,8 @@ def train(args, ckpt=None):
     if args.compile:
         model = torch.compile(model)
     if world > 1:
-        # Gradients in the all-reduce buckets, of 100 MB: 24 for SiT-XL/2 (25 MB: 59).
+        # Gradients live in the all-reduce buckets (no copy); 100 MB buckets: 24 for SiT-XL/2's 2.6 GB
+        # (25 MB: 59), each a graph piece under --compile.
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None,
             gradient_as_bucket_view=True, bucket_cap_mb=100)
@@ -585,14 +581,16 @@ def train(args, ckpt=None):
     micro = local_batch // args.grad_accum
     sums = torch.zeros(4, device=device)            # loss, denoise, align, grad norm
     t0, last_step = time.time(), step
+    stop = runs.Preemption(world)                   # SIGTERM etc.: save the step, exit
     model.train()
-    while step < args.max_steps:
+    while step < args.max_steps and not stop.agreed:
         epoch, start = divmod(step, steps_per_epoch)
         epoch_batches = global_batches(len(dataset), args.global_batch_size, args.seed, epoch)
         batches = [b[rank * local_batch:(rank + 1) * local_batch] for b in epoch_batches[start:]]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
                                              num_workers=args.num_workers,
-                                             pin_memory=device.type == 'cuda')
+                                             pin_memory=device.type == 'cuda',
+                                             worker_init_fn=runs.worker_init)
         for images, labels, *moments in loader:             # moments: a prepared latent folder's
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
@@ -621,8 +619,8 @@ def train(args, ckpt=None):
             opt.zero_grad(set_to_none=True)
             update_ema(ema, raw_model, args.ema_decay)
             step += 1
-
-            if step % args.log_every == 0 or step == args.max_steps:
+            last = step == args.max_steps or bool(stop.stop())      # the same on every rank
+            if step % args.log_every == 0 or last:
                 if world > 1:
                     dist.all_reduce(sums)                   # a sum (gloo has no AVG)
                 loss, denoise, align, grad_norm = (sums / ((step - last_step) * world)).tolist()
@@ -636,11 +634,14 @@ def train(args, ckpt=None):
                     f"{dt * 1000:.0f} ms | {args.global_batch_size / dt:.0f} img/s")
                 sums.zero_()
                 t0, last_step = time.time(), step
-            if step % args.ckpt_every == 0 or step == args.max_steps:
-                runs.save_run(log, run_dir, step, raw_model, ema, opt, args, master)
-            if step >= args.max_steps:
+            if step % args.ckpt_every == 0 or last:
+                runs.save_run(log, run_dir, step, raw_model, ema, opt, args, master, last)
+            if last:
                 break
+    stop.close()
     runs.wait_for_save(last=True)
+    if stop.agreed:
+        runs.log_stop(log, stop.agreed, step, run_dir, rank)
     if master and args.setting == 'demo':
         print(f"demo: now sample a grid with  python sample.py --ckpt {run_dir}", flush=True)
     if world > 1:
@@ -655,27 +656,31 @@ def get_parser():
     """The flags; defaults None come from the recipe, and any recipe key is --key=value."""
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--setting', default='latent', choices=list(RECIPES))
+    p.add_argument('--setting', default='latent', choices=list(RECIPES),
+                   help="latent: SD-VAE latents, REPA's recipe (the paper's); pixel: JiT's recipe; "
+                        "demo: CPU, 3 min")
     p.add_argument('--model', choices=list(SiT_models))
     p.add_argument('--image-size', type=int)
     p.add_argument('--encoder', help=f"{', '.join(ENCODERS)}, a --hub-dir entry, or none")
     p.add_argument('--hub-dir', help="a local torch.hub folder (with hubconf.py)")
-    p.add_argument('--objective', default='fm', choices=['fm', 'meanflow'])
+    p.add_argument('--objective', default='fm', choices=['fm', 'meanflow'],
+                   help="fm: flow matching (the paper's); meanflow: one- and few-step (Table 3b)")
     p.add_argument('--irepa', action=argparse.BooleanOptionalAction, default=False,
                    help="iREPA: conv projector + spatial norm (--no-irepa: REPA)")
-    p.add_argument('--proj-coeff', type=float, help="lambda of the alignment loss")
+    p.add_argument('--proj-coeff', type=float,
+                   help="lambda of the alignment loss (latent: REPA 0.5, iREPA 1.0)")
     p.add_argument('--encoder-depth', type=int, help="align after this block")
     p.add_argument('--data-path', help="root/<class>/<image>, or prepared; none: shapes")
     p.add_argument('--global-batch-size', type=int)
     p.add_argument('--grad-accum', type=int, default=1, help="micro-batches a step and GPU")
-    p.add_argument('--lr', type=float)
+    p.add_argument('--lr', type=float, help="pixel: 5e-5 x global batch / 256")
     p.add_argument('--max-steps', type=int)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--results-dir', default='results')
     p.add_argument('--resume', help="a run folder: go on from its latest checkpoint")
     p.add_argument('--ckpt-every', type=int)
     p.add_argument('--num-workers', type=int)
-    p.add_argument('--compile', action='store_true')
+    p.add_argument('--compile', action='store_true', help="torch.compile the model")
     return p
 
 def get_args(argv=None):

@@ -6,7 +6,9 @@ REPA" of iREPA Table 3b. The network u(x_t, t, y, interval = t - r) learns the a
 alignment loss is unchanged.
 
 `python irepa.py ... --objective meanflow` applies RECIPE on top of the setting, builds MeanFlowSiT,
-and trains with the times and the loss of `objective` below: irepa.py's one hook.
+and trains with the times and the loss of `objective` below: irepa.py's one hook. (irepa.py imports
+this file only then, inside its functions; run as a script, that loads irepa.py a second time, as
+the module `irepa`, which MeanFlowSiT extends: nothing runs at import, so both copies agree.)
 """
 import math
 from functools import partial

@@ -28,9 +28,7 @@ the rest redone.
 """
 import argparse
 import hashlib
-import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -49,6 +47,22 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 24), b''):
             h.update(block)
     return h.hexdigest()
+
+class ShardImages(torch.utils.data.Dataset):
+    """The images idx of an ImageFolder as (uint8 (3, S, S), -1, '') or, for an unreadable file,
+    (zeros, its index, why): its slot is never filled with another image, as training's would be."""
+    def __init__(self, dataset, idx):
+        self.dataset, self.idx = dataset, idx
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        path, S = self.dataset.samples[self.idx[i]][0], self.dataset.image_size
+        try:
+            return self.dataset.load(path), -1, ''
+        except Exception as e:
+            return torch.zeros(3, S, S, dtype=torch.uint8), self.idx[i], f"{type(e).__name__}: {e}"
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
@@ -105,7 +119,10 @@ def main(argv=None):
     if (problem := runs.output_dir_problem(args.out)):
         fail(f"--out {problem}")
     if os.path.isfile(path):
-        old = json.load(open(path))
+        try:
+            old = data.read_manifest(path)
+        except ValueError as e:
+            fail(f"--out {args.out}: {e}; choose an empty folder (or empty this one)")
         differ = [k for k in manifest if k != 'complete' and old.get(k) != manifest[k]]
         if differ:
             fail(f"--out {args.out} holds another prepared dataset "
@@ -121,28 +138,25 @@ def main(argv=None):
     todo = sum(shard_len(k) for k in mine)
     print(f"rank {rank}: {len(mine)} of {len(range(rank, num_shards, world))} shards to write "
           f"({todo} images)", flush=True)
-    t0, done = time.time(), 0
+    t0, done, unreadable = time.time(), 0, []
     for k in mine:
         idx = list(range(k * args.shard_size, min((k + 1) * args.shard_size, n_all)))
-        subset = torch.utils.data.Subset(dataset, idx)
-        loader = torch.utils.data.DataLoader(subset, batch_size=args.batch_size,
+        loader = torch.utils.data.DataLoader(ShardImages(dataset, idx), batch_size=args.batch_size,
                                              num_workers=args.num_workers)
-        images, moments, labels = [], [], []
-        for x, y in loader:                                                     # uint8 (B, 3, S, S)
-            labels.append(y)
+        images, moments, bad = [], [], []
+        for x, j, why in loader:                                                # uint8 (B, 3, S, S)
+            bad += [(dataset.samples[int(i)][0], w) for i, w in zip(j, why) if i >= 0]
             images.append(x.permute(0, 2, 3, 1).numpy())                       # (B, S, S, 3)
             if sd_vae is not None:
                 # In fp32, as the on-the-fly step; encode returns logvar already clamped.
                 with torch.no_grad():
                     mean, logvar = sd_vae.vae.encode(x.to(device).float() / 127.5 - 1)
                 moments.append(torch.cat([mean, logvar], dim=1).cpu().numpy())
-        # ImageFolder gives an unreadable image's slot the next readable one: at a class boundary,
-        # with another class's label, which the manifest's class counts would not say
-        got, want = torch.cat(labels), torch.tensor([dataset.samples[i][1] for i in idx])
-        if (bad := (got != want).nonzero()).numel():
-            path_bad = dataset.samples[idx[int(bad[0])]][0]
-            fail(f"{path_bad} is unreadable (see the warning above) and its slot took an image "
-                 f"of another class; fix or remove it, then run prepare.py again")
+        if bad:                                         # not written: the manifest never lies
+            unreadable += bad
+            print(f"rank {rank}: shard {k + 1}/{num_shards} not written: {len(bad)} unreadable "
+                  f"image(s), the first {bad[0][0]} ({bad[0][1]})", flush=True)
+            continue
         # Moments first: the images file marks a shard done.
         if sd_vae is not None:
             data.save_npy(os.path.join(args.out, f'moments-{k:05d}.npy'), np.concatenate(moments))
@@ -152,7 +166,14 @@ def main(argv=None):
         print(f"rank {rank}: shard {k + 1}/{num_shards} | {done}/{todo} images | "
               f"{rate:.0f} img/s | {(todo - done) / rate / 60:.1f} min left", flush=True)
     if world > 1:
-        dist.barrier()
+        every = [None] * world
+        dist.all_gather_object(every, unreadable)
+        unreadable = sum(every, [])
+    if unreadable:
+        paths = ', '.join(p for p, _ in unreadable[:3]) + (', ...' if len(unreadable) > 3 else '')
+        fail(f"{len(unreadable)} unreadable image(s) ({paths}; the first: {unreadable[0][1]}), so "
+             f"their shards were not written: fix them and run prepare.py again (to drop them "
+             f"instead, remove them and prepare into an empty folder)")
     if master:
         missing = [k for k in range(num_shards)
                    if not data.shard_done(args.out, k, shard_len(k), S, latent)]

@@ -1,9 +1,13 @@
 """
 runs.py -- the run's machinery that irepa.py's training loop calls by name, and a first reading of
-irepa.py can skip: one-line errors for bad input, range checks and nanoGPT's `--key=value`
-configurator, the checks that run before anything heavy starts, run folders and the log, atomic
-checkpoints written in the background, and an exact resume. sample.py, metrics.py and prepare.py use
-the same errors and checks.
+irepa.py can skip:
+    bad input       one-line errors and warnings, range checks, nanoGPT's `--key=value` configurator,
+                    the checks that run before anything heavy starts
+    frozen networks downloads once a node, torch.hub's offline hints, DINOv3's gated weights, the
+                    encoder's token grid, which CPUs compute bf16
+    runs            run folders and the log, durable checkpoints written in the background, an exact
+                    resume, and a clean stop on a scheduler's signal (preemption)
+sample.py, metrics.py and prepare.py use the same errors and checks.
 """
 import argparse
 import ast
@@ -13,13 +17,15 @@ import json
 import math
 import os
 import platform
+import signal
 import socket
 import sys
 import threading
-import warnings
 
 import torch
 import torch.distributed as dist
+
+import vae
 
 # -----------------------------------------------------------------------------
 # Bad input: one-line errors, range checks, the configurator and the invariants checked before
@@ -30,10 +36,15 @@ def fail(msg):
     script that runs (irepa.py, sample.py, metrics.py), as argparse names its own errors."""
     sys.exit(f"{os.path.basename(sys.argv[0])}: error: {msg}")
 
+def warn(msg):
+    """A warning as one line on stderr, named after the running script (warnings.warn would print
+    the source line after it)."""
+    print(f"{os.path.basename(sys.argv[0])}: warning: {msg}", file=sys.stderr, flush=True)
+
 def call_or_fail(fn, *args):
-    """fn(*args), with this file's errors for bad input (no images, an unknown encoder, not a
-    checkpoint, offline without the weights: ValueError, RuntimeError, FileNotFoundError)
-    as one fail() line."""
+    """fn(*args), with the errors the repo raises for bad input (no images, an unknown encoder, not
+    a checkpoint, offline without the weights: ValueError, RuntimeError, FileNotFoundError) as one
+    fail() line."""
     try:
         return fn(*args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
@@ -155,6 +166,9 @@ def check_model(args, size_cfg, encoders):
     return patch
 
 
+# -----------------------------------------------------------------------------
+# Frozen networks: downloads once a node, torch.hub offline, the encoder's grid, bf16 CPUs
+
 @contextlib.contextmanager
 def node_first(world):
     """The first process of each node runs the block, then the node's others do (every process
@@ -248,6 +262,20 @@ def check_encoder(args, encoder, grid, device, known):
         fail(f"encoder {args.encoder} gives {T} tokens but {args.model} at {args.image_size} px has a "
              f"{grid}x{grid} grid; change --image-size or --model so the grids match")
 
+def frozen_networks(args, dataset, grid, device, world, load_encoder, known):
+    """The SD-VAE (latent setting; from a prepared folder only its latent statistics) and the
+    alignment encoder (irepa.load_encoder), or None, each downloaded once a node, with one-line
+    errors; the encoder's token grid must be SiT's."""
+    sd_vae = encoder = None
+    with node_first(world):
+        if args.vae:
+            sd_vae = call_or_fail(vae.SDVAE, device, getattr(dataset, 'latent_stats', None))
+        if args.encoder != 'none':
+            encoder = call_or_fail(load_encoder, args.encoder, grid, args.hub_dir, device)
+    if encoder is not None:
+        check_encoder(args, encoder, grid, device, known)
+    return sd_vae, encoder
+
 # -----------------------------------------------------------------------------
 # Runs: names, the log, atomic checkpoints in the background and an exact resume (a resume
 # continues the run with its own settings)
@@ -329,19 +357,37 @@ def log_start(log, args, run_args, model, dataset, step, run_dir, setting_pred):
         log(f"note: the run trained in {run_args['precision']} until now and goes on in {args.precision} "
             f"(IREPA_PRECISION or the machine): not bit-identical to a run without the break")
 
-def save_checkpoint(path, ckpt):
-    """Atomic: write a temp file, then rename, so a kill mid-write never corrupts
-    the last good one."""
+def write_atomic(path, write):
+    """write(f) into a temporary file, flushed to the disk, then renamed to `path`, and the rename
+    flushed too: a kill or a crash never leaves a partial file under the real name, nor a power
+    loss a file of zeros. A failed write removes its temporary file at once (a full disk gets its
+    space back)."""
     tmp = path + '.tmp'
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    folder = os.open(os.path.dirname(path) or '.', os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
-def save_run(log, run_dir, step, model, ema, opt, args, master):
+def save_checkpoint(path, ckpt):
+    write_atomic(path, lambda f: torch.save(ckpt, f))
+
+def save_run(log, run_dir, step, model, ema, opt, args, master, last=False):
     """The checkpoint <run>/checkpoints/<step>.pt: model, EMA, optimizer, args, step; atomically, by
     rank 0, and never with non-finite weights. Rank 0 copies the state to host memory and writes it
     in a background thread while training goes on (one save at a time: the next waits for it), so
     slow storage holds no rank. A save that fails is logged at once and training goes on (the next
-    save tries again); main() waits for the last one, which must succeed."""
+    save tries again); the run waits for its last one, which must succeed."""
     if not all(torch.isfinite(p).all() for p in [*model.parameters(), *ema.parameters()]):
         fail(f"non-finite weights at step {step}; not saving. "
              f"The last good checkpoint is in {run_dir}/checkpoints")
@@ -350,7 +396,7 @@ def save_run(log, run_dir, step, model, ema, opt, args, master):
                                args=vars(args), step=step))
         wait_for_save()
         path = os.path.join(run_dir, 'checkpoints', f"{step:07d}.pt")
-        SAVING['thread'] = threading.Thread(target=background_save, args=(path, state, log))
+        SAVING['thread'] = threading.Thread(target=background_save, args=(path, state, log, last))
         SAVING['thread'].start()
 
 SAVING = dict(thread=None, error=None)       # the save in flight, and how it failed
@@ -365,14 +411,15 @@ def host_copy(obj):
         return type(obj)(host_copy(v) for v in obj)
     return obj
 
-def background_save(path, state, log):
+def background_save(path, state, log, last):
     SAVING['error'] = None
     try:
         save_checkpoint(path, state)
         log(f"saved {path}")
     except Exception as e:
         SAVING['error'] = f"could not save {path} ({type(e).__name__}: {e})"
-        log(f"warning: {SAVING['error']}; training goes on, the next checkpoint tries again")
+        if not last:                                        # the last one's failure stops the run
+            log(f"warning: {SAVING['error']}; training goes on, the next checkpoint tries again")
 
 def wait_for_save(last=False):
     """Waits for the save in flight; after the run's last save, a failure stops with one line."""
@@ -381,6 +428,55 @@ def wait_for_save(last=False):
         SAVING['thread'] = None
     if last and SAVING['error']:
         fail(SAVING['error'])
+
+class Preemption:
+    """Stopping on a scheduler's signal without losing the run: SIGTERM (SLURM, Kubernetes), SIGUSR1
+    (SLURM's --signal) and SIGINT (Ctrl-C; a second one interrupts at once) only set a flag. Each
+    step every rank sends its flag into a small all-reduce (max) on a CPU group and reads the one it
+    sent the step before, so no rank waits on the GPU, and all ranks stop after the same step even
+    when the signal reached one. `stop()` once a step: the signal to stop on, or 0."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self, world):
+        self.got, self.agreed, self.world, self.pending = 0, 0, world, None
+        self.group = dist.new_group(backend='gloo') if world > 1 else None
+        main = threading.current_thread() is threading.main_thread()   # where handlers can be set
+        self.old = {s: signal.signal(s, self.handler) for s in self.SIGNALS} if main else {}
+
+    def handler(self, signum, frame):
+        if self.got == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.got = self.got or signum
+
+    def stop(self):
+        if self.world == 1:
+            self.agreed = self.got
+            return self.agreed
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()                                 # sent a step ago: long arrived
+            self.agreed = int(flag)
+        flag = torch.tensor([self.got], dtype=torch.int32)
+        self.pending = dist.all_reduce(flag, dist.ReduceOp.MAX, self.group, async_op=True), flag
+        return self.agreed
+
+    def close(self):
+        if self.pending is not None:                    # every rank has sent as many
+            self.pending[0].wait()
+        for s, old in self.old.items():
+            signal.signal(s, old)
+
+def worker_init(worker_id):
+    """DataLoader workers ignore the stop signals, which SLURM sends to every process of a job
+    step: the main process stops, then shuts its workers down."""
+    for s in Preemption.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+def log_stop(log, signum, step, run_dir, rank):
+    """Every process's one line after a stop on a signal."""
+    msg = (f"stopped on {signal.Signals(signum).name} after step {step}, saved in "
+           f"{os.path.join(run_dir, 'checkpoints', f'{step:07d}.pt')}; go on with --resume {run_dir}")
+    log(msg) if rank == 0 else print(f"rank {rank}: {msg}", flush=True)
 
 def checkpoints(run_dir):
     """A run's checkpoint files <step>.pt, oldest first (by step:
@@ -405,8 +501,7 @@ def load_latest_checkpoint(run_dir):
             # are read as the model and optimizer copy them, not held whole by every rank.
             return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
         except Exception as e:
-            warnings.warn(f"skipping unreadable checkpoint {path} ({type(e).__name__}); "
-                          f"trying the one before")
+            warn(f"skipping unreadable checkpoint {path} ({type(e).__name__}); trying the one before")
     fail(f"--resume {run_dir}: no readable checkpoint in {os.path.join(run_dir, 'checkpoints')}")
 
 # What --resume may change (the schedule, the machine and how it splits the batch, where the data
@@ -419,7 +514,7 @@ def resume(args, argv, parser):
     """--resume RUN -> (the run's own settings with the RESUME_FLAGS given on the command line,
     the run's newest readable checkpoint)."""
     ckpt = load_latest_checkpoint(args.resume)
-    return resume_args(args, given_keys(argv, parser), ckpt['args']), ckpt
+    return resume_args(args, given_keys(argv, parser), ckpt['args'], parser), ckpt
 
 def given_keys(argv, parser):
     """The settings named on the command line, by flag or as --key=value (abbreviations are off, so
@@ -435,16 +530,18 @@ def given_keys(argv, parser):
             keys.add(opt[2:].replace('-', '_').split('.')[0])
     return keys
 
-def resume_args(args, given, run_args):
+def resume_args(args, given, run_args, parser):
     """The run's own settings, with the RESUME_FLAGS named on the command line. A flag that would
     change the training itself is refused."""
+    flags = {a.dest for a in parser._actions if a.option_strings}
+    shown = lambda k: f"--{k.replace('_', '-')}" if k in flags else f"--{k}"   # a flag, or a key
     if missing := sorted(set(vars(args)) - set(run_args) - {'meanflow'}):
-        fail(f"--resume {args.resume}: its checkpoint has no {', '.join(missing)}: an older irepa.py wrote it; "
-             f"resume it with the commit that wrote it")
+        fail(f"--resume {args.resume}: its checkpoint has no {', '.join(missing)}: an older irepa.py "
+             f"wrote it; resume it with the commit that wrote it")
     for k in sorted(given - set(RESUME_FLAGS)):
         if k in run_args and run_args[k] != getattr(args, k):
-            fail(f"--resume continues the run as it began, but --{k.replace('_', '-')} {getattr(args, k)} differs from "
-                 f"the run's {run_args[k]}; only --{', --'.join(f.replace('_', '-') for f in RESUME_FLAGS[:-1])} may "
+            fail(f"--resume continues the run as it began, but {shown(k)} {getattr(args, k)} differs "
+                 f"from the run's {run_args[k]}; only {', '.join(map(shown, RESUME_FLAGS[:-1]))} may "
                  f"change (start a new run to change the rest)")
     return argparse.Namespace(**{**run_args, **{k: getattr(args, k) for k in given & set(RESUME_FLAGS)}})
 

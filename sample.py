@@ -17,7 +17,7 @@ Writes <out>/grid.png (the first 64 samples, for people) and <out>/samples.npz
 (arr_0: uint8 (N, H, W, 3)).
 
 Time convention, as in irepa.py: t = 0 is data, t = 1 is noise,
-    x_t = (1 - t) x + t eps,    v = eps - x.
+    x_t = (1 - t) x + t noise,    v = noise - x.
 Sampling integrates from t = 1 (noise) down to t = 0 (data), so every dt below is negative.
 """
 import argparse
@@ -97,7 +97,7 @@ def euler_maruyama_sampler(model, x, y, num_steps=250, cfg_scale=1.0, guidance_l
         dt = t_next - t_cur
         w = 2 * t_cur
         v = velocity(model, x, t_cur, y, dtype, cfg_scale, guidance_low, guidance_high)
-        # x_t = eps - (1 - t) v, so the score -E[eps | x_t] / t is -(x_t + (1 - t) v) / t.
+        # x_t = noise - (1 - t) v, so the score -E[noise | x_t] / t is -(x_t + (1 - t) v) / t.
         score = (-(1 - t_cur) * v - x) / t_cur
         drift = v - 0.5 * w * score
         x = x + drift * dt

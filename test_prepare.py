@@ -156,20 +156,61 @@ def test_bad_prepared_folders_give_one_line(raw, tmp_path, vae_home, monkeypatch
     fails([*base, '--data-path', px], 'its manifest says 12 images, its class counts 11')
     json.dump(dict(m, complete=False), open(os.path.join(px, 'manifest.json'), 'w'))
     fails([*base, '--data-path', px], 'is not complete: run prepare.py again')
+    for broken in ([], {'format': data.PREPARED_FORMAT}, dict(m, class_counts='6, 5')):     # valid JSON, not a manifest
+        json.dump(broken, open(os.path.join(px, 'manifest.json'), 'w'))
+        fails([*base, '--data-path', px], 'manifest.json is not a prepare.py manifest' if broken == [] else
+              'manifest.json lacks or garbles ')
+    open(os.path.join(px, 'manifest.json'), 'w').write('{"format": "irepa-prepared-v1", "comp')
+    fails([*base, '--data-path', px], 'manifest.json is unreadable (JSONDecodeError')
     json.dump(m, open(os.path.join(px, 'manifest.json'), 'w'))
     with open(os.path.join(px, 'images-00001.npy'), 'r+b') as f:
         f.truncate(300)
-    fails([*base, '--data-path', px], 'images-00001.npy is truncated or unreadable')
+    os.remove(os.path.join(px, 'images-00002.npy'))
+    fails([*base, '--data-path', px], 'images-00001.npy is missing, truncated or unreadable (shorter than its header')
+    os.remove(os.path.join(px, 'images-00001.npy'))
+    fails([*base, '--data-path', px], 'images-00001.npy is missing, truncated or unreadable ([Errno 2]')
+    # what the error says to do: a plain rerun writes the missing shards again
+    prepare.main(['--data-path', raw, '--out', px, '--image-size', '16', '--vae', 'none', '--shard-size', '4',
+                  '--num-workers', '0'])
+    assert len(data.PreparedFolder(px, 16, None)) == 11
 
 
-def test_an_unreadable_image_at_a_class_boundary_is_refused(raw, tmp_path):
-    """ImageFolder gives an unreadable image's slot the next readable one; at the end of a class that is another
-    class's image, which the prepared folder's class counts would label wrongly: prepare.py stops, naming the file."""
-    bad = os.path.join(raw, 'cat', '05.png')
-    open(bad, 'wb').write(b'not a png')
-    with pytest.warns(UserWarning, match='skipping unreadable image'), pytest.raises(SystemExit, match='05.png is unreadable'):
-        prepare.main(['--data-path', raw, '--out', str(tmp_path / 'p'), '--image-size', '16', '--vae', 'none',
-                      '--num-workers', '0'])
+def test_prepare_refuses_a_folder_whose_manifest_is_damaged(raw, tmp_path):
+    out = str(tmp_path / 'p')
+    os.makedirs(out)
+    for text, msg in (('{"format": "irepa-prep', 'manifest.json is unreadable (JSONDecodeError'),
+                      ('[]', 'manifest.json is not a prepare.py manifest'),
+                      ('{"format": "irepa-prepared-v1"}', 'manifest.json lacks or garbles resolution')):
+        open(os.path.join(out, 'manifest.json'), 'w').write(text)
+        with pytest.raises(SystemExit) as e:
+            prepare.main(['--data-path', raw, '--out', out, '--image-size', '16', '--vae', 'none', '--num-workers', '0'])
+        assert msg in str(e.value.code) and 'choose an empty folder' in str(e.value.code), e.value.code
+        assert '\n' not in str(e.value.code)
+
+
+@pytest.mark.parametrize('name', ['02.png', '05.png'])                      # inside a class, at its end
+def test_an_unreadable_image_is_never_stored_as_another(raw, tmp_path, capsys, name):
+    """A corrupt image: its shard is not written and the folder stays incomplete, with one line naming the file (never
+    the next image in its slot, as training's ImageFolder would give); once fixed, a rerun writes that shard alone."""
+    bad, out = os.path.join(raw, 'cat', name), str(tmp_path / 'p')
+    good = open(bad, 'rb').read()
+    open(bad, 'wb').write(good[:200])                                           # a PNG cut short
+    argv = ['--data-path', raw, '--out', out, '--image-size', '16', '--vae', 'none', '--shard-size', '4',
+            '--num-workers', '0']
+    with pytest.raises(SystemExit) as e:
+        prepare.main(argv)
+    msg = str(e.value.code)
+    assert f'1 unreadable image(s) ({bad};' in msg and 'their shards were not written' in msg and '\n' not in msg
+    assert not os.path.exists(os.path.join(out, 'images-00000.npy' if name == '02.png' else 'images-00001.npy'))
+    assert not json.load(open(os.path.join(out, 'manifest.json')))['complete']
+    with pytest.raises(ValueError, match='is not complete'):
+        data.PreparedFolder(out, 16, None)
+    open(bad, 'wb').write(good)
+    capsys.readouterr()
+    prepare.main(argv)
+    assert 'rank 0: 1 of 3 shards to write (4 images)' in capsys.readouterr().out
+    ds, ref = data.PreparedFolder(out, 16, None), data.ImageFolder(raw, 16)
+    assert all(torch.equal(ds[i][0], ref[i][0]) and ds[i][1] == ref[i][1] for i in range(11))
 
 
 def test_prepared_folder_checks_every_shards_shape(raw, tmp_path):

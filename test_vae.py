@@ -124,7 +124,7 @@ def test_posterior_sample_statistics():
     z2 = V.sample_posterior(mean, logvar, generator=torch.Generator().manual_seed(0))
     assert torch.equal(z, z2)                                                   # reproducible from the generator
     eps = torch.randn_like(mean)
-    torch.testing.assert_close(V.sample_posterior(mean, logvar, eps=eps), 0.7 + 0.5 * eps)
+    torch.testing.assert_close(V.sample_posterior(mean, logvar, noise=eps), 0.7 + 0.5 * eps)
 
 def test_latent_normalisation_round_trip():
     z = torch.randn(2, 4, 8, 8)

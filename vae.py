@@ -167,11 +167,11 @@ class AutoencoderKL(nn.Module):
 #    (official ldm/train.py `sample_posterior`, and its decoding for samples).
 #    The official pre-encoded ImageNet latents store (mean, std) with std = exp(0.5 * logvar).
 
-def sample_posterior(mean, logvar, eps=None, generator=None):
-    """z = mean + exp(0.5 logvar) * eps, eps ~ N(0, I) drawn from `generator` unless given."""
-    if eps is None:
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return mean + torch.exp(0.5 * logvar) * eps
+def sample_posterior(mean, logvar, noise=None, generator=None):
+    """z = mean + exp(0.5 logvar) * noise, noise ~ N(0, I) drawn from `generator` unless given."""
+    if noise is None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar) * noise
 
 def normalize_latents(z, scale, bias):
     return (z - bias) * scale                                            # VAE latent -> SiT's space
