@@ -1,21 +1,31 @@
 """runs.py: one-line errors and range checks, the configurator, checkpoints, background saves and resume."""
 import argparse
+import contextlib
 import copy
+import errno
+import gc
 import glob
+import json
 import math
 import os
 import re
 import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
+import weakref
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import data
 import irepa
 import runs
-from test_irepa import RECIPE_DEMO_SAMPLER, load_last, make_folder, run_train
+from test_irepa import HERE, RECIPE_DEMO_SAMPLER, TRAIN, load_last, make_folder, run_train
 
 def test_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
     (tmp_path / 'checkpoints').mkdir()
@@ -232,3 +242,133 @@ def test_a_failed_background_save_is_logged_at_once_and_the_next_one_tries_again
     assert os.listdir(os.path.join(run, 'checkpoints')) == ['0000004.pt']
     with pytest.raises(SystemExit, match=r'could not save .*0000006.pt \(OSError'):       # the run's last: stops
         irepa.main(['--resume', run, '--max-steps', '6'])
+    log = open(os.path.join(run, 'log.txt')).read()
+    assert 'could not save' not in log.split('0000004.pt')[-1]           # no 'training goes on' before the end
+
+
+# -----------------------------------------------------------------------------
+# Nothing lost on a cluster: a scheduler's signal, durable writes (real signals to real processes, real write errors)
+
+def start(argv, out, launcher=()):
+    """irepa.py in its own process group (as a scheduler sees a job), stdout and stderr to the file `out`."""
+    env = dict(os.environ, IREPA_PRECISION='fp32', OMP_NUM_THREADS='1')
+    return subprocess.Popen([sys.executable, *launcher, os.path.join(HERE, 'irepa.py'), *argv], cwd=HERE, env=env,
+                            stdout=open(out, 'w'), stderr=subprocess.STDOUT, start_new_session=True)
+
+def wait_for(out, text, proc, timeout=240):
+    t0 = time.time()
+    while text not in open(out).read():
+        assert proc.poll() is None and time.time() - t0 < timeout, open(out).read()[-3000:]
+        time.sleep(0.1)
+
+def children(pid):
+    """The processes pid started (Linux /proc)."""
+    kids = []
+    for stat in glob.glob('/proc/[0-9]*/stat'):
+        with contextlib.suppress(OSError):
+            fields = open(stat).read().rsplit(')', 1)[1].split()
+            if int(fields[1]) == pid:
+                kids.append(int(stat.split('/')[2]))
+    return sorted(kids)
+
+STOPPED = r"stopped on (SIG\w+) after step (\d+), saved in (\S+); go on with --resume (\S+)"
+
+def test_sigterm_to_every_process_saves_the_step_and_a_resume_is_exact(tmp_path):
+    """SLURM signals every process of a job step, the loader's workers too: the run finishes its step, saves it, says so
+    in one line and exits 0; --resume then trains as if nothing had happened."""
+    out = str(tmp_path / 'out.txt')
+    argv = TRAIN + ['--encoder', 'hog', '--irepa', '--max-steps', '500', '--num-workers', '2']
+    p = start(argv + ['--results-dir', str(tmp_path / 'a')], out)
+    wait_for(out, 'step 3/500', p)
+    os.killpg(p.pid, signal.SIGTERM)
+    assert p.wait(timeout=60) == 0
+    text = open(out).read()
+    (sig, step, ckpt, run), = re.findall(STOPPED, text)
+    k = int(step)
+    assert sig == 'SIGTERM' and k >= 3 and 'Traceback' not in text
+    assert ckpt == runs.latest_checkpoint(run) and torch.load(ckpt, weights_only=False)['step'] == k
+    for more in (['--resume', run, '--max-steps', str(k + 2)],                 # in processes like the first
+                 argv + ['--results-dir', str(tmp_path / 'b'), '--max-steps', str(k + 2)]):
+        assert start(more, str(tmp_path / 'more.txt')).wait(timeout=120) == 0
+    resumed, straight = load_last(run), load_last(glob.glob(str(tmp_path / 'b' / '*'))[0])
+    assert resumed['step'] == straight['step'] == k + 2
+    for part in ('model', 'ema'):
+        for name in straight[part]:
+            assert torch.equal(resumed[part][name], straight[part][name]), (part, name)
+
+@pytest.mark.parametrize('to', ['one worker', 'torchrun'])
+def test_a_signal_stops_both_ranks_after_the_same_step(tmp_path, to):
+    """A signal that reaches one rank (SIGUSR1 to one worker) or torchrun (SIGTERM, which it forwards): both ranks
+    stop after the same step, rank 0 saves it, no collective breaks. torchrun exits 1 after a signal it forwarded
+    even though its workers exit 0 (torch.distributed.run's behaviour, which docs/cluster.md says)."""
+    port = socket.socket()
+    port.bind(('127.0.0.1', 0))
+    launcher = ['-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(port.getsockname()[1])]
+    port.close()
+    out = str(tmp_path / 'out.txt')
+    p = start(TRAIN + ['--encoder', 'none', '--max-steps', '500', '--results-dir', str(tmp_path)], out, launcher)
+    wait_for(out, 'step 3/500', p)
+    if to == 'one worker':
+        os.kill(children(p.pid)[-1], signal.SIGUSR1)
+    else:
+        os.kill(p.pid, signal.SIGTERM)
+    assert p.wait(timeout=120) == (0 if to == 'one worker' else 1)
+    text = open(out).read()
+    stops = re.findall(STOPPED, text)
+    assert len(stops) == 2 and len(set(stops)) == 1, text[-3000:]               # both ranks: the same step
+    assert sum(line.startswith('rank 1: stopped on') for line in text.splitlines()) == 1
+    sig, step, ckpt, run = stops[0]
+    assert sig == ('SIGUSR1' if to == 'one worker' else 'SIGTERM')
+    assert torch.load(ckpt, weights_only=False)['step'] == int(step) and ckpt == runs.latest_checkpoint(run)
+    assert 'rror' not in text.replace('SignalException', '').split('saved in')[0]  # no broken collective before it
+
+def test_writes_reach_the_disk_before_and_after_the_rename(tmp_path, monkeypatch):
+    """fsync the file, rename it, fsync its folder: after a power loss the newest file is whole or the old one."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, 'fsync', lambda fd: events.append(('fsync', os.readlink(f'/proc/self/fd/{fd}'))) or
+                        real_fsync(fd))
+    monkeypatch.setattr(os, 'replace', lambda a, b: events.append(('replace', str(a), str(b))) or real_replace(a, b))
+    for path, write in ((tmp_path / 'a.pt', lambda p: runs.save_checkpoint(p, {'w': torch.ones(3)})),
+                        (tmp_path / 'b.npy', lambda p: data.save_npy(p, np.ones(3))),
+                        (tmp_path / 'c.json', lambda p: data.write_json(p, {'complete': True}))):
+        events.clear()
+        write(str(path))
+        assert events == [('fsync', f'{path}.tmp'), ('replace', f'{path}.tmp', str(path)), ('fsync', str(tmp_path))]
+    assert torch.load(tmp_path / 'a.pt')['w'].sum() == 3 and json.load(open(tmp_path / 'c.json'))['complete']
+
+def test_a_failed_write_removes_its_temporary_file_at_once(tmp_path):
+    """A write that fails part-way (here the file-size limit, EFBIG, as a full disk fails with ENOSPC) leaves neither a
+    partial file under the real name nor the temporary file holding the space; the old checkpoint is untouched."""
+    path = str(tmp_path / '0000002.pt')
+    torch.save({'step': 1}, path)
+    script = f"""
+import resource, signal, sys, torch
+sys.path.insert(0, {HERE!r})
+import runs
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)                     # a write error instead of a kill
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    runs.save_checkpoint({path!r}, dict(w=torch.zeros(1 << 20), step=2))
+except Exception as e:                                            # torch.save's RuntimeError after the OSError
+    print('failed', (e.__context__ or e).errno)
+"""
+    r = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ['failed', str(errno.EFBIG)], r.stderr
+    assert os.listdir(tmp_path) == ['0000002.pt'] and torch.load(path)['step'] == 1
+
+def test_a_resume_lets_go_of_the_loaded_checkpoint(tmp_path, monkeypatch):
+    """The checkpoint read for a resume is memory-mapped: once restored, no reference to its weights is left."""
+    run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '1')
+    refs, load, log_start = [], runs.load_latest_checkpoint, runs.log_start
+    def loaded(run_dir):
+        ckpt = load(run_dir)
+        refs.append(weakref.ref(next(iter(ckpt['ema'].values()))))
+        return ckpt
+    def started(*a):
+        gc.collect()
+        assert refs[0]() is None, 'the loaded checkpoint is still referenced'
+        log_start(*a)
+    monkeypatch.setattr(runs, 'load_latest_checkpoint', loaded)
+    monkeypatch.setattr(runs, 'log_start', started)
+    irepa.main(['--resume', run, '--max-steps', '2'])
+    assert refs and load_last(run)['step'] == 2
