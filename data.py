@@ -169,7 +169,13 @@ def read_manifest(path):
         raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
     if not isinstance(m, dict) or m.get('format') != PREPARED_FORMAT:
         raise ValueError(f"{path} is not a prepare.py manifest ({PREPARED_FORMAT})")
-    bad = [k for k, t in MANIFEST_KEYS.items() if not isinstance(m.get(k, ...), t)]
+    count = lambda v, lo=0: type(v) is int and v >= lo                      # (not a bool)
+    bad = [k for k, t in MANIFEST_KEYS.items() if not isinstance(m.get(k, ...), t)
+           or (t is int and not count(m[k], 0 if k == 'count' else 1))]
+    if not bad and not (all(isinstance(c, str) for c in m['class_names'])
+                        and all(count(c) for c in m['class_counts'])
+                        and len(m['class_names']) == len(m['class_counts'])):
+        bad = ['class_names', 'class_counts']
     if bad:
         raise ValueError(f"{path} lacks or garbles {', '.join(bad)}: a damaged prepare.py manifest")
     return m

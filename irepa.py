@@ -543,6 +543,7 @@ def train(args, ckpt=None):
     size = SiT_models[args.model].keywords
     patch = runs.check_model(args, size, ENCODERS)
     rank, world, device = setup_distributed()
+    stop = runs.Preemption(world)                   # SIGTERM etc.: save the step, exit
     runs.check_batch_split(args, world)
     master = rank == 0
     dataset = data.open_dataset(args, ckpt)
@@ -581,7 +582,6 @@ def train(args, ckpt=None):
     micro = local_batch // args.grad_accum
     sums = torch.zeros(4, device=device)            # loss, denoise, align, grad norm
     t0, last_step = time.time(), step
-    stop = runs.Preemption(world)                   # SIGTERM etc.: save the step, exit
     model.train()
     while step < args.max_steps and not stop.agreed:
         epoch, start = divmod(step, steps_per_epoch)
@@ -638,11 +638,11 @@ def train(args, ckpt=None):
                 runs.save_run(log, run_dir, step, raw_model, ema, opt, args, master, last)
             if last:
                 break
-    stop.close()
-    runs.wait_for_save(last=True)
+    runs.wait_for_save(last=True, group=stop.group)
+    stop.close()                                    # the signals' handlers end after the last save
     if stop.agreed:
         runs.log_stop(log, stop.agreed, step, run_dir, rank)
-    if master and args.setting == 'demo':
+    elif master and args.setting == 'demo':
         print(f"demo: now sample a grid with  python sample.py --ckpt {run_dir}", flush=True)
     if world > 1:
         dist.destroy_process_group()
@@ -715,7 +715,10 @@ def main(argv=None):
     args, ckpt = get_args(argv), None
     if args.resume:
         args, ckpt = runs.resume(args, argv, get_parser())
-    return train(args, ckpt)
+    try:
+        return train(args, ckpt)
+    finally:
+        runs.end_run()                              # however it ended: the signals as they were
 
 if __name__ == '__main__':
     main()

@@ -324,18 +324,24 @@ def new_run_dir(args, master, world):
     return run_dir
 
 class Logger:
-    """print + append to <run>/log.txt, on rank 0 only (which also makes the
-    run's checkpoints/ folder)."""
+    """print + append to <run>/log.txt, on rank 0 only (which also makes the run's checkpoints/
+    folder). An append that fails (a full disk) is said once, and the run goes on printing."""
     def __init__(self, run_dir, active):
-        self.path, self.active = os.path.join(run_dir, 'log.txt'), active
+        self.path, self.active, self.failed = os.path.join(run_dir, 'log.txt'), active, False
         if active:
             os.makedirs(os.path.join(run_dir, 'checkpoints'), exist_ok=True)
 
     def __call__(self, msg):
-        if self.active:
-            print(msg, flush=True)
+        if not self.active:
+            return
+        print(msg, flush=True)
+        try:
             with open(self.path, 'a') as f:
                 f.write(msg + '\n')
+        except OSError as e:
+            if not self.failed:
+                warn(f"cannot append to {self.path} ({e.strerror}); the log goes on, on stdout only")
+            self.failed = True
 
 def log_start(log, args, run_args, model, dataset, step, run_dir, setting_pred):
     """Provenance (versions, device, precision, parameters), every resolved setting,
@@ -417,34 +423,45 @@ def background_save(path, state, log, last):
         save_checkpoint(path, state)
         log(f"saved {path}")
     except Exception as e:
-        SAVING['error'] = f"could not save {path} ({type(e).__name__}: {e})"
+        cause = e.__context__ if isinstance(e.__context__, OSError) else e     # a full disk, under
+        SAVING['error'] = f"could not save {path} ({type(cause).__name__}: {cause})"  # torch's error
         if not last:                                        # the last one's failure stops the run
             log(f"warning: {SAVING['error']}; training goes on, the next checkpoint tries again")
 
-def wait_for_save(last=False):
-    """Waits for the save in flight; after the run's last save, a failure stops with one line."""
+def wait_for_save(last=False, group=None):
+    """Waits for the save in flight. After the run's last save every rank learns (through `group`,
+    the ranks' CPU group) whether rank 0's write succeeded, and a failure stops them all with one
+    line."""
     if SAVING['thread'] is not None:
         SAVING['thread'].join()
         SAVING['thread'] = None
-    if last and SAVING['error']:
-        fail(SAVING['error'])
+    if not last:
+        return
+    failed = torch.tensor([SAVING['error'] is not None], dtype=torch.int32)
+    if group is not None:
+        dist.all_reduce(failed, dist.ReduceOp.MAX, group)
+    if failed:
+        fail(SAVING['error'] or "rank 0 could not save the run's last checkpoint (its log says why)")
 
 class Preemption:
     """Stopping on a scheduler's signal without losing the run: SIGTERM (SLURM, Kubernetes), SIGUSR1
-    (SLURM's --signal) and SIGINT (Ctrl-C; a second one interrupts at once) only set a flag. Each
-    step every rank sends its flag into a small all-reduce (max) on a CPU group and reads the one it
-    sent the step before, so no rank waits on the GPU, and all ranks stop after the same step even
-    when the signal reached one. `stop()` once a step: the signal to stop on, or 0."""
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    (SLURM's --signal), SIGHUP and SIGINT (Ctrl-C; a second one interrupts at once) only set a flag.
+    Each step every rank sends its flag into a small all-reduce (max) on a CPU group and reads the
+    one it sent the step before, so no rank waits on the GPU, and all ranks stop after the same step
+    (one process: the step it is in; ranks: the next) even when the signal reached one. `stop()`
+    once a step: the signal to stop on, or 0."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)
+    current = None                                      # the run's, for end_run()
 
     def __init__(self, world):
         self.got, self.agreed, self.world, self.pending = 0, 0, world, None
         self.group = dist.new_group(backend='gloo') if world > 1 else None
         main = threading.current_thread() is threading.main_thread()   # where handlers can be set
         self.old = {s: signal.signal(s, self.handler) for s in self.SIGNALS} if main else {}
+        Preemption.current = self
 
     def handler(self, signum, frame):
-        if self.got == signal.SIGINT and signum == signal.SIGINT:
+        if self.got and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.got = self.got or signum
 
@@ -460,11 +477,25 @@ class Preemption:
         self.pending = dist.all_reduce(flag, dist.ReduceOp.MAX, self.group, async_op=True), flag
         return self.agreed
 
-    def close(self):
-        if self.pending is not None:                    # every rank has sent as many
+    def close(self, wait=True):
+        """The handlers as they were; `wait` for the last all-reduce (every rank has sent as many),
+        except where a rank may be gone."""
+        if wait and self.pending is not None:
             self.pending[0].wait()
         for s, old in self.old.items():
             signal.signal(s, old)
+        self.old, Preemption.current = {}, None
+
+def end_run():
+    """However a run ended (fail() included): its save in flight written, the signal handlers as
+    they were, nothing left over for another run in this process."""
+    if SAVING['thread'] is not None:
+        SAVING['thread'].join()
+    SAVING.update(thread=None, error=None)
+    if Preemption.current is not None:
+        Preemption.current.close(wait=False)
+    if dist.is_initialized():                           # (a fail() skipped train's own)
+        dist.destroy_process_group()
 
 def worker_init(worker_id):
     """DataLoader workers ignore the stop signals, which SLURM sends to every process of a job

@@ -156,7 +156,8 @@ def test_bad_prepared_folders_give_one_line(raw, tmp_path, vae_home, monkeypatch
     fails([*base, '--data-path', px], 'its manifest says 12 images, its class counts 11')
     json.dump(dict(m, complete=False), open(os.path.join(px, 'manifest.json'), 'w'))
     fails([*base, '--data-path', px], 'is not complete: run prepare.py again')
-    for broken in ([], {'format': data.PREPARED_FORMAT}, dict(m, class_counts='6, 5')):     # valid JSON, not a manifest
+    for broken in ([], {'format': data.PREPARED_FORMAT}, dict(m, class_counts='6, 5'), dict(m, shard_size=0),
+                   dict(m, count=True), dict(m, class_names=[1, 2]), dict(m, class_counts=[-1, 12])):  # not a manifest
         json.dump(broken, open(os.path.join(px, 'manifest.json'), 'w'))
         fails([*base, '--data-path', px], 'manifest.json is not a prepare.py manifest' if broken == [] else
               'manifest.json lacks or garbles ')

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -372,3 +373,45 @@ def test_a_resume_lets_go_of_the_loaded_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, 'log_start', started)
     irepa.main(['--resume', run, '--max-steps', '2'])
     assert refs and load_last(run)['step'] == 2
+
+def test_a_run_that_fails_leaves_no_handler_or_save_behind(tmp_path):
+    """However a run ends (here a NaN loss, fail()), the process gets its signals back and keeps no failed save."""
+    runs.SAVING['error'] = 'a failure of an earlier run'
+    with pytest.raises(SystemExit, match='loss is (nan|inf)'):
+        run_train(tmp_path, '--encoder', 'none', '--max-steps', '3', '--lr', '1e30', '--clip_grad=None')
+    assert all(signal.getsignal(s) is signal.default_int_handler if s == signal.SIGINT else
+               signal.getsignal(s) == signal.SIG_DFL for s in runs.Preemption.SIGNALS)
+    assert runs.SAVING == dict(thread=None, error=None)
+
+def test_the_log_goes_on_when_log_txt_cannot_be_written(tmp_path, capsys):
+    log = runs.Logger(str(tmp_path), True)
+    os.makedirs(tmp_path / 'log.txt')                                         # appending to it fails (an OSError)
+    log('step 1')
+    log('step 2')
+    out, err = capsys.readouterr()
+    assert out == 'step 1\nstep 2\n' and err.count('warning: cannot append to') == 1
+
+def test_ranks_do_not_claim_a_checkpoint_rank_0_could_not_write(tmp_path):
+    """A stop whose checkpoint rank 0 cannot write (RLIMIT_FSIZE: 'File too large', as a full disk says 'No space
+    left'): every rank ends with the same one-line error naming the cause, none says 'saved in'."""
+    port = socket.socket()
+    port.bind(('127.0.0.1', 0))
+    launcher = ['-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(port.getsockname()[1])]
+    port.close()
+    out = str(tmp_path / 'out.txt')
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)                          # a write error, not a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    env = dict(os.environ, IREPA_PRECISION='fp32', OMP_NUM_THREADS='1')
+    p = subprocess.Popen([sys.executable, *launcher, os.path.join(HERE, 'irepa.py'), *TRAIN, '--encoder', 'none',
+                          '--max-steps', '500', '--results-dir', str(tmp_path)], cwd=HERE, env=env,
+                         stdout=open(out, 'w'), stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=limit)
+    wait_for(out, 'step 3/500', p)
+    os.kill(children(p.pid)[-1], signal.SIGTERM)
+    assert p.wait(timeout=120) != 0
+    text = open(out).read()
+    errors = [line for line in text.splitlines() if line.startswith('irepa.py: error: ')]
+    assert len(errors) == 2 and 'File too large' in errors[0] + errors[1], text[-3000:]
+    assert sum("rank 0 could not save the run's last checkpoint" in e for e in errors) == 1
+    assert 'saved in' not in text and 'terminate called' not in text
+    assert not glob.glob(str(tmp_path / '*' / 'checkpoints' / '*'))
