@@ -158,6 +158,8 @@ MANIFEST_KEYS = dict(format=str, resolution=int, crop=str, vae=(str, type(None))
                      vae_sha256=(str, type(None)), latents_scale=(list, type(None)),
                      latents_bias=(list, type(None)), class_names=list, class_counts=list,
                      count=int, shard_size=int, source=str, complete=bool)
+# prepare.py --hf-* adds images_from, moments_from and latents_per_image (hfcache.py): the rows are
+# the authors' released crops and (mean, std) moments, std stored as logvar = 2 log std.
 
 def read_manifest(path):
     """A prepared folder's manifest.json as a dict; ValueError with one line naming the file for one

@@ -11,13 +11,18 @@ ldm/ code, REPA and fast-DiT do: End2End-Diffusion/iREPA ldm/preprocessing/datas
     python prepare.py --data-path imagenet/train --out prepared/in256px --vae none
     # each rank its shards
     torchrun --nproc_per_node=8 prepare.py --data-path imagenet/train --out prepared/in256
+    # or convert the authors' released ImageNet (hfcache.py; pip install pyarrow), no VAE run:
+    # Option A (pixel setting: --vae none, no --hf-latents), Option B (--data-path + --hf-latents)
+    python prepare.py --hf-images data/imagenet-latents-images \
+        --hf-latents data/imagenet-latents-sdvae-ft-mse-f8d4 --out prepared/in256 --num-workers 16
     # train from it
     python irepa.py --encoder dinov2_vitb14 --irepa --data-path prepared/in256
 
 The output folder (data.py defines the format: its PreparedFolder reads it):
     manifest.json      resolution, crop, VAE name, its weights' sha256 and latent statistics,
                        class names and counts, image count, shard size, a hash of the source
-                       listing, complete or not
+                       listing, complete or not; from --hf-*: where images and moments came
+                       from, one latent per image
     images-NNNNN.npy   uint8 (n, S, S, 3): shard NNNNN's ADM center crops, in ImageFolder's order
     moments-NNNNN.npy  float32 (n, 8, S/8, S/8): cat([mean, logvar]) of the SD-VAE posterior
                        (latent only)
@@ -36,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import hfcache
 import irepa
 import runs
 import vae
@@ -67,7 +73,13 @@ class ShardImages(torch.utils.data.Dataset):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--data-path', required=True, help="root/<class>/<image>: the raw dataset")
+    p.add_argument('--data-path', default=None, help="root/<class>/<image>: the raw dataset")
+    p.add_argument('--hf-images', default=None,
+                   help="the authors' images dataset (data/imagenet-latents-images or its val/): "
+                        "its PNG crops and labels, instead of --data-path")
+    p.add_argument('--hf-latents', default=None,
+                   help="the authors' latents dataset (data/imagenet-latents-sdvae-ft-mse-f8d4 or "
+                        "its val/): its moments for the images' rows, instead of running the VAE")
     p.add_argument('--out', required=True,
                    help="the prepared folder (created; a rerun continues it)")
     p.add_argument('--image-size', type=int, default=256,
@@ -79,7 +91,7 @@ def get_args(argv=None):
                    help="images per shard file (the unit of resuming)")
     p.add_argument('--batch-size', type=int, default=50, help="images per VAE forward")
     p.add_argument('--num-workers', type=int, default=8,
-                   help="loader processes decoding and cropping")
+                   help="loader processes decoding and cropping (--hf-*: converting)")
     return p.parse_args(argv)
 
 def main(argv=None):
@@ -89,9 +101,26 @@ def main(argv=None):
                                   num_workers=0))
     if latent and args.image_size % 8:
         fail(f"--image-size {args.image_size} is not divisible by 8, the SD-VAE's downsampling")
+    official = args.hf_images or args.hf_latents
+    if bool(args.hf_images) == bool(args.data_path):
+        fail("give either --data-path (a class folder) or --hf-images (the authors' images): "
+             "one, not both")
+    if args.hf_latents and not latent:
+        fail("--hf-latents with --vae none: the pixel setting stores no moments")
+    if args.hf_images and latent and not args.hf_latents:
+        fail("the latent setting from --hf-images needs --hf-latents (the authors' moments); "
+             "--vae none prepares the pixel setting")
     rank, world, device = irepa.setup_distributed()
     master = rank == 0
-    dataset = runs.call_or_fail(data.ImageFolder, args.data_path, args.image_size)
+    if official:
+        dataset = runs.call_or_fail(hfcache.OfficialImageNet, args.image_size, args.hf_images,
+                                    args.hf_latents, args.data_path)
+        classes, class_counts, source = dataset.classes, dataset.class_counts, dataset.source
+    else:
+        dataset = runs.call_or_fail(data.ImageFolder, args.data_path, args.image_size)
+        classes, source = dataset.classes, data.source_hash(dataset, args.data_path)
+        class_counts = np.bincount([y for _, y in dataset.samples],
+                                   minlength=len(classes)).tolist()
     S, n_all = args.image_size, len(dataset)
     num_shards = -(-n_all // args.shard_size)
 
@@ -100,14 +129,19 @@ def main(argv=None):
         return min(args.shard_size, n_all - k * args.shard_size)
 
     # the manifest first (complete: false), so that a rerun or another dataset's run is recognised
-    class_counts = np.bincount([y for _, y in dataset.samples], minlength=len(dataset.classes))
     manifest = dict(format=data.PREPARED_FORMAT, resolution=S, crop='adm-center', vae=None,
                     vae_sha256=None, latents_scale=None, latents_bias=None,
-                    class_names=list(dataset.classes),
-                    class_counts=class_counts.tolist(), count=n_all, shard_size=args.shard_size,
-                    source=data.source_hash(dataset, args.data_path), complete=False)
+                    class_names=list(classes), class_counts=class_counts, count=n_all,
+                    shard_size=args.shard_size, source=source, complete=False)
     sd_vae = None
-    if latent:
+    if official:
+        manifest.update(dataset.manifest())
+    if latent and official:
+        # The authors' moments: the statistics file only, no VAE weights (vae_sha256 stays None).
+        with runs.node_first(world):
+            scale, bias = runs.call_or_fail(vae.read_stats)
+        manifest.update(vae=args.vae, latents_scale=scale.tolist(), latents_bias=bias.tolist())
+    elif latent:
         # One download a node.
         with runs.node_first(world):
             sd_vae = runs.call_or_fail(vae.SDVAE, device)
@@ -125,8 +159,8 @@ def main(argv=None):
             fail(f"--out {args.out}: {e}; choose an empty folder (or empty this one)")
         differ = [k for k in manifest if k != 'complete' and old.get(k) != manifest[k]]
         if differ:
-            fail(f"--out {args.out} holds another prepared dataset "
-                 f"(its {', '.join(differ)} differ from this run's); choose an empty folder")
+            fail(f"--out {args.out} holds another prepared dataset (these differ from this run's: "
+                 f"{', '.join(differ)}); choose an empty folder")
     elif master:
         data.write_json(path, manifest)
     if world > 1:
@@ -139,32 +173,47 @@ def main(argv=None):
     print(f"rank {rank}: {len(mine)} of {len(range(rank, num_shards, world))} shards to write "
           f"({todo} images)", flush=True)
     t0, done, unreadable = time.time(), 0, []
-    for k in mine:
-        idx = list(range(k * args.shard_size, min((k + 1) * args.shard_size, n_all)))
-        loader = torch.utils.data.DataLoader(ShardImages(dataset, idx), batch_size=args.batch_size,
-                                             num_workers=args.num_workers)
-        images, moments, bad = [], [], []
-        for x, j, why in loader:                                                # uint8 (B, 3, S, S)
-            bad += [(dataset.samples[int(i)][0], w) for i, w in zip(j, why) if i >= 0]
-            images.append(x.permute(0, 2, 3, 1).numpy())                       # (B, S, S, 3)
-            if sd_vae is not None:
-                # In fp32, as the on-the-fly step; encode returns logvar already clamped.
-                with torch.no_grad():
-                    mean, logvar = sd_vae.vae.encode(x.to(device).float() / 127.5 - 1)
-                moments.append(torch.cat([mean, logvar], dim=1).cpu().numpy())
-        if bad:                                         # not written: the manifest never lies
-            unreadable += bad
-            print(f"rank {rank}: shard {k + 1}/{num_shards} not written: {len(bad)} unreadable "
-                  f"image(s), the first {bad[0][0]} ({bad[0][1]})", flush=True)
-            continue
-        # Moments first: the images file marks a shard done.
-        if sd_vae is not None:
-            data.save_npy(os.path.join(args.out, f'moments-{k:05d}.npy'), np.concatenate(moments))
-        data.save_npy(os.path.join(args.out, f'images-{k:05d}.npy'), np.concatenate(images))
-        done += len(idx)
+
+    def written(k):
+        nonlocal done
+        done += shard_len(k)
         rate = done / (time.time() - t0)
         print(f"rank {rank}: shard {k + 1}/{num_shards} | {done}/{todo} images | "
               f"{rate:.0f} img/s | {(todo - done) / rate / 60:.1f} min left", flush=True)
+
+    if official:                    # read, checked and converted in --num-workers processes
+        try:
+            for k in hfcache.write_shards(dataset, args.out, mine, args.shard_size,
+                                          args.num_workers):
+                written(k)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            fail(str(e))
+    else:                           # decoded by --num-workers loader processes, encoded here
+        for k in mine:
+            idx = list(range(k * args.shard_size, min((k + 1) * args.shard_size, n_all)))
+            loader = torch.utils.data.DataLoader(ShardImages(dataset, idx),
+                                                 batch_size=args.batch_size,
+                                                 num_workers=args.num_workers)
+            images, moments, bad = [], [], []
+            for x, j, why in loader:                                            # uint8 (B, 3, S, S)
+                bad += [(dataset.samples[int(i)][0], w) for i, w in zip(j, why) if i >= 0]
+                images.append(x.permute(0, 2, 3, 1).numpy())                   # (B, S, S, 3)
+                if sd_vae is not None:
+                    # In fp32, as the on-the-fly step; encode returns logvar already clamped.
+                    with torch.no_grad():
+                        mean, logvar = sd_vae.vae.encode(x.to(device).float() / 127.5 - 1)
+                    moments.append(torch.cat([mean, logvar], dim=1).cpu().numpy())
+            if bad:                                         # not written: the manifest never lies
+                unreadable += bad
+                print(f"rank {rank}: shard {k + 1}/{num_shards} not written: {len(bad)} unreadable "
+                      f"image(s), the first {bad[0][0]} ({bad[0][1]})", flush=True)
+                continue
+            # Moments first: the images file marks a shard done.
+            if sd_vae is not None:
+                data.save_npy(os.path.join(args.out, f'moments-{k:05d}.npy'),
+                              np.concatenate(moments))
+            data.save_npy(os.path.join(args.out, f'images-{k:05d}.npy'), np.concatenate(images))
+            written(k)
     if world > 1:
         every = [None] * world
         dist.all_gather_object(every, unreadable)

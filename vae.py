@@ -219,15 +219,20 @@ def load_vae(path=None, stats_path=None, device='cpu'):
     if stats_path is None and path is not None:
         scale, bias = torch.full((4,), SD_SCALE), torch.zeros(4)
     else:
-        stats_path = stats_path or cached_file(STATS_FILE)
-        stats = read(stats_path)
-        if not isinstance(stats, dict) or not {'latents_scale', 'latents_bias'} <= stats.keys():
-            raise RuntimeError(f"{stats_path} has no latents_scale and latents_bias: "
-                               f"not the VAE's latent statistics")
-        scale, bias = stats['latents_scale'], stats['latents_bias']
+        scale, bias = read_stats(stats_path)
     scale = scale.float().view(1, -1, 1, 1).to(device)
     bias = bias.float().view(1, -1, 1, 1).to(device)
     return vae, scale, bias
+
+def read_stats(path=None):
+    """The per-channel latents_scale and latents_bias (4,) of the stats file at `path`, None: the
+    official one (cached or downloaded)."""
+    path = path or cached_file(STATS_FILE)
+    stats = read(path)
+    if not isinstance(stats, dict) or not {'latents_scale', 'latents_bias'} <= stats.keys():
+        raise RuntimeError(f"{path} has no latents_scale and latents_bias: "
+                           f"not the VAE's latent statistics")
+    return stats['latents_scale'].float(), stats['latents_bias'].float()
 
 def read(path):
     """torch.load of weights, with one clear error for a file that is not one
