@@ -172,7 +172,7 @@ def main(argv=None):
     todo = sum(shard_len(k) for k in mine)
     print(f"rank {rank}: {len(mine)} of {len(range(rank, num_shards, world))} shards to write "
           f"({todo} images)", flush=True)
-    t0, done, unreadable = time.time(), 0, []
+    t0, done, unreadable, errors = time.time(), 0, [], []
 
     def written(k):
         nonlocal done
@@ -187,7 +187,7 @@ def main(argv=None):
                                           args.num_workers):
                 written(k)
         except (ValueError, FileNotFoundError, RuntimeError) as e:
-            fail(str(e))
+            errors = [str(e)]                       # said by every rank, after the others
     else:                           # decoded by --num-workers loader processes, encoded here
         for k in mine:
             idx = list(range(k * args.shard_size, min((k + 1) * args.shard_size, n_all)))
@@ -214,10 +214,12 @@ def main(argv=None):
                               np.concatenate(moments))
             data.save_npy(os.path.join(args.out, f'images-{k:05d}.npy'), np.concatenate(images))
             written(k)
-    if world > 1:
+    if world > 1:                                   # every rank ends alike: no rank left waiting
         every = [None] * world
-        dist.all_gather_object(every, unreadable)
-        unreadable = sum(every, [])
+        dist.all_gather_object(every, (unreadable, errors))
+        unreadable, errors = sum((u for u, _ in every), []), sum((e for _, e in every), [])
+    if errors:
+        fail(errors[0])
     if unreadable:
         paths = ', '.join(p for p, _ in unreadable[:3]) + (', ...' if len(unreadable) > 3 else '')
         fail(f"{len(unreadable)} unreadable image(s) ({paths}; the first: {unreadable[0][1]}), so "

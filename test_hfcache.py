@@ -367,3 +367,19 @@ def test_without_pyarrow_one_line_names_the_install(official, tmp_path, monkeypa
     with pytest.raises(SystemExit) as e:
         convert(tmp_path, '--hf-images', os.path.join(official[0], IMAGES), '--vae', 'none')
     assert 'needs pyarrow: pip install pyarrow' in str(e.value.code)
+
+
+def test_a_bad_row_on_one_rank_ends_every_rank_alike(official, tmp_path, vae_home, monkeypatch):
+    """Rank 1 alone reads the damaged row (shard 3 of 2-image shards): both ranks end with its one line, none waits."""
+    monkeypatch.setenv('TORCH_HOME', vae_home)
+    root = official[0]
+
+    def nan_in_last_row(v):
+        v[-1, 0, 0, 0] = np.nan
+        return v
+    rewrite(shard(root, LATENTS), latents_data(nan_in_last_row))
+    r = torchrun(*option_a(root), '--out', str(tmp_path / 'ddp'), '--image-size', str(S), '--shard-size', '2',
+                 '--num-workers', '0', script='prepare.py')
+    lines = [line for line in r.stderr.splitlines() if line.startswith('prepare.py: error: ')]
+    assert r.returncode != 0 and len(lines) == 2 and len(set(lines)) == 1, r.stderr[-3000:]
+    assert 'row 6 has a value that is not finite' in lines[0]
