@@ -2,7 +2,8 @@
 bench.py -- time irepa.py's training step (data on device -> target -> forward + backward -> clip ->
 AdamW -> EMA) in fp32 and in bf16 autocast, interleaved in one run, and print the medians and the
 speed-up; first the step's FLOPs per image, part by part, against the official code's step at the
-same config (which trains from stored SD-VAE moments); or the data loader's images/s per worker.
+same config (which trains from stored SD-VAE moments); or the data loader's images/s per worker;
+or the conversion of the authors' released ImageNet (prepare.py --hf-*), images/s per process.
 
     # SiT-B/4 + iREPA (HOG) at 32 px, batch 32
     python bench.py
@@ -17,6 +18,8 @@ same config (which trains from stored SD-VAE moments); or the data loader's imag
         --batch-size 32
     # images/s of one loader process, each folder
     python bench.py --loader imagenet/train prepared/in256
+    # images/s of prepare.py --hf-images/--hf-latents (hfcache.py) on a synthetic cache of 3000 rows
+    TMPDIR=/dev/shm python bench.py --hf-convert 3000 --image-size 256 --num-workers 2
 With --vae the VAE's share of the step is printed on its own (random VAE weights). On CUDA: peak
 memory and the model FLOPs utilisation (MFU) against bf16 peak.
 """
@@ -49,7 +52,7 @@ def forward_flops(model, T):
             flops += 2 * m.weight.numel() * (1 if id(m) in per_image else T)
     return flops
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument('--model', default='SiT-B/4', choices=list(irepa.SiT_models))
     p.add_argument('--image-size', type=int, default=32)
@@ -64,6 +67,10 @@ def main():
                         "at --image-size")
     p.add_argument('--loader-images', type=int, default=500,
                    help="images read per folder by --loader")
+    p.add_argument('--hf-convert', type=int, default=None, metavar='ROWS',
+                   help="time converting the authors' Hugging Face caches instead: a synthetic "
+                        "cache of ROWS rows at --image-size, in 1 and --num-workers processes")
+    p.add_argument('--num-workers', type=int, default=2, help="processes timed by --hf-convert")
     p.add_argument('--flops-only', action='store_true',
                    help="print the step's FLOPs per image and stop (no timing)")
     p.add_argument('--batch-size', type=int, default=32)
@@ -75,9 +82,11 @@ def main():
     p.add_argument('--precisions', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16'])
     p.add_argument('--peak-tflops', type=float, default=989.0,
                    help="bf16 dense peak of the GPU (H100 SXM: 989)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.loader:
         return loader_bench(args)
+    if args.hf_convert:
+        return hf_convert_bench(args)
 
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -256,6 +265,56 @@ def loader_bench(args):
             kind = 'class folders (decode + ADM crop)'
         print(f"{root}: {kind} at {args.image_size} px | {len(idx) / dt:.0f} images/s per loader "
               f"process ({len(idx)} random images, {torch.get_num_threads()} threads)")
+
+def hf_convert_bench(args):
+    """Images/s of prepare.py --hf-images/--hf-latents's conversion (hfcache.py: PNG decoding is
+    most of it) on a synthetic cache in the official layout, 4 shards each: smooth crops as PNGs
+    uncompressed (compress_level=0, as the official dataset_tools.py writes them), [8, S/8, S/8]
+    float32 (mean, std) latents. The cache is read from the page cache; the shards written are
+    fsynced, so on a slow disk the workers wait for it (TMPDIR=/dev/shm times the CPU alone)."""
+    import io, platform, tempfile
+    import numpy as np
+    from PIL import Image
+    import hfcache
+    pa = hfcache.import_pyarrow()
+    N, S, rng = args.hf_convert, args.image_size, np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        images, latents, pngs = os.path.join(tmp, 'images'), os.path.join(tmp, 'latents'), []
+        for _ in range(N):                      # bicubic-upsampled 8x8 noise: smooth, photo-like
+            im = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+            buf = io.BytesIO()
+            im.resize((S, S), Image.BICUBIC).save(buf, format='PNG', compress_level=0)
+            pngs.append(buf.getvalue())
+        image = pa.array([{'bytes': b, 'path': None} for b in pngs],
+                         pa.struct([('bytes', pa.binary()), ('path', pa.string())]))
+        labels = pa.array(np.arange(N) * 10 // N)                          # 10 classes, sorted
+        hfcache.save_to_disk(images, pa.table({'image': image, 'label': labels}),
+                             {'image': {'_type': 'Image'}}, shards=4)
+        h = S // 8
+        moments = np.concatenate([rng.normal(0, 1, (N, 4, h, h)),          # mean, std > 0
+                                  np.exp(rng.uniform(-6, -2, (N, 4, h, h)))], 1).astype(np.float32)
+        hfcache.save_to_disk(latents, pa.table(
+            {'id': pa.array(np.arange(N)), 'data': hfcache.nested(moments)}), {}, shards=4)
+        source = hfcache.OfficialImageNet(S, images, latents)
+        cpu = platform.processor()
+        if os.path.isfile('/proc/cpuinfo'):
+            cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo')
+                        if line.startswith('model name')), cpu)
+        kb = sum(map(len, pngs)) / N / 1e3
+        print(f"hf-convert: {N} rows of {S} px (PNG {kb:.1f} KB a row) | "
+              f"host: {cpu}, {os.cpu_count()} CPUs, {platform.platform()} | in {tmp}")
+        # 12 shards: an even share for 1, 2, 3, 4 or 6 processes
+        shard_size = -(-N // 12)
+        shards = range(-(-N // shard_size))
+        for workers in sorted({0, args.num_workers}):
+            out = tempfile.mkdtemp(dir=tmp)
+            t0 = time.perf_counter()
+            for _ in hfcache.write_shards(source, out, shards, shard_size, workers):
+                pass
+            rate = N / (time.perf_counter() - t0)
+            per_process = rate / max(workers, 1)
+            print(f"  {workers} workers: {rate:.0f} images/s ({per_process:.0f} per process) | "
+                  f"ImageNet (1,281,167 rows): {1_281_167 / per_process / 60:.0f} core-minutes")
 
 if __name__ == '__main__':
     main()

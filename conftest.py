@@ -98,6 +98,7 @@ def vae_home(tmp_path_factory):
     folder.mkdir(parents=True)
     torch.manual_seed(0)
     torch.save(vae.AutoencoderKL().state_dict(), folder / vae.VAE_FILE)
-    torch.save({'latents_scale': torch.tensor([0.5, 1.0, 2.0, 4.0]), 'latents_bias': torch.tensor([0.1, 0.0, -0.1, 0.2])},
+    torch.save({'latents_scale': torch.tensor([0.5, 1.0, 2.0, 4.0]).view(1, 4, 1, 1),          # the official shape
+                'latents_bias': torch.tensor([0.1, 0.0, -0.1, 0.2]).view(1, 4, 1, 1)},
                folder / vae.STATS_FILE)
     return str(home)

@@ -14,7 +14,8 @@ each with its validation split in val/:
 A folder holds state.json (its `_data_files` list the shards), dataset_info.json (the features)
 and the shards, Arrow IPC stream files. The rows follow ImageFolder's order (classes sorted, files
 sorted), so row i of both datasets is the same image (official ldm/dataset.py pairs them by index).
-prepare.py converts them into a prepared folder (data.py's format); this file reads and checks them:
+prepare.py converts them into a prepared folder (data.py's format); this file reads and checks them
+(and writes small copies for bench.py --hf-convert and the tests):
 
     # Option A, latent setting: the authors' crops, labels and moments
     python prepare.py --hf-images data/imagenet-latents-images \\
@@ -63,7 +64,7 @@ def import_pyarrow():
 # A dataset saved by Hugging Face `datasets`, read with pyarrow
 
 @lru_cache(maxsize=8)
-def open_shard(path):
+def open_stream(path):
     """One Arrow stream file as a table over a memory map (nothing copied); the 8 last used stay
     open in each process."""
     pa = import_pyarrow()
@@ -86,9 +87,36 @@ def read_json(path):
     with open(path) as f:
         return json.load(f)
 
+def png_struct(t):
+    """datasets' Image feature: a struct whose `bytes` are binary."""
+    pa = import_pyarrow()
+    return (pa.types.is_struct(t) and t.get_field_index('bytes') >= 0
+            and (pa.types.is_binary(t.field('bytes').type)
+                 or pa.types.is_large_binary(t.field('bytes').type)))
+
+def nested_float32(t):
+    """Nested lists of float32: datasets' Sequence of Sequences, or its ArrayND extension type
+    (read as its storage, the same lists)."""
+    pa = import_pyarrow()
+    if isinstance(t, pa.BaseExtensionType):
+        t = t.storage_type
+    depth = 0
+    while pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        t, depth = t.value_type, depth + 1
+    return depth > 0 and t == pa.float32()
+
+def integers(t):
+    return import_pyarrow().types.is_integer(t)
+
+# Each column's Arrow type: the test, and what a type that fails it is not.
+COLUMN_TYPES = {'image': (png_struct, "a struct with binary 'bytes' (datasets' Image feature)"),
+                'label': (integers, "an integer type"), 'id': (integers, "an integer type"),
+                'data': (nested_float32, "nested lists of float32")}
+
 class SavedDataset:
     """A dataset folder (state.json, dataset_info.json, the shards): every shard listed present,
-    whole, with `columns` of the same types; rows(start, stop) reads across shards."""
+    whole, with `columns` of COLUMN_TYPES, the same in each; rows(start, stop) reads across
+    shards."""
     def __init__(self, path, columns):
         import_pyarrow()
         self.path, self.columns = os.path.normpath(path), columns
@@ -106,14 +134,22 @@ class SavedDataset:
         if not self.files:
             raise ValueError(f"{state} lists no shards")
         for p in self.files:
-            have = open_shard(p).column_names
+            have = open_stream(p).column_names
             if (missing := [c for c in columns if c not in have]):
                 raise ValueError(f"{p} has no column {missing[0]!r} (it has {', '.join(have)}): "
                                  f"not the dataset expected here")
-            first = open_shard(self.files[0]).select(columns).schema
-            if open_shard(p).select(columns).schema != first:
+            schema = open_stream(p).select(columns).schema
+            if p == self.files[0]:
+                for field in schema:
+                    if not COLUMN_TYPES[field.name][0](field.type):
+                        raise ValueError(f"{p}: column {field.name!r} is {field.type}, not "
+                                         f"{COLUMN_TYPES[field.name][1]}")
+                first = schema
+            elif schema != first:
                 raise ValueError(f"{p}: its columns' types differ from {self.files[0]}'s")
-        self.starts = np.cumsum([0] + [open_shard(p).num_rows for p in self.files]).tolist()
+        self.starts = np.cumsum([0] + [open_stream(p).num_rows for p in self.files]).tolist()
+        if not len(self):
+            raise ValueError(f"{self.path} has no rows")
         try:
             self.features = read_json(os.path.join(self.path, 'dataset_info.json'))['features']
         except (OSError, ValueError, KeyError, TypeError):
@@ -127,34 +163,74 @@ class SavedDataset:
 
     def column(self, name):
         """A whole column of scalars as numpy (labels, ids)."""
-        return np.concatenate([open_shard(p).column(name).to_numpy() for p in self.files])
+        return np.concatenate([open_stream(p).column(name).to_numpy() for p in self.files])
 
-    def rows(self, start, stop):
-        """Rows [start, stop) as one table."""
-        parts = []
+    def pieces(self, start, stop):
+        """Rows [start, stop) as (file, first row, table) for each shard they are in."""
         for k, p in enumerate(self.files):
             lo, hi = max(start, self.starts[k]), min(stop, self.starts[k + 1])
             if lo < hi:
-                parts.append(open_shard(p).select(self.columns).slice(lo - self.starts[k], hi - lo))
-        return import_pyarrow().concat_tables(parts)
+                yield p, lo, open_stream(p).select(self.columns).slice(lo - self.starts[k], hi - lo)
 
-def nested_floats(column, what):
+    def rows(self, start, stop):
+        """Rows [start, stop) as one table."""
+        return import_pyarrow().concat_tables([t for _, _, t in self.pieces(start, stop)])
+
+def nested_floats(column, what, first=0):
     """A column of equal-shaped nested lists -> float32 numpy (rows, *shape), with no Python loop
-    over elements: each level's list lengths checked equal, then the values taken flat."""
+    over elements: each level's list lengths checked equal, then the values taken flat. The first
+    row that differs from the first row or misses a value is named (the column's rows are numbered
+    from `first`)."""
     pa = import_pyarrow()
     arr, shape = column.combine_chunks(), [len(column)]
     if isinstance(arr, pa.ExtensionArray):                       # datasets' ArrayND features
         arr = arr.storage
     while isinstance(arr, (pa.ListArray, pa.LargeListArray, pa.FixedSizeListArray)):
-        lo, hi = pa.compute.min_max(pa.compute.list_value_length(arr)).as_py().values()
-        if arr.null_count or lo != hi:
-            raise ValueError(f"{what}: rows of different shapes, or missing values")
-        shape.append(lo)
+        n = pa.compute.fill_null(pa.compute.list_value_length(arr), -1).to_numpy()   # -1: null
+        if (bad := (n < 0) | (n != n[:1])).any():
+            j = int(np.argmax(bad))     # the level's lists are row-major, prod(shape[1:]) a row
+            raise ValueError(f"{what}: row {first + j // int(np.prod(shape[1:]))} " + (
+                "has a missing value" if n[j] < 0 else f"is shaped differently from row {first}"))
+        shape.append(int(n[0]) if len(n) else 0)
         arr = arr.flatten()
-    if arr.type != pa.float32() or arr.null_count:
-        raise ValueError(f"{what}: values are {arr.type}, not float32"
-                         + (" (some missing)" if arr.null_count else ""))
+    if arr.null_count:
+        j = int(np.argmax(arr.is_null().to_numpy(zero_copy_only=False)))
+        raise ValueError(f"{what}: row {first + j // int(np.prod(shape[1:]))} has a missing value")
     return arr.to_numpy(zero_copy_only=False).reshape(shape)
+
+def nested(arr):
+    """numpy (n, *dims) float32 -> the column datasets writes for nested Sequences:
+    list<...<float>>."""
+    pa = import_pyarrow()
+    values = pa.array(arr.reshape(-1))
+    for d in reversed(arr.shape[1:]):
+        n = len(values) // d
+        offsets = pa.array(np.arange(0, n * d + 1, d, dtype=np.int32))
+        values = pa.ListArray.from_arrays(offsets, values)
+    return values
+
+def save_to_disk(path, table, features, shards=2):
+    """What datasets' save_to_disk writes, for bench.py and the tests: `shards` Arrow stream files
+    of small record batches, state.json listing them (its fingerprint: the files' hash),
+    dataset_info.json with the features."""
+    pa = import_pyarrow()
+    os.makedirs(path)
+    bounds = np.linspace(0, table.num_rows, shards + 1).astype(int)
+    names = [f'data-{k:05d}-of-{shards:05d}.arrow' for k in range(shards)]
+    h = hashlib.sha256()
+    for name, lo, hi in zip(names, bounds[:-1], bounds[1:]):
+        file = os.path.join(path, name)
+        with pa.OSFile(file, 'wb') as f, pa.ipc.new_stream(f, table.schema) as w:
+            for batch in table.slice(lo, hi - lo).to_batches(max_chunksize=2):
+                w.write_batch(batch)
+        with open(file, 'rb') as f:
+            h.update(f.read())
+    data.write_json(os.path.join(path, 'state.json'), {
+        '_data_files': [{'filename': n} for n in names], '_fingerprint': h.hexdigest()[:16],
+        '_format_columns': None, '_format_kwargs': {}, '_format_type': None,
+        '_output_all_columns': False, '_split': None})
+    data.write_json(os.path.join(path, 'dataset_info.json'), {
+        'citation': '', 'description': '', 'features': features, 'homepage': '', 'license': ''})
 
 # -----------------------------------------------------------------------------
 # The authors' rows as prepare.py's source
@@ -208,10 +284,9 @@ class OfficialImageNet:
                 with open(os.path.join(d.path, 'state.json'), 'rb') as f:
                     h.update(f.read())
         self.source = h.hexdigest()
-        if self.count:                              # the sizes, before any shard is written
-            self.read_images(0, 1)
-            if self.latents is not None:
-                self.read_moments(0, 1)
+        self.read_images(0, 1)                      # the sizes, before any shard is written
+        if self.latents is not None:
+            self.read_moments(0, 1)
 
     def __len__(self):
         return self.count
@@ -254,13 +329,16 @@ class OfficialImageNet:
 
     def read_moments(self, start, stop):
         """float32 (n, 8, S/8, S/8): (mean, logvar = 2 log std) of the authors' (mean, std)."""
-        h, first = self.image_size // 8, self.latents.file_of(start)
-        v = nested_floats(self.latents.rows(start, stop).column('data'), f"{first} column 'data'")
-        if v.shape[1:] == (1, 8, h, h):                 # the singleton form: a batch axis kept
-            v = v[:, 0]
-        if v.shape[1:] != (8, h, h):
-            raise ValueError(f"{first}: 'data' rows are {list(v.shape[1:])}, not [8, {h}, {h}] "
-                             f"(or [1, 8, {h}, {h}]) for {self.image_size} px")
+        h, parts = self.image_size // 8, []
+        for path, lo, table in self.latents.pieces(start, stop):     # each Arrow file on its own
+            v = nested_floats(table.column('data'), f"{path} column 'data'", lo)
+            if v.shape[1:] == (1, 8, h, h):             # the singleton form: a batch axis kept
+                v = v[:, 0]
+            if v.shape[1:] != (8, h, h):
+                raise ValueError(f"{path}: row {lo}'s 'data' is {list(v.shape[1:])}, not [8, {h}, "
+                                 f"{h}] (or [1, 8, {h}, {h}]) for {self.image_size} px")
+            parts.append(v)
+        v = np.concatenate(parts)
         for bad, what in [(~np.isfinite(v).all(axis=(1, 2, 3)), "a value that is not finite"),
                           ((v[:, 4:] < 0).any(axis=(1, 2, 3)), "a negative std (channels 4-7)")]:
             if bad.any():

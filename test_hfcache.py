@@ -2,10 +2,10 @@
 its official layout (two Hugging Face datasets saved to disk, both splits, Arrow stream shards, state.json, the Image
 struct, the nested-list latents, the singleton form), converted and compared with the download: images bit for bit,
 labels, the latent step's z against the official sample_posterior; resuming, ranks, workers; bad caches."""
-import hashlib
 import io
 import json
 import os
+import re
 from contextlib import nullcontext
 
 import numpy as np
@@ -24,33 +24,6 @@ from test_irepa import LATENT, inputs_settings, load_last, torchrun
 
 S = 64                                     # LATENT's image size: latents 8 x 8
 IMAGES, LATENTS = 'imagenet-latents-images', 'imagenet-latents-sdvae-ft-mse-f8d4'
-
-
-def nested(arr):
-    """numpy (n, *dims) float32 -> the Arrow column Hugging Face writes for nested Sequences: list<...<float>>."""
-    values = pa.array(arr.reshape(-1))
-    for d in reversed(arr.shape[1:]):
-        n = len(values) // d
-        values = pa.ListArray.from_arrays(pa.array(np.arange(0, n * d + 1, d, dtype=np.int32)), values)
-    return values
-
-
-def save_to_disk(path, table, features, shards=2):
-    """What datasets' save_to_disk writes: `shards` Arrow IPC stream files of small record batches, state.json
-    listing them, dataset_info.json with the features."""
-    os.makedirs(path)
-    bounds = np.linspace(0, table.num_rows, shards + 1).astype(int)
-    names = [f'data-{k:05d}-of-{shards:05d}.arrow' for k in range(shards)]
-    for name, lo, hi in zip(names, bounds[:-1], bounds[1:]):
-        with pa.OSFile(os.path.join(path, name), 'wb') as f, pa.ipc.new_stream(f, table.schema) as w:
-            for batch in table.slice(lo, hi - lo).to_batches(max_chunksize=2):
-                w.write_batch(batch)
-    fingerprint = hashlib.sha256(str(table.to_pydict()).encode()).hexdigest()[:16]
-    json.dump({'_data_files': [{'filename': n} for n in names], '_fingerprint': fingerprint, '_format_columns': None,
-               '_format_kwargs': {}, '_format_type': None, '_output_all_columns': False, '_split': None},
-              open(os.path.join(path, 'state.json'), 'w'))
-    json.dump({'citation': '', 'description': '', 'features': features, 'homepage': '', 'license': ''},
-              open(os.path.join(path, 'dataset_info.json'), 'w'))
 
 
 def smooth_images(rng, n, size):
@@ -73,17 +46,19 @@ def official_split(root, rng, labels, names=None, singleton=False, logvar=(-12.0
     image_type = pa.struct([('bytes', pa.binary()), ('path', pa.string())])
     column = pa.array([{'bytes': png(a), 'path': f'{i:08d}.png'} for i, a in enumerate(images)], type=image_type)
     label_feature = {'names': names, '_type': 'ClassLabel'} if names else {'dtype': 'int64', '_type': 'Value'}
-    save_to_disk(os.path.join(root, IMAGES), pa.table({'image': column, 'label': pa.array(labels, pa.int64())}),
-                 {'image': {'_type': 'Image'}, 'label': label_feature})
+    hfcache.save_to_disk(os.path.join(root, IMAGES),
+                         pa.table({'image': column, 'label': pa.array(labels, pa.int64())}),
+                         {'image': {'_type': 'Image'}, 'label': label_feature})
     mean = rng.normal(0, 1, (n, 4, h, h)).astype(np.float32)
     std = torch.exp(0.5 * torch.empty(n, 4, h, h).uniform_(*logvar, generator=torch.Generator().manual_seed(n)))
     moments = np.concatenate([mean, std.numpy()], axis=1)
     value = {'feature': {'dtype': 'float32', '_type': 'Value'}, '_type': 'Sequence'}
     for _ in range(3 if singleton else 2):
         value = {'feature': value, '_type': 'Sequence'}
-    save_to_disk(os.path.join(root, LATENTS),
-                 pa.table({'id': pa.array(np.arange(n)), 'data': nested(moments[:, None] if singleton else moments)}),
-                 {'id': {'dtype': 'int64', '_type': 'Value'}, 'data': value})
+    rows = moments[:, None] if singleton else moments
+    hfcache.save_to_disk(os.path.join(root, LATENTS),
+                         pa.table({'id': pa.array(np.arange(n)), 'data': hfcache.nested(rows)}),
+                         {'id': {'dtype': 'int64', '_type': 'Value'}, 'data': value})
     return images, np.array(labels), moments
 
 
@@ -283,7 +258,7 @@ def rewrite(path, edit):
     with open(path, 'rb') as f:
         table = pa.ipc.open_stream(f.read()).read_all()
     table = edit(table)
-    hfcache.open_shard.cache_clear()
+    hfcache.open_stream.cache_clear()
     with pa.OSFile(path, 'wb') as f, pa.ipc.new_stream(f, table.schema) as w:
         w.write_table(table)
 
@@ -300,7 +275,7 @@ def set_column(name, fn):
 
 def latents_data(fn):
     """Edits the shard's moments as numpy (rows, 8, h, h)."""
-    return set_column('data', lambda c: nested(fn(hfcache.nested_floats(c, 'test').copy())))
+    return set_column('data', lambda c: hfcache.nested(fn(hfcache.nested_floats(c, 'test').copy())))
 
 
 BAD = {
@@ -320,15 +295,46 @@ BAD = {
                            lambda r: shard(r, LATENTS), 'row 3 has id 4: the ids are not contiguous'),
     'wrong shape': (lambda r: rewrite(shard(r, LATENTS), latents_data(lambda v: v[:, :, :4])),
                     lambda r: shard(r, LATENTS),
-                    "'data' rows are [8, 4, 8], not [8, 8, 8] (or [1, 8, 8, 8]) for 64 px"),
+                    "row 3's 'data' is [8, 4, 8], not [8, 8, 8] (or [1, 8, 8, 8]) for 64 px"),
     'non-finite': (lambda r: rewrite(shard(r, LATENTS), latents_data(lambda v: np.where(v == v.max(), np.nan, v))),
                    lambda r: shard(r, LATENTS), 'has a value that is not finite: not the (mean, std)'),
     'negative std': (lambda r: rewrite(shard(r, LATENTS), latents_data(lambda v: v * np.where(
         np.arange(8)[:, None, None] == 6, -1, 1).astype(np.float32))), lambda r: shard(r, LATENTS),
         'row 3 has a negative std (channels 4-7)'),
+    'image as binary': (lambda r: rewrite(shard(r, IMAGES, 0), set_column('image', lambda c: c.combine_chunks().field(
+        'bytes'))), lambda r: shard(r, IMAGES, 0), "column 'image' is binary, not a struct with binary 'bytes'"),
+    'label as string': (lambda r: rewrite(shard(r, IMAGES, 0), set_column('label', lambda c: c.cast(pa.string()))),
+                        lambda r: shard(r, IMAGES, 0), "column 'label' is string, not an integer type"),
+    'id as string': (lambda r: rewrite(shard(r, LATENTS, 0), set_column('id', lambda c: c.cast(pa.string()))),
+                     lambda r: shard(r, LATENTS, 0), "column 'id' is string, not an integer type"),
+    'data as float64': (lambda r: rewrite(shard(r, LATENTS, 0), set_column('data', lambda c: c.cast(
+        pa.list_(pa.list_(pa.list_(pa.float64())))))), lambda r: shard(r, LATENTS, 0),
+        "column 'data' is list<item: list<item: list<item: double>>>, not nested lists of float32"),
+    'no rows': (lambda r: [rewrite(shard(r, IMAGES, k), lambda t: t.slice(0, 0)) for k in (0, 1)],
+                lambda r: os.path.join(r, IMAGES), 'has no rows'),
     'labels out of order': (lambda r: rewrite(shard(r, IMAGES), set_column('label', lambda c: pa.array([1, 0, 1, 1]))),
                             lambda r: shard(r, IMAGES), 'label 0 after 1 (row 4): the rows are not in ImageFolder'),
 }
+
+
+@pytest.mark.parametrize('edit, msg', [
+    (lambda v: v[:2] + [v[2][:4]] + v[3:], " column 'data': row 5 is shaped differently from row 3"),
+    (lambda v: v[:2] + [None] + v[3:], " column 'data': row 5 has a missing value"),
+    (lambda v: v[:2] + [[[[None] + x[1:] for x in c] for c in v[2]]] + v[3:],
+     " column 'data': row 5 has a missing value"),
+    (lambda v: [[c[:4] for c in row] for row in v], ": row 3's 'data' is [8, 4, 8], not [8, 8, 8]")],
+    ids=['ragged row', 'missing row', 'missing value', 'every row [8, 4, 8]'])
+def test_a_bad_row_is_named_in_its_own_file(official, tmp_path, vae_home, monkeypatch, edit, msg):
+    """A prepared shard of 7 rows reads both Arrow files (rows 0-2, 3-6): a bad row in the second is named with its
+    file and row."""
+    monkeypatch.setenv('TORCH_HOME', vae_home)
+    root = official[0]
+    path = shard(root, LATENTS)
+    rewrite(path, set_column('data', lambda c: pa.array(edit(c.to_pylist()), c.type)))
+    with pytest.raises(SystemExit) as e:
+        convert(tmp_path, *option_a(root), shard_size=7)
+    text = str(e.value.code)
+    assert path + msg in text and '\n' not in text, text
 
 
 @pytest.mark.parametrize('case', list(BAD))
@@ -337,7 +343,7 @@ def test_bad_caches_give_one_line(official, tmp_path, vae_home, monkeypatch, cas
     root = official[0]
     damage, where, msg = BAD[case]
     damage(root)
-    hfcache.open_shard.cache_clear()
+    hfcache.open_stream.cache_clear()
     with pytest.raises(SystemExit) as e:
         convert(tmp_path, *option_a(root))
     text = str(e.value.code)
@@ -383,3 +389,14 @@ def test_a_bad_row_on_one_rank_ends_every_rank_alike(official, tmp_path, vae_hom
     lines = [line for line in r.stderr.splitlines() if line.startswith('prepare.py: error: ')]
     assert r.returncode != 0 and len(lines) == 2 and len(set(lines)) == 1, r.stderr[-3000:]
     assert 'row 6 has a value that is not finite' in lines[0]
+
+
+def test_bench_hf_convert_prints_a_rate(capsys):
+    """bench.py --hf-convert builds a synthetic cache in the official layout and converts it in 1 and 2 processes."""
+    import bench
+    bench.main(['--hf-convert', '12', '--image-size', '16', '--num-workers', '2'])
+    out = capsys.readouterr().out
+    assert 'hf-convert: 12 rows of 16 px' in out and 'host: ' in out, out
+    for workers in (0, 2):
+        assert re.search(rf'  {workers} workers: \d+ images/s \(\d+ per process\) \| ImageNet \(1,281,167 rows\): '
+                         rf'\d+ core-minutes', out), out

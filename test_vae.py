@@ -218,3 +218,14 @@ def test_missing_files_offline_error(tmp_path, monkeypatch):
     msg = str(e.value)
     assert '\n' not in msg and V.VAE_FILE in msg and V.STATS_FILE in msg
     assert str(tmp_path / 'hub' / 'checkpoints') in msg and 'REPA-E/iREPA-collections' in msg
+
+def test_read_stats_takes_the_official_shape(tmp_path):
+    """The official stats file stores latents_scale and latents_bias as (1, 4, 1, 1): read back as (4,) each, so a
+    prepared folder's manifest holds 4 numbers whichever way it was made; anything but 4 values is refused."""
+    path = str(tmp_path / 'stats.pt')
+    torch.save({'latents_scale': torch.arange(1., 5.).view(1, 4, 1, 1), 'latents_bias': torch.zeros(1, 4, 1, 1)}, path)
+    scale, bias = V.read_stats(path)
+    assert scale.tolist() == [1., 2., 3., 4.] and bias.shape == (4,)
+    torch.save({'latents_scale': torch.ones(3), 'latents_bias': torch.zeros(3)}, path)
+    with pytest.raises(RuntimeError, match='must hold 4 values each'):
+        V.read_stats(path)

@@ -225,14 +225,18 @@ def load_vae(path=None, stats_path=None, device='cpu'):
     return vae, scale, bias
 
 def read_stats(path=None):
-    """The per-channel latents_scale and latents_bias (4,) of the stats file at `path`, None: the
-    official one (cached or downloaded)."""
+    """The per-channel latents_scale and latents_bias, each (4,), of the stats file at `path` (the
+    official one stores them as (1, 4, 1, 1)); None: the official file (cached or downloaded)."""
     path = path or cached_file(STATS_FILE)
     stats = read(path)
     if not isinstance(stats, dict) or not {'latents_scale', 'latents_bias'} <= stats.keys():
         raise RuntimeError(f"{path} has no latents_scale and latents_bias: "
                            f"not the VAE's latent statistics")
-    return stats['latents_scale'].float(), stats['latents_bias'].float()
+    scale, bias = (stats[k].float().flatten() for k in ('latents_scale', 'latents_bias'))
+    if scale.numel() != 4 or bias.numel() != 4:
+        raise RuntimeError(f"{path}: latents_scale and latents_bias must hold 4 values each, one per "
+                           f"latent channel")
+    return scale, bias
 
 def read(path):
     """torch.load of weights, with one clear error for a file that is not one
