@@ -433,12 +433,15 @@ def test_grad_accum_matches_one_big_batch(tmp_path, fp32):
     for k in a['model']:
         torch.testing.assert_close(a['model'][k], b['model'][k], atol=1e-5, rtol=1e-4)
 
-def torchrun(*args, nproc=2, script='irepa.py'):
-    with socket.socket() as sock:                                          # a free port for the rendezvous
+def torchrun_command(nproc=2):
+    """torchrun with nproc CPU ranks on this machine, its rendezvous on a free port."""
+    with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port', str(port),
-           os.path.join(HERE, script), *args]
+    return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port', str(port)]
+
+def torchrun(*args, nproc=2, script='irepa.py'):
+    cmd = [*torchrun_command(nproc), os.path.join(HERE, script), *args]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
 

@@ -12,7 +12,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from PIL import Image
 import data
 import irepa
 import runs
-from test_irepa import HERE, RECIPE_DEMO_SAMPLER, TRAIN, load_last, make_folder, run_train
+from test_irepa import HERE, RECIPE_DEMO_SAMPLER, TRAIN, load_last, make_folder, run_train, torchrun_command
 
 def test_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
     (tmp_path / 'checkpoints').mkdir()
@@ -250,11 +249,13 @@ def test_a_failed_background_save_is_logged_at_once_and_the_next_one_tries_again
 # -----------------------------------------------------------------------------
 # Nothing lost on a cluster: a scheduler's signal, durable writes (real signals to real processes, real write errors)
 
-def start(argv, out, launcher=()):
-    """irepa.py in its own process group (as a scheduler sees a job), stdout and stderr to the file `out`."""
+def start(argv, out, ranks=0, preexec_fn=None):
+    """irepa.py (under torchrun with `ranks` CPU ranks if any) in its own process group (as a scheduler sees a job),
+    stdout and stderr to the file `out`."""
     env = dict(os.environ, IREPA_PRECISION='fp32', OMP_NUM_THREADS='1')
-    return subprocess.Popen([sys.executable, *launcher, os.path.join(HERE, 'irepa.py'), *argv], cwd=HERE, env=env,
-                            stdout=open(out, 'w'), stderr=subprocess.STDOUT, start_new_session=True)
+    python = torchrun_command(ranks) if ranks else [sys.executable]
+    return subprocess.Popen([*python, os.path.join(HERE, 'irepa.py'), *argv], cwd=HERE, env=env, stdout=open(out, 'w'),
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec_fn)
 
 def wait_for(out, text, proc, timeout=240):
     t0 = time.time()
@@ -302,12 +303,8 @@ def test_a_signal_stops_both_ranks_after_the_same_step(tmp_path, to):
     """A signal that reaches one rank (SIGUSR1 to one worker) or torchrun (SIGTERM, which it forwards): both ranks
     stop after the same step, rank 0 saves it, no collective breaks. torchrun exits 1 after a signal it forwarded
     even though its workers exit 0 (torch.distributed.run's behaviour, which docs/cluster.md says)."""
-    port = socket.socket()
-    port.bind(('127.0.0.1', 0))
-    launcher = ['-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(port.getsockname()[1])]
-    port.close()
     out = str(tmp_path / 'out.txt')
-    p = start(TRAIN + ['--encoder', 'none', '--max-steps', '500', '--results-dir', str(tmp_path)], out, launcher)
+    p = start(TRAIN + ['--encoder', 'none', '--max-steps', '500', '--results-dir', str(tmp_path)], out, ranks=2)
     wait_for(out, 'step 3/500', p)
     if to == 'one worker':
         os.kill(children(p.pid)[-1], signal.SIGUSR1)
@@ -393,19 +390,13 @@ def test_the_log_goes_on_when_log_txt_cannot_be_written(tmp_path, capsys):
 
 def test_ranks_do_not_claim_a_checkpoint_rank_0_could_not_write(tmp_path):
     """A stop whose checkpoint rank 0 cannot write (RLIMIT_FSIZE: 'File too large', as a full disk says 'No space
-    left'): every rank ends with the same one-line error naming the cause, none says 'saved in'."""
-    port = socket.socket()
-    port.bind(('127.0.0.1', 0))
-    launcher = ['-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(port.getsockname()[1])]
-    port.close()
+    left'): every rank ends with one error line (rank 0's names the cause), none says 'saved in'."""
     out = str(tmp_path / 'out.txt')
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)                          # a write error, not a kill
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-    env = dict(os.environ, IREPA_PRECISION='fp32', OMP_NUM_THREADS='1')
-    p = subprocess.Popen([sys.executable, *launcher, os.path.join(HERE, 'irepa.py'), *TRAIN, '--encoder', 'none',
-                          '--max-steps', '500', '--results-dir', str(tmp_path)], cwd=HERE, env=env,
-                         stdout=open(out, 'w'), stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=limit)
+    p = start(TRAIN + ['--encoder', 'none', '--max-steps', '500', '--results-dir', str(tmp_path)], out, ranks=2,
+              preexec_fn=limit)
     wait_for(out, 'step 3/500', p)
     os.kill(children(p.pid)[-1], signal.SIGTERM)
     assert p.wait(timeout=120) != 0

@@ -278,11 +278,6 @@ def git_commit():
     return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
                           cwd=HERE).stdout.strip() or 'unknown'
 
-def save_json(path, obj):
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + '.tmp', path)                                             # atomic: a kill leaves the old one
-
 def fd_of(model, net, ref, n, seed, s):
     """FD of n samples of the EMA model (sampler s: the recipe's, no CFG, labels balanced) vs the reference,
     and the samples (uint8 (n, 32, 32, 3))."""
@@ -351,7 +346,7 @@ def run_arm(args, arm, seed, cfg, net, ref):
             h, _ = trained.noised_features(model, images.float() / 127.5 - 1, labels, METRIC_T,
                                          torch.Generator().manual_seed(SEED))
             res.update(spatial_metrics(h))
-        save_json(path, res)
+        data.write_json(path, res)
     return res
 
 def target_metrics(args, cfg):
@@ -366,7 +361,7 @@ def target_metrics(args, cfg):
         with torch.no_grad(), irepa.autocast('cpu'):
             z = torch.cat([encoder(images[i:i + 250].float()).float() for i in range(0, len(images), 250)])
         out[name] = dict(raw=spatial_metrics(z), spatial_norm=spatial_metrics(irepa.spatial_norm(z, gamma)))
-    save_json(path, out)
+    data.write_json(path, out)
     return out
 
 def mean_sd(values, sign=False):
@@ -665,7 +660,7 @@ def title_targets(args, cfg):
             probe_fit=PROBE_FIT)
         print(f"target {name}: " + ", ".join(f"{k} {out[name][k]:.4f}" for k in PREDICTORS) +
               f" ({time.time() - t0:.0f} s)", flush=True)
-        save_json(path, out)
+        data.write_json(path, out)
     return out
 
 def bootstrap(x, y, n=10_000, seed=0):
