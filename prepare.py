@@ -219,10 +219,10 @@ def main(argv=None):
         dist.all_gather_object(every, (unreadable, errors))
         unreadable, errors = sum((u for u, _ in every), []), sum((e for _, e in every), [])
     if errors:
-        fail(errors[0])
+        runs.fail_together(errors[0])
     if unreadable:
         paths = ', '.join(p for p, _ in unreadable[:3]) + (', ...' if len(unreadable) > 3 else '')
-        fail(f"{len(unreadable)} unreadable image(s) ({paths}; the first: {unreadable[0][1]}), so "
+        runs.fail_together(f"{len(unreadable)} unreadable image(s) ({paths}; the first: {unreadable[0][1]}), so "
              f"their shards were not written: fix them and run prepare.py again (to drop them "
              f"instead, remove them and prepare into an empty folder)")
     if master:

@@ -36,6 +36,18 @@ def fail(msg):
     script that runs (irepa.py, sample.py, metrics.py), as argparse names its own errors."""
     sys.exit(f"{os.path.basename(sys.argv[0])}: error: {msg}")
 
+def fail_together(msg, group=None):
+    """fail() on every rank of a torchrun job that met the same error at the same point (after a
+    collective on `group`): each says the line before any exits (torchrun ends the others once one
+    has exited), and the process group ends first (a rank that exits while holding it aborts)."""
+    if not dist.is_initialized():
+        fail(msg)
+    sys.stderr.flush()                      # one write, so the ranks' lines never interleave
+    os.write(2, f"{os.path.basename(sys.argv[0])}: error: {msg}\n".encode())
+    dist.barrier(group)
+    dist.destroy_process_group()
+    sys.exit(1)
+
 def warn(msg):
     """A warning as one line on stderr, named after the running script (warnings.warn would print
     the source line after it)."""
@@ -441,7 +453,8 @@ def wait_for_save(last=False, group=None):
     if group is not None:
         dist.all_reduce(failed, dist.ReduceOp.MAX, group)
     if failed:
-        fail(SAVING['error'] or "rank 0 could not save the run's last checkpoint (its log says why)")
+        fail_together(SAVING['error'] or "rank 0 could not save the run's last checkpoint (its log "
+                      "says why)", group)
 
 class Preemption:
     """Stopping on a scheduler's signal without losing the run: SIGTERM (SLURM, Kubernetes), SIGUSR1
