@@ -11,6 +11,7 @@ from PIL import Image
 
 import irepa
 import trained
+from test_irepa import torchrun_command
 import sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -174,7 +175,7 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def run_cli(*argv, torchrun=False):
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node=2"] if torchrun else [])
+    cmd = torchrun_command() if torchrun else [sys.executable]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     return subprocess.run(cmd + [os.path.join(HERE, "sample.py"), *map(str, argv)], cwd=HERE, env=env,
                           capture_output=True, text=True, timeout=120)
