@@ -574,7 +574,7 @@ def train(args, ckpt=None):
         loss_fn, times = meanflow.objective(args, raw_model)
 
     # -- the loop: inputs -> loss -> gradient -> clip -> AdamW -> EMA; a log line every log_every
-    #    steps, a checkpoint every ckpt_every. The step fixes the data's position.
+    #    steps and before each checkpoint (every ckpt_every). The step fixes the data's position.
     mixed_precision, generator = autocast(device), torch.Generator(device=device)
     steps_per_epoch = len(dataset) // args.global_batch_size
     warmup_steps = args.warmup_epochs * steps_per_epoch
@@ -620,13 +620,13 @@ def train(args, ckpt=None):
             update_ema(ema, raw_model, args.ema_decay)
             step += 1
             last = step == args.max_steps or bool(stop.stop())      # the same on every rank
-            if step % args.log_every == 0 or last:
+            save = step % args.ckpt_every == 0 or last
+            if step % args.log_every == 0 or save:                  # no save before a check
                 if world > 1:
                     dist.all_reduce(sums)                   # a sum (gloo has no AVG)
                 loss, denoise, align, grad_norm = (sums / ((step - last_step) * world)).tolist()
-                if not math.isfinite(loss):
-                    runs.fail(f"loss is {loss} at step {step}; stopping. The last good checkpoint "
-                              f"is in {run_dir}/checkpoints (a new run with a lower --lr may help)")
+                if not math.isfinite(loss + grad_norm):         # the weights went bad
+                    runs.diverged(loss, grad_norm, step, run_dir)
                 dt = (time.time() - t0) / (step - last_step)
                 name = 'mf' if args.objective == 'meanflow' else 'fm'
                 log(f"step {step}/{args.max_steps} | loss {loss:.4f} "
@@ -634,7 +634,7 @@ def train(args, ckpt=None):
                     f"{dt * 1000:.0f} ms | {args.global_batch_size / dt:.0f} img/s")
                 sums.zero_()
                 t0, last_step = time.time(), step
-            if step % args.ckpt_every == 0 or last:
+            if save:
                 runs.save_run(log, run_dir, step, raw_model, ema, opt, args, master, last)
             if last:
                 break

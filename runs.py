@@ -33,20 +33,25 @@ import vae
 
 def fail(msg):
     """A one-line error for bad input, instead of a traceback from deep inside; named after the
-    script that runs (irepa.py, sample.py, metrics.py), as argparse names its own errors."""
-    sys.exit(f"{os.path.basename(sys.argv[0])}: error: {msg}")
+    script that runs (irepa.py, sample.py, metrics.py), as argparse names its own errors. Under
+    torchrun the line is one write, so two ranks' lines never run into each other."""
+    line = f"{os.path.basename(sys.argv[0])}: error: {msg}"
+    if int(os.environ.get('WORLD_SIZE', 1)) == 1:
+        sys.exit(line)
+    sys.stderr.flush()
+    os.write(2, f"{line}\n".encode())
+    sys.exit(1)
 
 def fail_together(msg, group=None):
     """fail() on every rank of a torchrun job that met the same error at the same point (after a
     collective on `group`): each says the line before any exits (torchrun ends the others once one
     has exited), and the process group ends first (a rank that exits while holding it aborts)."""
-    if not dist.is_initialized():
+    try:
         fail(msg)
-    sys.stderr.flush()                      # one write, so the ranks' lines never interleave
-    os.write(2, f"{os.path.basename(sys.argv[0])}: error: {msg}\n".encode())
-    dist.barrier(group)
-    dist.destroy_process_group()
-    sys.exit(1)
+    finally:                                # the line said: now the others may end
+        if dist.is_initialized():
+            dist.barrier(group)
+            dist.destroy_process_group()
 
 def warn(msg):
     """A warning as one line on stderr, named after the running script (warnings.warn would print
@@ -439,6 +444,13 @@ def background_save(path, state, log, last):
         SAVING['error'] = f"could not save {path} ({type(cause).__name__}: {cause})"  # torch's error
         if not last:                                        # the last one's failure stops the run
             log(f"warning: {SAVING['error']}; training goes on, the next checkpoint tries again")
+
+def diverged(loss, grad_norm, step, run_dir):
+    """Every rank stops when the loss or the gradient is not finite (the same, all-reduced). They
+    are checked before each save, so no checkpoint holds the weights that went bad."""
+    fail_together(f"loss {loss:.4g}, gradient norm {grad_norm:.4g} at step {step}: stopping. The "
+                  f"checkpoints in {run_dir}/checkpoints (none if it is empty) were saved before "
+                  f"it went bad; a new run with a lower --lr may help")
 
 def wait_for_save(last=False, group=None):
     """Waits for the save in flight. After the run's last save every rank learns (through `group`,

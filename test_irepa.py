@@ -1,6 +1,7 @@
 """Tests for irepa.py: SiT, the projectors, the encoders, the losses, the settings and the loop. Small, CPU-only, no
 network: python -m pytest -q"""
 import argparse
+import glob
 import math
 import os
 import socket
@@ -465,9 +466,38 @@ def test_nan_loss_stops_with_a_message(tmp_path, monkeypatch):
     run_dir = run_train(tmp_path / 'ok', '--encoder', 'none', '--max-steps', '1')
     nan = lambda *a, **k: (torch.tensor(float('nan'), requires_grad=True), torch.tensor(0.0))
     monkeypatch.setattr(irepa, 'flow_matching_loss', nan)
-    with pytest.raises(SystemExit, match='loss is nan at step 2; stopping. The last good checkpoint'):
+    with pytest.raises(SystemExit, match='loss nan, gradient norm 0 at step 2: stopping. The checkpoints in'):
         run_train(tmp_path / 'ok', '--encoder', 'none', '--max-steps', '3', '--resume', run_dir)
     assert runs.latest_checkpoint(run_dir).endswith('0000001.pt')
+
+def test_weights_gone_bad_are_never_saved(tmp_path, monkeypatch):
+    """A checkpoint step (4) that is not a log step, whose loss is finite but whose gradient is not (NaN weights
+    after it): the loss and the gradient norm are checked before the save, so the run stops at step 4 with step 2
+    its last checkpoint."""
+    calls, real = [], irepa.flow_matching_loss
+    def bad_gradient_at_step_4(*a, **k):
+        denoise, align = real(*a, **k)
+        calls.append(1)
+        if len(calls) == 4:
+            denoise.register_hook(lambda g: g * float('inf'))
+        return denoise, align
+    monkeypatch.setattr(irepa, 'flow_matching_loss', bad_gradient_at_step_4)
+    with pytest.raises(SystemExit, match=r'loss \S+, gradient norm (nan|inf) at step 4: stopping'):
+        run_train(tmp_path, '--encoder', 'none', '--max-steps', '6', '--ckpt_every=2', '--log_every=5')
+    (run_dir,) = glob.glob(str(tmp_path / '*'))
+    ckpt = runs.latest_checkpoint(run_dir)
+    assert ckpt.endswith('0000002.pt'), ckpt
+    state = torch.load(ckpt, weights_only=False)
+    assert all(v.isfinite().all() for part in ('model', 'ema') for v in state[part].values())
+
+def test_a_run_gone_bad_ends_every_rank_alike(tmp_path):
+    """--lr 1e30 overflows at step 2 on both ranks: each says the same one line (one write each, none cut short by
+    torchrun ending the other) and none aborts holding the process group."""
+    r = torchrun(*TRAIN, '--encoder', 'none', '--max-steps', '20', '--lr', '1e30', '--log_every=1',
+                 '--results-dir', str(tmp_path))
+    lines = [line for line in r.stderr.splitlines() if line.startswith('irepa.py: error: ')]
+    assert r.returncode != 0 and len(lines) == 2 and len(set(lines)) == 1, r.stderr[-3000:]
+    assert 'at step 2: stopping' in lines[0] and 'terminate called' not in r.stderr
 
 def test_demo_trains_and_leaves_the_defaults_alone(tmp_path, capsys):
     run_dir = irepa.main(['--setting', 'demo', '--max-steps', '2', '--results-dir', str(tmp_path)])
