@@ -83,6 +83,24 @@ class ImageFolder(torch.utils.data.Dataset):
         raise RuntimeError(f"{i + 1} images in a row are unreadable in "
                            f"{os.path.dirname(os.path.dirname(path))}, the last {path} ({why})")
 
+class Checked(torch.utils.data.Dataset):
+    """The images idx of an ImageFolder as (uint8 (3, S, S), label, -1, '') or, for an unreadable
+    file, (zeros, label, its index, why): its slot is never filled with another image, as
+    training's is. For prepare.py (a shard is not written) and metrics.py (the image is skipped)."""
+    def __init__(self, dataset, idx):
+        self.dataset, self.idx = dataset, idx
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        path, label = self.dataset.samples[self.idx[i]]
+        try:
+            return self.dataset.load(path), label, -1, ''
+        except Exception as e:
+            S = self.dataset.image_size
+            return torch.zeros(3, S, S, dtype=torch.uint8), label, self.idx[i], f"{type(e).__name__}: {e}"
+
 class Shapes(torch.utils.data.Dataset):
     """Procedural data, one class per shape: a bright shape of random colour, size and position on a
     dark background. Offline stand-in for ImageNet in the demo and the tests;

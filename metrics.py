@@ -45,7 +45,7 @@ import data
 import irepa
 import trained
 import vae
-from runs import call_or_fail, check_ranges, fail  # one-line errors, no traceback
+from runs import call_or_fail, check_ranges, fail, warn  # one-line errors, no traceback
 
 METRICS = ('lds', 'cds', 'srss', 'rmsc')
 
@@ -347,15 +347,19 @@ def measure(args, encoder_name, device):
                                args.hub_dir or ck.get('hub_dir'), device)
     # SiT is given the images' classes when they are the checkpoint's, else the null (CFG) class.
     same_classes = model is not None and dataset.classes == ck.get('class_names')
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices),
+    # An unreadable image is skipped (and named), not replaced by another in its slot.
+    loader = torch.utils.data.DataLoader(data.Checked(dataset, indices),
                                          batch_size=args.batch_size, num_workers=args.num_workers)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    vals = {}
+    vals, unreadable = {}, []
     # m: this batch's masks or None
     batch_masks = [None] * len(loader) if masks is None else masks.split(args.batch_size)
-    for (img, y), m in zip(loader, batch_masks):
-        img = img.to(device)                                          # uint8 (B, 3, S, S)
-        y = y.to(device)
+    for (img, y, bad, why), m in zip(loader, batch_masks):
+        unreadable += [(dataset.samples[int(i)][0], w) for i, w in zip(bad, why) if i >= 0]
+        ok = bad < 0
+        if not ok.any():
+            continue
+        img, y, m = img[ok].to(device), y[ok].to(device), None if m is None else m[ok]
         rows = {}
         if encoder is not None:
             with irepa.autocast(device):
@@ -374,6 +378,11 @@ def measure(args, encoder_name, device):
         for name, feats in rows.items():
             for k, v in call_or_fail(all_metrics, feats, m).items():
                 vals.setdefault(name, {}).setdefault(k, []).append(v.double().cpu().numpy())
+    if unreadable:
+        warn(f"skipped {len(unreadable)} unreadable image(s), the first {unreadable[0][0]} "
+             f"({unreadable[0][1]})")
+    if not vals:
+        fail(f"none of the {len(indices)} images chosen from {args.data_path} is readable")
     if model is not None and not same_classes:
         print("note: the image folder's classes differ from the checkpoint's, "
               "so SiT was given the null class")

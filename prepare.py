@@ -54,22 +54,6 @@ def file_sha256(path):
             h.update(block)
     return h.hexdigest()
 
-class ShardImages(torch.utils.data.Dataset):
-    """The images idx of an ImageFolder as (uint8 (3, S, S), -1, '') or, for an unreadable file,
-    (zeros, its index, why): its slot is never filled with another image, as training's would be."""
-    def __init__(self, dataset, idx):
-        self.dataset, self.idx = dataset, idx
-
-    def __len__(self):
-        return len(self.idx)
-
-    def __getitem__(self, i):
-        path, S = self.dataset.samples[self.idx[i]][0], self.dataset.image_size
-        try:
-            return self.dataset.load(path), -1, ''
-        except Exception as e:
-            return torch.zeros(3, S, S, dtype=torch.uint8), self.idx[i], f"{type(e).__name__}: {e}"
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,11 +175,11 @@ def main(argv=None):
     else:                           # decoded by --num-workers loader processes, encoded here
         for k in mine:
             idx = list(range(k * args.shard_size, min((k + 1) * args.shard_size, n_all)))
-            loader = torch.utils.data.DataLoader(ShardImages(dataset, idx),
+            loader = torch.utils.data.DataLoader(data.Checked(dataset, idx),
                                                  batch_size=args.batch_size,
                                                  num_workers=args.num_workers)
             images, moments, bad = [], [], []
-            for x, j, why in loader:                                            # uint8 (B, 3, S, S)
+            for x, _, j, why in loader:                                         # uint8 (B, 3, S, S)
                 bad += [(dataset.samples[int(i)][0], w) for i, w in zip(j, why) if i >= 0]
                 images.append(x.permute(0, 2, 3, 1).numpy())                   # (B, S, S, 3)
                 if sd_vae is not None:

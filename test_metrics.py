@@ -248,6 +248,26 @@ def test_cli_encoder_table(tmp_path, capsys):
     assert all(len(v) == 5 for ms in vals.values() for v in ms.values())
 
 
+def test_cli_skips_an_unreadable_image_without_filling_its_slot(tmp_path, capsys):
+    """A corrupt file is named and left out: the table is over the 5 readable images, the same values as the folder
+    without it (no other image measured twice in its place); a folder with none readable gives one line."""
+    data = make_folder(tmp_path / 'data')
+    (data / 'c1' / '3.png').write_bytes(b'not a png')
+    vals = metrics.main(['--data-path', str(data)] + COMMON)
+    out, err = capsys.readouterr()
+    assert 'over 5 images' in out and 'skipped 1 unreadable image(s), the first ' + str(data / 'c1' / '3.png') in err
+    os.remove(data / 'c1' / '3.png')
+    clean = metrics.main(['--data-path', str(data)] + COMMON)
+    for name in clean:
+        for k in clean[name]:
+            np.testing.assert_allclose(np.sort(vals[name][k]), np.sort(clean[name][k]), rtol=1e-4, atol=1e-6,
+                                       err_msg=k)                               # batches differ: float order
+    for p in data.rglob('*.png'):
+        p.write_bytes(b'')
+    with pytest.raises(SystemExit, match='none of the 5 images chosen from .* is readable'):
+        metrics.main(['--data-path', str(data)] + COMMON)
+
+
 def test_cli_mask_and_folder_errors(tmp_path):
     data = make_folder(tmp_path / 'data')
     masks = make_masks(data, tmp_path / 'masks')

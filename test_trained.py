@@ -64,6 +64,13 @@ def test_load_sit_leaves_the_optimizer_state_on_disk(tmp_path, monkeypatch):
     trained.load_sit(run)
     assert calls and all(kw.get('mmap') for kw in calls)
 
+def test_load_sit_refuses_another_model_for_its_own_checkpoint(tmp_path):
+    """--model is for official checkpoints: on irepa.py's own it may only repeat what the checkpoint records."""
+    run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '1')
+    assert trained.load_sit(run, model='SiT-T/4')[1]['model'] == 'SiT-T/4'
+    with pytest.raises(ValueError, match=r"--model SiT-XL/2: .*0000001.pt is irepa.py's SiT-T/4 \(--model is for"):
+        trained.load_sit(run, model='SiT-XL/2')
+
 class NotATensor:
     pass
 

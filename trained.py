@@ -85,12 +85,14 @@ def load_sit(path, device='cpu', model=None):
     except Exception as e:
         raise ValueError(f"{path} is truncated or not a torch checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    own = isinstance(ckpt, dict) and isinstance(ckpt.get('args'), dict)         # irepa.py's
+    if own and model not in (None, ckpt['args'].get('model')):
+        raise ValueError(f"--model {model}: {path} is irepa.py's {ckpt['args'].get('model')} "
+                         f"(--model is for official checkpoints, which do not record it)")
     try:
         ema, args = ckpt['ema'], ckpt['args']
         if isinstance(args, argparse.Namespace):
             ema, args = official_checkpoint(ema, args, model)
-        elif model is not None:
-            args = dict(args, model=model)
         sit = build_model(args)
         sit.load_state_dict(ema)
     except Exception as e:
