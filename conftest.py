@@ -78,6 +78,13 @@ HUBCONF = textwrap.dedent('''
         return model
 ''')
 
+@pytest.fixture(autouse=True)
+def one_process(monkeypatch):
+    """In-process tests are one process even inside a torchrun or SLURM job that exports these (the
+    tests' own torchrun launches set their own)."""
+    for name in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.delenv(name, raising=False)
+
 @pytest.fixture
 def hub_dir(tmp_path):
     d = tmp_path / 'hub'

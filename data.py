@@ -83,10 +83,10 @@ class ImageFolder(torch.utils.data.Dataset):
         raise RuntimeError(f"{i + 1} images in a row are unreadable in "
                            f"{os.path.dirname(os.path.dirname(path))}, the last {path} ({why})")
 
-class Checked(torch.utils.data.Dataset):
-    """The images idx of an ImageFolder as (uint8 (3, S, S), label, -1, '') or, for an unreadable
-    file, (zeros, label, its index, why): its slot is never filled with another image, as
-    training's is. For prepare.py (a shard is not written) and metrics.py (the image is skipped)."""
+class Flagged(torch.utils.data.Dataset):
+    """The images idx of an ImageFolder as (uint8 (3, S, S), label, -1, ''), an unreadable file
+    flagged as (zeros, label, its index, why) where training would put the next image in its slot:
+    prepare.py writes no shard that holds one, metrics.py leaves it out."""
     def __init__(self, dataset, idx):
         self.dataset, self.idx = dataset, idx
 

@@ -621,12 +621,12 @@ def train(args, ckpt=None):
             step += 1
             last = step == args.max_steps or bool(stop.stop())      # the same on every rank
             save = step % args.ckpt_every == 0 or last
-            if step % args.log_every == 0 or save:                  # no save before a check
+            if step % args.log_every == 0 or save:      # each checkpoint's loss is logged, checked
                 if world > 1:
                     dist.all_reduce(sums)                   # a sum (gloo has no AVG)
                 loss, denoise, align, grad_norm = (sums / ((step - last_step) * world)).tolist()
-                if not math.isfinite(loss + grad_norm):         # the weights went bad
-                    runs.diverged(loss, grad_norm, step, run_dir)
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    runs.stop_diverged(loss, grad_norm, step, run_dir)
                 dt = (time.time() - t0) / (step - last_step)
                 name = 'mf' if args.objective == 'meanflow' else 'fm'
                 log(f"step {step}/{args.max_steps} | loss {loss:.4f} "

@@ -304,24 +304,34 @@ def load_masks(args, dataset, indices, grid):
     if missing := [m for m in mpaths if not os.path.isfile(m)]:
         fail(f"{len(missing)} of {len(indices)} images have no mask, e.g. {missing[0]} "
              f"(expected <masks>/<class>/<stem>.png)")
-    masks = []
-    for path, mpath in zip(paths, mpaths):
+    masks, read, unreadable = [], [], []
+    for i, path, mpath in zip(indices, paths, mpaths):
         try:
-            with Image.open(path) as im, Image.open(mpath) as m:
-                # Decoded here: the loader would silently put the next image in its slot.
-                im.load()
-                masks.append(mask_to_grid(m.resize(im.size, Image.NEAREST), grid))
+            with Image.open(path) as im:
+                im.load()                           # decoded, to know that it is readable
+                size = im.size
+        except Exception as e:                      # skipped, as measure() skips it
+            unreadable.append(f"{path} ({type(e).__name__}: {e})")
+            continue
+        try:
+            with Image.open(mpath) as m:
+                masks.append(mask_to_grid(m.resize(size, Image.NEAREST), grid))
         except OSError as e:
-            fail(f"cannot read the image {path} or its mask {mpath} ({e})")
+            fail(f"cannot read the mask {mpath} ({e})")
+        read.append(i)
+    if unreadable:
+        warn(f"skipped {len(unreadable)} unreadable image(s), the first {unreadable[0]}")
+    if not read:
+        fail(f"none of the {len(indices)} images chosen from {args.data_path} is readable")
     masks = torch.stack(masks)
     keep = keep_masks(masks)
     need = masks.shape[1] // 4                                  # keep_masks' default min_tokens
-    print(f"{int(keep.sum())} of {len(indices)} images have >= {need} object and background tokens "
+    print(f"{int(keep.sum())} of {len(read)} images have >= {need} object and background tokens "
           f"(the official filter for SRSS); measuring those")
     if not keep.any():
         fail(f"no image has >= {need} object and background tokens in its mask "
              f"(the official filter)")
-    return [i for i, k in zip(indices, keep.tolist()) if k], masks[keep]
+    return [i for i, k in zip(read, keep.tolist()) if k], masks[keep]
 
 @torch.no_grad()
 def measure(args, encoder_name, device):
@@ -348,7 +358,7 @@ def measure(args, encoder_name, device):
     # SiT is given the images' classes when they are the checkpoint's, else the null (CFG) class.
     same_classes = model is not None and dataset.classes == ck.get('class_names')
     # An unreadable image is skipped (and named), not replaced by another in its slot.
-    loader = torch.utils.data.DataLoader(data.Checked(dataset, indices),
+    loader = torch.utils.data.DataLoader(data.Flagged(dataset, indices),
                                          batch_size=args.batch_size, num_workers=args.num_workers)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     vals, unreadable = {}, []

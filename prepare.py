@@ -175,7 +175,7 @@ def main(argv=None):
     else:                           # decoded by --num-workers loader processes, encoded here
         for k in mine:
             idx = list(range(k * args.shard_size, min((k + 1) * args.shard_size, n_all)))
-            loader = torch.utils.data.DataLoader(data.Checked(dataset, idx),
+            loader = torch.utils.data.DataLoader(data.Flagged(dataset, idx),
                                                  batch_size=args.batch_size,
                                                  num_workers=args.num_workers)
             images, moments, bad = [], [], []
@@ -206,9 +206,10 @@ def main(argv=None):
         runs.fail_together(errors[0])
     if unreadable:
         paths = ', '.join(p for p, _ in unreadable[:3]) + (', ...' if len(unreadable) > 3 else '')
-        runs.fail_together(f"{len(unreadable)} unreadable image(s) ({paths}; the first: {unreadable[0][1]}), so "
-             f"their shards were not written: fix them and run prepare.py again (to drop them "
-             f"instead, remove them and prepare into an empty folder)")
+        runs.fail_together(f"{len(unreadable)} unreadable image(s) ({paths}; the first: "
+                           f"{unreadable[0][1]}), so their shards were not written: fix them and "
+                           f"run prepare.py again (to drop them instead, remove them and prepare "
+                           f"into an empty folder)")
     if master:
         missing = [k for k in range(num_shards)
                    if not data.shard_done(args.out, k, shard_len(k), S, latent)]

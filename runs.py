@@ -47,8 +47,8 @@ def fail_together(msg, group=None):
     collective on `group`): each says the line before any exits (torchrun ends the others once one
     has exited), and the process group ends first (a rank that exits while holding it aborts)."""
     try:
-        fail(msg)
-    finally:                                # the line said: now the others may end
+        fail(msg)                           # says the line, then raises SystemExit
+    finally:                                # on the way out: wait until every rank has said it
         if dist.is_initialized():
             dist.barrier(group)
             dist.destroy_process_group()
@@ -412,8 +412,8 @@ def save_run(log, run_dir, step, model, ema, opt, args, master, last=False):
     slow storage holds no rank. A save that fails is logged at once and training goes on (the next
     save tries again); the run waits for its last one, which must succeed."""
     if not all(torch.isfinite(p).all() for p in [*model.parameters(), *ema.parameters()]):
-        fail(f"non-finite weights at step {step}; not saving. "
-             f"The last good checkpoint is in {run_dir}/checkpoints")
+        fail_together(f"non-finite weights at step {step}; not saving. Any checkpoint in "
+                      f"{run_dir}/checkpoints was saved before it")           # the same on every rank
     if master:
         state = host_copy(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                                args=vars(args), step=step))
@@ -445,12 +445,12 @@ def background_save(path, state, log, last):
         if not last:                                        # the last one's failure stops the run
             log(f"warning: {SAVING['error']}; training goes on, the next checkpoint tries again")
 
-def diverged(loss, grad_norm, step, run_dir):
-    """Every rank stops when the loss or the gradient is not finite (the same, all-reduced). They
-    are checked before each save, so no checkpoint holds the weights that went bad."""
-    fail_together(f"loss {loss:.4g}, gradient norm {grad_norm:.4g} at step {step}: stopping. The "
-                  f"checkpoints in {run_dir}/checkpoints (none if it is empty) were saved before "
-                  f"it went bad; a new run with a lower --lr may help")
+def stop_diverged(loss, grad_norm, step, run_dir):
+    """Every rank stops alike when the loss or the gradient norm (all-reduced, so the same on every
+    rank) is not finite."""
+    fail_together(f"loss {loss:.4g}, gradient norm {grad_norm:.4g} at step {step}: stopping. Any "
+                  f"checkpoint in {run_dir}/checkpoints was saved before it went bad; a new run "
+                  f"with a lower --lr may help")
 
 def wait_for_save(last=False, group=None):
     """Waits for the save in flight. After the run's last save every rank learns (through `group`,

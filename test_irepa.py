@@ -466,14 +466,14 @@ def test_nan_loss_stops_with_a_message(tmp_path, monkeypatch):
     run_dir = run_train(tmp_path / 'ok', '--encoder', 'none', '--max-steps', '1')
     nan = lambda *a, **k: (torch.tensor(float('nan'), requires_grad=True), torch.tensor(0.0))
     monkeypatch.setattr(irepa, 'flow_matching_loss', nan)
-    with pytest.raises(SystemExit, match='loss nan, gradient norm 0 at step 2: stopping. The checkpoints in'):
+    with pytest.raises(SystemExit, match='loss nan, gradient norm 0 at step 2: stopping. Any checkpoint in'):
         run_train(tmp_path / 'ok', '--encoder', 'none', '--max-steps', '3', '--resume', run_dir)
     assert runs.latest_checkpoint(run_dir).endswith('0000001.pt')
 
 def test_weights_gone_bad_are_never_saved(tmp_path, monkeypatch):
     """A checkpoint step (4) that is not a log step, whose loss is finite but whose gradient is not (NaN weights
-    after it): the loss and the gradient norm are checked before the save, so the run stops at step 4 with step 2
-    its last checkpoint."""
+    after it): a save step is also a log step, so the run stops there naming the loss and the gradient norm, with
+    step 2 its last checkpoint."""
     calls, real = [], irepa.flow_matching_loss
     def bad_gradient_at_step_4(*a, **k):
         denoise, align = real(*a, **k)

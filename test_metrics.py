@@ -411,18 +411,51 @@ def test_metric_flags_are_range_checked(tmp_path, extra, msg):
     assert msg in str(e.value)
 
 
-@pytest.mark.parametrize('corrupt', ['mask', 'truncated image'])
-def test_corrupt_mask_or_image_is_a_one_line_error(tmp_path, corrupt):
+def test_corrupt_mask_is_a_one_line_error(tmp_path):
     data = make_folder(tmp_path / 'data')
     masks = make_masks(data, tmp_path / 'masks')
-    if corrupt == 'mask':
-        (masks / 'c1' / '1.png').write_bytes(b'not a png')
-    else:                        # the header reads: only decoding it fails (the loader would skip to the next image)
-        png = (data / 'c1' / '1.png').read_bytes()
-        (data / 'c1' / '1.png').write_bytes(png[:len(png) // 2])
+    (masks / 'c1' / '1.png').write_bytes(b'not a png')
     with pytest.raises(SystemExit) as e:
         metrics.main(['--data-path', str(data), '--masks', str(masks)] + COMMON)
-    assert 'cannot read the image' in str(e.value) and '1.png' in str(e.value) and '\n' not in str(e.value)
+    assert 'cannot read the mask' in str(e.value) and '1.png' in str(e.value) and '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('where', ['file', 'loader'])
+def test_an_unreadable_image_with_masks_is_left_out_with_its_mask(tmp_path, capsys, monkeypatch, where):
+    """file: a truncated PNG (the header reads, decoding fails), named and left out when the masks are read;
+    loader: an image the masks' reading got but the loader cannot, left out with its own mask, not another's.
+    Either way the table holds the other 5 images, with the values of the folder without it."""
+    data = make_folder(tmp_path / 'data')
+    masks = make_masks(data, tmp_path / 'masks')
+    rng = np.random.default_rng(1)
+    for p in sorted(masks.rglob('*.png')):                      # a different object in each mask
+        m = np.zeros((64, 72), np.uint8)
+        r, c = rng.integers(0, 30, 2)
+        m[r:r + 34, c:c + 40] = 1
+        Image.fromarray(m).save(p)
+    bad = data / 'c1' / '1.png'
+    args = ['--data-path', str(data), '--masks', str(masks)] + COMMON
+    if where == 'file':
+        bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])
+        vals = metrics.main(args)
+    else:
+        load = metrics.data.ImageFolder.load
+        def load_but_not(self, path):
+            if path == str(bad):
+                raise OSError('unreadable now')
+            return load(self, path)
+        monkeypatch.setattr(metrics.data.ImageFolder, 'load', load_but_not)
+        vals = metrics.main(args)
+        monkeypatch.undo()
+    out, err = capsys.readouterr()
+    assert 'skipped 1 unreadable image(s), the first ' + str(bad) in err and 'over 5 images' in out, err
+    os.remove(bad)
+    os.remove(masks / 'c1' / '1.png')
+    clean = metrics.main(args)
+    for name in clean:
+        for k in clean[name]:
+            np.testing.assert_allclose(np.sort(vals[name][k]), np.sort(clean[name][k]), rtol=1e-4, atol=1e-6,
+                                       err_msg=k)
 
 
 def test_a_grid_too_small_for_the_metrics_is_a_one_line_error(tmp_path):

@@ -406,3 +406,41 @@ def test_ranks_do_not_claim_a_checkpoint_rank_0_could_not_write(tmp_path):
     assert sum("rank 0 could not save the run's last checkpoint" in e for e in errors) == 1
     assert 'saved in' not in text and 'terminate called' not in text
     assert not glob.glob(str(tmp_path / '*' / 'checkpoints' / '*'))
+
+FAIL_TOGETHER = '''
+import os, sys, time
+sys.path.insert(0, {here!r})
+import torch.distributed as dist
+import runs
+dist.init_process_group('gloo')
+if dist.get_rank() == 0:
+    time.sleep(3)                                 # rank 1 fails first
+runs.fail_together('the same error')
+'''
+
+def test_fail_together_waits_for_every_rank_to_say_it(tmp_path):
+    """Rank 1 fails 3 s before rank 0: torchrun would end rank 0 as soon as rank 1 exits, so rank 1 waits (a barrier)
+    until rank 0 has said the line too; no rank aborts holding the process group."""
+    script = tmp_path / 'fail.py'
+    script.write_text(FAIL_TOGETHER.format(here=HERE))
+    r = subprocess.run([*torchrun_command(2), str(script)], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS='1'))
+    lines = [line for line in r.stderr.splitlines() if line.endswith(': error: the same error')]
+    assert r.returncode == 1 and len(lines) == 2 and 'terminate called' not in r.stderr, r.stderr[-3000:]
+
+def test_no_checkpoint_of_non_finite_weights(tmp_path):
+    """save_run refuses weights that are not finite (model or EMA) and names the step; nothing is written."""
+    model = torch.nn.Linear(2, 2)
+    ema, opt = copy.deepcopy(model), torch.optim.AdamW(model.parameters())
+    os.makedirs(tmp_path / 'checkpoints')
+    args = argparse.Namespace(step=0)
+    for bad in (model, ema):
+        with torch.no_grad():
+            bad.weight[0, 0] = float('nan')
+        with pytest.raises(SystemExit, match='non-finite weights at step 7; not saving'):
+            runs.save_run(print, str(tmp_path), 7, model, ema, opt, args, master=True)
+        with torch.no_grad():
+            bad.weight[0, 0] = 0.0
+    runs.save_run(print, str(tmp_path), 8, model, ema, opt, args, master=True)
+    runs.wait_for_save()
+    assert [os.path.basename(p) for p in runs.checkpoints(str(tmp_path))] == ['0000008.pt']
