@@ -95,7 +95,8 @@ def configure(args, tokens, parser, recipes):
     dict (--sampler.num_steps=12). The value is a Python literal of a type the key has in some
     recipe or flag (an int where a float is; None where some recipe has None: --clip_grad=None);
     anything else fails with one line. `recipes`: the recipe dicts whose values give the types."""
-    flag_types = {a.dest: a.type or (bool if a.const in (True, False) else None) for a in parser._actions}
+    # A flag's type: its own, bool for a switch, else str.
+    flag_types = {a.dest: a.type or (bool if a.nargs == 0 else str) for a in parser._actions}
     for tok in tokens:
         key, eq, text = tok.removeprefix('--').partition('=')
         name, _, entry = key.replace('-', '_').partition('.')
@@ -118,6 +119,8 @@ def configure(args, tokens, parser, recipes):
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text                                                        # a plain string
+        if types == {str} and value is not None and type(value) is not str:
+            value = text                                        # a folder named 2024 is a name
         if float in types and type(value) is int:
             value = float(value)
         if tuple in types and type(value) is list:
@@ -131,9 +134,18 @@ def configure(args, tokens, parser, recipes):
             setattr(args, name, holder)
 
 
+def check_not_empty(args, names):
+    """An empty path, as an unset shell variable gives, is an error, not 'not given'."""
+    for name in names:
+        if getattr(args, name) == '':
+            fail(f"--{name.replace('_', '-')} is empty (an unset shell variable?)")
+
+def numbers(t, n):
+    return isinstance(t, tuple) and len(t) == n and all(type(v) in (int, float) for v in t)
+
 def check_settings(args):
-    """Every numeric setting in range, and the output folder usable, before anything
-    heavy starts."""
+    """Every setting in range, and the output folder usable, before anything heavy starts."""
+    check_not_empty(args, ('data_path', 'resume', 'hub_dir', 'results_dir'))
     check_ranges(args, dict(image_size=1, global_batch_size=1, grad_accum=1, max_steps=1,
                             ckpt_every=1, log_every=1, num_workers=0, seed=0, proj_coeff=0,
                             spnorm_gamma=(0, 1)), recipe=('spnorm_gamma', 'log_every'))
@@ -143,7 +155,19 @@ def check_settings(args):
         fail(f"the recipe's ema_decay must be in [0, 1), got {args.ema_decay}")
     if args.projector not in ('mlp', 'conv') or args.pred not in ('v', 'x'):
         fail(f"projector must be mlp or conv and pred v or x, got {args.projector} and {args.pred}")
-    check_ranges(args, dict(proj_kernel=1), recipe=('proj_kernel',))
+    check_ranges(args, dict(proj_kernel=1, warmup_epochs=0), recipe=('proj_kernel', 'warmup_epochs'))
+    if args.clip_grad is not None and not 0 < args.clip_grad < math.inf:
+        fail(f"the recipe's clip_grad must be > 0 (None: no clipping), got {args.clip_grad}")
+    if not (numbers(args.betas, 2) and all(0 <= b < 1 for b in args.betas)):
+        fail(f"the recipe's betas must be two numbers in [0, 1) (AdamW's), got {args.betas}")
+    if args.time_dist is not None and not (numbers(args.time_dist, 2) and math.isfinite(args.time_dist[0])
+                                            and 0 < args.time_dist[1] < math.inf):
+        fail(f"the recipe's time_dist must be None (uniform t) or (mean, std > 0) of a logit-normal t, "
+             f"got {args.time_dist}")
+    if args.vae not in (None, 'sd-vae-ft-mse'):
+        fail(f"the recipe's vae must be 'sd-vae-ft-mse' (latent) or None (pixels), got {args.vae!r}")
+    if (problem := sampler_problem(args.sampler, args.objective)):
+        fail(f"the recipe's sampler {args.sampler}: {problem}")
     if args.objective == 'meanflow':
         check_ranges(argparse.Namespace(**args.meanflow),
                      dict(ratio=(0, 1), omega=-math.inf, kappa=-math.inf, p=0, eps=0),
@@ -153,6 +177,22 @@ def check_settings(args):
             fail("the recipe's eps must be > 0 when p > 0 (the loss weight is 1 / (error + eps)^p)")
     if not args.resume and (problem := output_dir_problem(args.results_dir)):
         fail(f"--results-dir {problem}")
+
+def sampler_problem(sampler, objective):
+    """Why a recipe's sampler (sample.py's defaults for the run) cannot sample, or None."""
+    if not isinstance(sampler, dict) or not {'mode', 'num_steps'} <= set(sampler) \
+            or set(sampler) - {'mode', 'num_steps', 'cfg_scale', 'heun'}:
+        return "it must be a dict of mode, num_steps and optionally cfg_scale and (ode) heun"
+    mode, steps, cfg = sampler['mode'], sampler['num_steps'], sampler.get('cfg_scale', 1.0)
+    if mode not in ('sde', 'ode', 'meanflow') or (mode == 'meanflow' and objective != 'meanflow'):
+        return f"mode must be sde, ode or (--objective meanflow) meanflow, got {mode!r}"
+    if type(steps) is not int or steps < 1:
+        return f"num_steps must be an int >= 1, got {steps!r}"
+    if type(cfg) not in (int, float) or not 1 <= cfg < math.inf:
+        return f"cfg_scale must be >= 1 (1: no guidance), got {cfg!r}"
+    if sampler.get('heun') and mode != 'ode':
+        return "heun is for mode ode"
+    return None
 
 def check_batch_split(args, world):
     if args.global_batch_size % (world * args.grad_accum):
@@ -373,6 +413,8 @@ def log_start(log, args, run_args, model, dataset, step, run_dir, setting_pred):
         + (f" with the {args.encoder} target" if args.encoder != 'none' else '')
         + f" | {len(dataset)} images, {len(dataset.classes)} classes | {'resuming at' if step else 'starting at'} "
           f"step {step} | {run_dir}")
+    if step >= args.max_steps:
+        log(f"note: the run is at step {step}, at or past --max-steps {args.max_steps}: nothing to train")
     if args.objective == 'meanflow' and setting_pred != args.pred:
         log(f"note: MeanFlow's network outputs the average velocity u: the {args.setting} setting's "
             f"{setting_pred}-prediction does not apply")

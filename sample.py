@@ -275,6 +275,9 @@ def main(argv=None):
     if args.mode == "meanflow" and args.cfg_scale != 1:
         runs.fail("MeanFlow trains its guidance in (the recipe's omega, kappa): "
                    "--cfg-scale must be 1")
+    sampler = dict(mode=args.mode, num_steps=args.num_steps, cfg_scale=args.cfg_scale, heun=args.heun)
+    if problem := runs.sampler_problem(sampler, ckpt_args.get("objective", "fm")):
+        runs.fail(f"the sampler {sampler} (the checkpoint's recipe, then the flags given): {problem}")
 
     # labels for all N samples, the same on every rank; each rank samples a contiguous share
     if args.class_labels is not None:

@@ -67,6 +67,9 @@ def test_exact_resume_is_bit_identical(tmp_path):
     (['--image-size', '0'], '--image-size must be >= 1'),
     (['--proj-coeff', '-1'], '--proj-coeff must be >= 0'),
     (['--seed', '-3'], '--seed must be >= 0'),
+    (['--resume', ''], '--resume is empty (an unset shell variable?)'),
+    (['--data-path', ''], '--data-path is empty'),
+    (['--hub-dir', ''], '--hub-dir is empty'),
     (['--results-dir', 'AFILE'], 'cannot create it'),
     (['--encoder', 'dinov2_vitb14', '--hub-dir', 'HUB', '--image-size', '32'], 'gives 4 tokens but SiT-T/4 at 32 px'),
     (['--encoder', 'dinov2_vits14', '--hub-dir', 'NOHUB'], 'could not load encoder'),
@@ -99,10 +102,37 @@ def test_check_ranges_bounds_are_inclusive_and_finite():
                                                ('spnorm_gamma', 1.5, "the recipe's spnorm_gamma must be in [0, 1]"),
                                                ('proj_kernel', 0, "the recipe's proj_kernel must be >= 1, got 0"),
                                                ('proj_kernel', 2, "the recipe's proj_kernel must be odd"),
-                                               ('projector', "'linear'", "projector must be mlp or conv")])
+                                               ('projector', "'linear'", "projector must be mlp or conv"),
+                                               ('clip_grad', -1, "the recipe's clip_grad must be > 0 (None: no"),
+                                               ('clip_grad', 0, "the recipe's clip_grad must be > 0"),
+                                               ('warmup_epochs', -1, "the recipe's warmup_epochs must be >= 0"),
+                                               ('betas', '[0.9]', "the recipe's betas must be two numbers in [0, 1)"),
+                                               ('betas', '(0.9,2.0)', "the recipe's betas must be two numbers"),
+                                               ('time_dist', '(0.1,)', "the recipe's time_dist must be None (uniform"),
+                                               ('time_dist', "('a','b')", "the recipe's time_dist must be None"),
+                                               ('time_dist', '(0.8,0)', "the recipe's time_dist must be None"),
+                                               ('vae', "'foo'", "the recipe's vae must be 'sd-vae-ft-mse' (latent)"),
+                                               ('sampler.num_steps', -5, "num_steps must be an int >= 1, got -5"),
+                                               ('sampler.cfg_scale', 0.5, "cfg_scale must be >= 1 (1: no guidance)"),
+                                               ('sampler.mode', "'bogus'", "mode must be sde, ode or (--objective"),
+                                               ('sampler.mode', "'meanflow'", "mode must be sde, ode or (--objective"),
+                                               ('sampler.mode', "'sde'", "heun is for mode ode"),
+                                               ('sampler', '{}', "it must be a dict of mode, num_steps")])
 def test_recipe_entries_are_range_checked(tmp_path, entry, value, msg):
     with pytest.raises(SystemExit, match=re.escape(msg)):
         run_train(tmp_path, '--encoder', 'none', f'--{entry}={value}')
+
+def test_a_string_key_keeps_its_text():
+    """A folder named 2024 (or 1e3) is a name: a key whose flag or recipe value is a string keeps the text given."""
+    a = irepa.get_args(['--setting', 'demo', '--data_path=2024', '--hub_dir=1e3', '--results_dir=007'])
+    assert (a.data_path, a.hub_dir, a.results_dir) == ('2024', '1e3', '007')
+
+def test_a_resume_past_max_steps_says_there_is_nothing_to_train(tmp_path):
+    run = run_train(tmp_path, '--encoder', 'none', '--max-steps', '3')
+    irepa.main(['--resume', run, '--max-steps', '2'])
+    log = open(os.path.join(run, 'log.txt')).read()
+    assert 'note: the run is at step 3, at or past --max-steps 2: nothing to train' in log
+    assert runs.latest_checkpoint(run).endswith('0000003.pt')
 
 def test_any_recipe_key_is_set_as_key_value(tmp_path):
     """nanoGPT's configurator: --key=value for a key without a flag, a dict's entry as --key.entry=value, the value
