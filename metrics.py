@@ -45,7 +45,7 @@ import data
 import irepa
 import trained
 import vae
-from runs import call_or_fail, check_ranges, fail, warn  # one-line errors, no traceback
+from runs import call_or_fail, check_not_empty, check_ranges, fail, warn  # one-line errors, no traceback
 
 METRICS = ('lds', 'cds', 'srss', 'rmsc')
 
@@ -151,15 +151,25 @@ def correlate(table, target='fid'):
             out[col] = (len(a), *stats.pearsonr(a, b), *stats.spearmanr(a, b))
     return out
 
+COLUMNS = ('encoder', 'fid', 'linear_probe') + METRICS       # of the --correlate CSV
+
 def read_table(path):
     """CSV -> {column: list}; 'encoder' stays text, other cells become finite floats (an empty cell
-    is None)."""
+    is None). Columns: COLUMNS, each at most once; one row per encoder."""
     try:
-        with open(path, newline='') as f:
+        # utf-8-sig: UTF-8, with or without the byte order mark that spreadsheets write
+        with open(path, newline='', encoding='utf-8-sig') as f:
             # Blank lines are skipped; an empty file gives an empty header and no rows.
             header, *rows = [[cell.strip() for cell in r] for r in csv.reader(f) if r] or [[]]
     except OSError as e:
         fail(f"--correlate {path}: cannot read it ({e.strerror})")
+    except UnicodeDecodeError:
+        fail(f"--correlate {path}: is not UTF-8 text; save it as UTF-8 CSV")
+    if unknown := [c for c in header if c not in COLUMNS]:
+        fail(f"--correlate {path}: unknown column(s) {', '.join(unknown)}; "
+             f"the columns are {','.join(COLUMNS)}")
+    if twice := sorted({c for c in header if header.count(c) > 1}):
+        fail(f"--correlate {path}: column {', '.join(twice)} appears twice")
     if not rows or not {'encoder', 'fid'} <= set(header):
         fail(f"--correlate {path}: need a header with at least the columns encoder,fid "
              f"and one row per encoder")
@@ -171,6 +181,9 @@ def read_table(path):
                     and not re.fullmatch(r'[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?', cell)):
                 fail(f"--correlate {path}: line {line}, column {c}: "
                      f"'{cell}' is not a finite number")
+    encoders = [row[header.index('encoder')] for row in rows]
+    if twice := sorted({e for e in encoders if encoders.count(e) > 1}):
+        fail(f"--correlate {path}: encoder {', '.join(twice)} has more than one row; keep one")
     return {c: [v if c == 'encoder' else float(v) if v else None for v in col]
             for c, col in zip(header, zip(*rows))}
 
@@ -344,6 +357,10 @@ def measure(args, encoder_name, device):
     sd_vae = call_or_fail(vae.SDVAE, device) if ck.get('vae') else None
     encoder_name = encoder_name or (ck.get('encoder', 'none') if model else 'dinov2_vitb14')
     size, grid = (ck['image_size'], model.grid_size) if model else (args.image_size, args.grid_size)
+    for flag, given, own in (('image size', args.image_size, size), ('grid size', args.grid_size, grid)):
+        if given not in (None, own):            # None: not given (main() resolves it without --ckpt)
+            fail(f"--{flag.replace(' ', '-')} {given}: with --ckpt the checkpoint's {flag} ({own}) "
+                 f"is used; drop the flag")
     dataset = call_or_fail(data.ImageFolder, args.data_path, size)
     perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
     indices = perm[:args.num_images].tolist()
@@ -471,9 +488,11 @@ def get_args(argv=None):
                    help="default: the --ckpt's encoder, else dinov2_vitb14")
     p.add_argument('--hub-dir', default=None,
                    help="local torch.hub folder (with hubconf.py), for offline DINOv2/v3/v1")
-    p.add_argument('--image-size', type=int, default=256)
-    p.add_argument('--grid-size', type=int, default=16,
-                   help="token grid side (16: the paper's 16x16 at 256 px)")
+    p.add_argument('--image-size', type=int, default=None,
+                   help="default 256 (the paper's); with --ckpt the checkpoint's")
+    p.add_argument('--grid-size', type=int, default=None,
+                   help="token grid side, default 16 (the paper's 16x16 at 256 px); "
+                        "with --ckpt the checkpoint's")
     p.add_argument('--num-images', type=int, default=1000)
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--masks', default=None, help="folder of object masks, for SRSS")
@@ -481,28 +500,47 @@ def get_args(argv=None):
                    help="iREPA gamma (paper range 0.6-0.8)")
     p.add_argument('--ckpt', default=None,
                    help="an irepa.py or official checkpoint (or run folder): SiT's features")
-    p.add_argument('--t', type=float, default=0.5,
-                   help="noise level of x_t for --ckpt (t=0 data, t=1 noise)")
+    p.add_argument('--t', type=float, default=None,
+                   help="noise level of x_t for --ckpt (t=0 data, t=1 noise), default 0.5")
     p.add_argument('--correlate', default=None,
                    help="CSV: encoder,fid[,linear_probe,lds,cds,srss,rmsc]")
     p.add_argument('--viz', default=None,
                    help="an image: plot cosine-similarity maps of one anchor token")
     p.add_argument('--anchor', type=int, nargs=2, default=None, metavar=('ROW', 'COL'),
-                   help="default: grid centre")
+                   help="the --viz anchor token, default: grid centre")
     p.add_argument('--out', default=None,
-                   help="PNG to write (--viz: similarity.png, --correlate: correlation.png)")
+                   help="the .png to write (--viz: similarity.png, --correlate: correlation.png)")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--num-workers', type=int, default=4)
     return p.parse_args(argv)
 
 def main(argv=None):
     args = get_args(argv)
-    check_ranges(args, dict(image_size=1, grid_size=1, num_images=1, batch_size=1, t=(0, 1),
+    check_not_empty(args, ('data_path', 'masks', 'ckpt', 'correlate', 'viz', 'hub_dir', 'out'))
+    # grid_size >= 2: one token has no spatial structure (and its spatial norm would be 0 / 0)
+    check_ranges(args, dict(image_size=1, grid_size=2, num_images=1, batch_size=1, t=(0, 1),
                                   num_workers=0, spnorm_gamma=(0, 1), seed=0))
     folder = os.path.dirname(os.path.abspath(args.out or '.'))
     if args.out and (os.path.isdir(args.out) or not os.path.isdir(folder)
                      or not os.access(folder, os.W_OK)):
         fail(f"--out {args.out}: not a writable file path (a PNG in an existing, writable folder)")
+    if args.out and not args.out.lower().endswith('.png'):
+        fail(f"--out {args.out}: the figure is a PNG; give a path ending in .png")
+    # A flag that the chosen mode would ignore is an error, not a surprise afterwards.
+    if args.out and not (args.viz or args.correlate):
+        fail("--out is for the figures of --viz and --correlate; the table mode only prints")
+    if args.t is not None and not args.ckpt:
+        fail("--t is the noise level of SiT's input: it needs --ckpt")
+    if args.anchor and not args.viz:
+        fail("--anchor picks the token of the --viz figure: it needs --viz")
+    if args.viz and args.correlate:
+        fail("--viz and --correlate are two modes; pass one of them")
+    if args.ckpt and (args.viz or args.correlate):
+        fail("--ckpt is for the table of SiT's features; --viz and --correlate look at encoders")
+    # The defaults; with --ckpt, size and grid are the checkpoint's (measure() checks given ones).
+    if not args.ckpt:
+        args.image_size, args.grid_size = args.image_size or 256, args.grid_size or 16
+    args.t = 0.5 if args.t is None else args.t
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if args.viz:
         return visualise(args, device)

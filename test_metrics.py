@@ -403,8 +403,9 @@ def test_malformed_csv_rows_give_one_line_errors(tmp_path, text, msg):
 
 @pytest.mark.parametrize('extra, msg', [(['--t', '1.5'], '--t must be in [0, 1]'),
                                         (['--num-images', '0'], '--num-images must be >= 1'),
-                                        (['--grid-size', '0'], '--grid-size must be >= 1'),
-                                        (['--out', '/no/such/dir/x.png'], 'not a writable file path')])
+                                        (['--grid-size', '0'], '--grid-size must be >= 2'),
+                                        (['--out', '/no/such/dir/x.png'], 'not a writable file path'),
+                                        (['--masks', ''], '--masks is empty (an unset shell variable?)')])
 def test_metric_flags_are_range_checked(tmp_path, extra, msg):
     with pytest.raises(SystemExit) as e:
         metrics.main(['--data-path', str(tmp_path)] + extra)
@@ -464,3 +465,81 @@ def test_a_grid_too_small_for_the_metrics_is_a_one_line_error(tmp_path):
         metrics.main(['--data-path', str(data), '--encoder', 'hog', '--image-size', '48', '--grid-size', '3',
                       '--num-workers', '0'])
     assert 'no pairs at distance' in str(e.value) and '\n' not in str(e.value)
+
+
+def save_checkpoint(root):
+    """A 32 px SiT-T/4 (an 8x8 grid) with HOG as its encoder, saved as an irepa.py run folder -> the folder."""
+    args = dict(model='SiT-T/4', image_size=32, input_size=32, in_channels=3, num_classes=2, class_names=['c0', 'c1'],
+                encoder='hog', encoder_depth=2, target_dim=36, projector='conv', pred='v')
+    os.makedirs(root / 'checkpoints')
+    torch.save(dict(ema=irepa.build_model(args).state_dict(), args=args), root / 'checkpoints' / '0000010.pt')
+    return root
+
+
+@pytest.mark.parametrize('extra, msg', [
+    (['--ckpt', 'RUN', '--image-size', '64'], "--image-size 64: with --ckpt the checkpoint's image size (32)"),
+    (['--ckpt', 'RUN', '--grid-size', '16'], "--grid-size 16: with --ckpt the checkpoint's grid size (8)"),
+    (['--out', 'OUT/m.png'], '--out is for the figures of --viz and --correlate'),
+    (['--t', '0.3'], '--t is the noise level of SiT\'s input: it needs --ckpt'),
+    (['--anchor', '1', '1'], '--anchor picks the token of the --viz figure: it needs --viz'),
+    (['--ckpt', 'RUN', '--viz', 'OUT/x.png'], "--ckpt is for the table of SiT's features"),
+    (['--viz', 'OUT/x.png', '--correlate', 'OUT/x.csv'], '--viz and --correlate are two modes'),
+])
+def test_flags_the_mode_would_ignore_are_refused(tmp_path, extra, msg):
+    """Each flag here changes nothing in the table mode: a one-line error, before any image is read."""
+    run = save_checkpoint(tmp_path / 'run')
+    data = make_folder(tmp_path / 'data')
+    extra = [str(run) if a == 'RUN' else a.replace('OUT', str(tmp_path)) for a in extra]
+    with pytest.raises(SystemExit) as e:
+        metrics.main(['--data-path', str(data), '--num-workers', '0'] + extra)
+    assert msg in str(e.value) and '\n' not in str(e.value)
+    assert not os.path.exists(tmp_path / 'm.png')
+
+
+def test_checkpoint_takes_its_own_size_and_grid_when_given_again(tmp_path):
+    run = save_checkpoint(tmp_path / 'run')
+    data = make_folder(tmp_path / 'data')
+    vals = metrics.main(['--ckpt', str(run), '--data-path', str(data), '--image-size', '32', '--grid-size', '8',
+                         '--t', '0.5', '--num-workers', '0', '--num-images', '2'])
+    assert len(vals['SiT h (block 2, t=0.5)']['lds']) == 2
+
+
+@pytest.mark.parametrize('mode', ['viz', 'correlate'])
+def test_out_must_be_a_png_before_anything_is_computed(tmp_path, monkeypatch, mode):
+    img = make_folder(tmp_path / 'data', n=1) / 'c0' / '0.png'
+    (tmp_path / 't.csv').write_text('encoder,fid,lds\na,1,0.1\nb,2,0.3\nc,3,0.2\n')
+    monkeypatch.setattr(metrics, 'correlate', None)                              # nothing may be computed
+    monkeypatch.setattr(irepa, 'load_encoder', None)
+    args = ['--viz', str(img)] if mode == 'viz' else ['--correlate', str(tmp_path / 't.csv')]
+    with pytest.raises(SystemExit) as e:
+        metrics.main(args + ['--out', str(tmp_path / 'v.xyz')])
+    assert "--out " + str(tmp_path / 'v.xyz') + ": the figure is a PNG" in str(e.value)
+
+
+@pytest.mark.parametrize('text, msg', [
+    ('encoder,fid,lds\ncaf\xe9,1,0.1\nb,2,0.3\nc,3,0.2\n'.encode('latin-1'), 'is not UTF-8 text'),
+    (b'encoder,fid,lds\na,1,0.1\nb,2,0.3\na,3,0.2\nd,4,0.5\n', 'encoder a has more than one row'),
+    (b'encoder,fid,LDS,linear probe\na,1,0.1,1\nb,2,0.3,2\nc,3,0.2,3\n',
+     'unknown column(s) LDS, linear probe; the columns are encoder,fid,linear_probe,lds,cds,srss,rmsc'),
+    (b'encoder,fid,lds,lds\na,1,0.1,0.2\nb,2,0.3,0.1\nc,3,0.2,0.3\n', 'column lds appears twice'),
+])
+def test_csv_encoding_duplicates_and_unknown_columns_are_one_line_errors(tmp_path, text, msg):
+    (tmp_path / 't.csv').write_bytes(text)
+    with pytest.raises(SystemExit) as e:
+        metrics.main(['--correlate', str(tmp_path / 't.csv'), '--out', str(tmp_path / 'c.png')])
+    assert msg in str(e.value) and '\n' not in str(e.value)
+    assert not os.path.exists(tmp_path / 'c.png')
+
+
+def test_csv_with_a_byte_order_mark_reads(tmp_path):
+    (tmp_path / 't.csv').write_bytes('\ufeffencoder,fid\na,1\n'.encode('utf-8'))              # as Excel saves UTF-8
+    assert metrics.read_table(tmp_path / 't.csv') == {'encoder': ['a'], 'fid': [1.0]}
+
+
+@pytest.mark.filterwarnings('error')                                             # torch's UserWarning would fail it
+def test_a_one_token_grid_is_one_line_and_no_warning(tmp_path):
+    data = make_folder(tmp_path / 'data')
+    with pytest.raises(SystemExit) as e:
+        metrics.main(['--data-path', str(data), '--encoder', 'hog', '--image-size', '64', '--grid-size', '1',
+                      '--num-workers', '0'])
+    assert '--grid-size must be >= 2, got 1' in str(e.value)
