@@ -33,6 +33,21 @@ def center_crop_arr(pil_image, image_size):
     top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
     return arr[top:top + image_size, left:left + image_size]
 
+def to_rgb(im):
+    """A PIL image as 8-bit RGB. PIL's convert('RGB') clips 16-bit grey (a 16-bit PNG or TIFF opens as
+    mode I;16, I;16B or I) at 255, almost all white, and floats (mode F) to 0 or 1: 16-bit values
+    are scaled here, round(v / 257) (65535 -> 255, and 257 v -> v: an 8-bit image stored as 16
+    bits comes back exact); a float image or 32-bit integers, whose scale is unknown, raise."""
+    if im.mode == 'F':
+        raise ValueError("a float image (mode F): save it as 8- or 16-bit")
+    if im.mode == 'I' or im.mode.startswith('I;16'):
+        v = np.asarray(im).astype(np.int32)                              # (H, W)
+        if v.size and (v.min() < 0 or v.max() > 65535):
+            raise ValueError(f"a 32-bit integer image (mode {im.mode}) with values outside "
+                             f"0..65535: save it as 8- or 16-bit")
+        im = Image.fromarray(((v + 128) // 257).astype(np.uint8))   # = round(v / 257), no ties
+    return im.convert('RGB')
+
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.ppm')
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -53,6 +68,21 @@ class ImageFolder(torch.utils.data.Dataset):
         if empty:
             runs.warn(f"{root}: folder(s) without images are not classes: {', '.join(empty)}")
         self.classes = sorted(c for c, files in images.items() if files)
+        # A class folder may be a link to images elsewhere, but not to the root or a folder above it
+        # (`ln -s . root/self`: every image again, under a wrong label) nor into another class's
+        # folder (its images twice). Sorted as lists of path parts, whatever lies inside a folder
+        # comes right after it, so comparing neighbours finds every nesting.
+        top = os.path.realpath(root).split(os.sep)
+        real = sorted((os.path.realpath(os.path.join(root, c)).split(os.sep), c) for c in self.classes)
+        for r, c in real:
+            if top[:len(r)] == r:
+                raise FileNotFoundError(f"{os.path.join(root, c)} is a link to {root} or a folder "
+                                        f"above it: it would hold every class again; remove it")
+        for (a, ca), (b, cb) in zip(real, real[1:]):
+            if b[:len(a)] == a:
+                how = 'the same folder as' if a == b else 'a folder inside'
+                raise FileNotFoundError(f"{root}: class {cb} is {how} class {ca} "
+                                        f"({os.sep.join(b)}): its images would be read twice")
         self.samples = [(path, label) for label, c in enumerate(self.classes) for path in images[c]]
         if not self.samples:
             raise FileNotFoundError(f"no images in {root}: "
@@ -65,7 +95,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def load(self, path):
         """The ADM crop of one file, uint8 (3, S, S); an unreadable file raises."""
         with Image.open(path) as im:
-            arr = center_crop_arr(im.convert('RGB'), self.image_size)
+            arr = center_crop_arr(to_rgb(im), self.image_size)
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
     def __getitem__(self, idx):
@@ -176,6 +206,7 @@ MANIFEST_KEYS = dict(format=str, resolution=int, crop=str, vae=(str, type(None))
                      vae_sha256=(str, type(None)), latents_scale=(list, type(None)),
                      latents_bias=(list, type(None)), class_names=list, class_counts=list,
                      count=int, shard_size=int, source=str, complete=bool)
+# prepare.py from a class folder adds shard_stamps (data.shard_stamps), and
 # prepare.py --hf-* adds images_from, moments_from and latents_per_image (hfcache.py): the rows are
 # the authors' released crops and (mean, std) moments, std stored as logvar = 2 log std.
 
@@ -264,6 +295,22 @@ def source_hash(dataset, root):
     for path, label in dataset.samples:
         h.update(f"{label} {os.path.relpath(path, root)}\n".encode())
     return h.hexdigest()
+
+def shard_stamps(dataset, shard_size):
+    """Per shard of shard_size images, a sha256 of its files' sizes and modification times (os.stat,
+    nothing read): an image edited in place since its shard was written stamps differently, and
+    prepare.py writes that shard again."""
+    stamps = []
+    for k in range(0, len(dataset.samples), shard_size):
+        h = hashlib.sha256()
+        for path, _ in dataset.samples[k:k + shard_size]:
+            try:
+                st = os.stat(path)
+                h.update(f"{st.st_size} {st.st_mtime_ns}\n".encode())
+            except OSError:                                 # e.g. a broken link: unreadable anyway
+                h.update(b"missing\n")
+        stamps.append(h.hexdigest())
+    return stamps
 
 def save_npy(path, array):
     runs.write_atomic(path, lambda f: np.save(f, array))

@@ -21,17 +21,18 @@ ldm/ code, REPA and fast-DiT do: End2End-Diffusion/iREPA ldm/preprocessing/datas
 The output folder (data.py defines the format: its PreparedFolder reads it):
     manifest.json      resolution, crop, VAE name, its weights' sha256 and latent statistics,
                        class names and counts, image count, shard size, a hash of the source
-                       listing, complete or not; from --hf-*: where images and moments came
-                       from, one latent per image
+                       listing, per shard a hash of its images' sizes and dates, complete or
+                       not; from --hf-*: where images and moments came from, one latent per image
     images-NNNNN.npy   uint8 (n, S, S, 3): shard NNNNN's ADM center crops, in ImageFolder's order
     moments-NNNNN.npy  float32 (n, 8, S/8, S/8): cat([mean, logvar]) of the SD-VAE posterior
                        (latent only)
 Raw arrays are read memory-mapped at 3,700-6,500 images/s per core (a PNG decodes at ~450/s, a
 full-size JPEG with ADM's crop at 140-180/s), so one loader worker feeds a GPU. Killed at any point,
 a rerun continues: finished shards are kept (each written to a temporary file, then renamed) and
-the rest redone.
+the rest redone, and so are shards whose images were edited since (their sizes or dates differ).
 """
 import argparse
+import contextlib
 import hashlib
 import os
 import time
@@ -132,21 +133,49 @@ def main(argv=None):
         manifest.update(vae=args.vae, vae_sha256=file_sha256(vae.cached_file(vae.VAE_FILE)),
                         latents_scale=sd_vae.scale.flatten().tolist(),
                         latents_bias=sd_vae.bias.flatten().tolist())
-    # every rank checks (so all stop alike), then rank 0 writes the manifest of a new folder
+    folder = dataset.folder if official else dataset            # a class folder's images, if any
+    if folder is not None:
+        manifest['shard_stamps'] = data.shard_stamps(folder, args.shard_size)
+    # every rank checks (so all stop alike) before rank 0 writes the manifest: of a new folder, or of
+    # one whose images changed since some of its shards were written (those shards removed first)
     path = os.path.join(args.out, 'manifest.json')
     if (problem := runs.output_dir_problem(args.out)):
         fail(f"--out {problem}")
-    if os.path.isfile(path):
+    stale, write = [], not os.path.isfile(path)           # write: the manifest, new or changed
+    if not write:
         try:
             old = data.read_manifest(path)
         except ValueError as e:
             fail(f"--out {args.out}: {e}; choose an empty folder (or empty this one)")
-        differ = [k for k in manifest if k != 'complete' and old.get(k) != manifest[k]]
+        differ = [k for k in manifest if k not in ('complete', 'shard_stamps')
+                  and old.get(k) != manifest[k]]
         if differ:
             fail(f"--out {args.out} holds another prepared dataset (these differ from this run's: "
                  f"{', '.join(differ)}); choose an empty folder")
-    elif master:
+        if 'shard_stamps' in manifest:
+            stamps = old.get('shard_stamps')
+            if isinstance(stamps, list) and len(stamps) == num_shards:
+                stale = [k for k in range(num_shards) if stamps[k] != manifest['shard_stamps'][k]]
+            elif master:                                    # (written by an older prepare.py)
+                runs.warn(f"--out {args.out}: its manifest has no stamps of its images' sizes and "
+                          f"dates, so shards written before are kept as they are; from now on an "
+                          f"edited image's shard is written again")
+            write = stamps != manifest['shard_stamps']
+    elif [f for f in os.listdir(args.out) if f != 'manifest.json.tmp']:    # (a kill's leftover)
+        fail(f"--out {args.out} holds files but no manifest.json to say what they are; choose an "
+             f"empty folder")
+    if world > 1:
+        dist.barrier()
+    if master and write:
+        redo = [k for k in stale if data.shard_done(args.out, k, shard_len(k), S, latent)]
+        for k in stale:
+            for kind in ('images', 'moments'):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(args.out, f'{kind}-{k:05d}.npy'))
         data.write_json(path, manifest)
+        if redo:
+            print(f"{len(redo)} shard(s) were written from images edited since (first: {redo[0]}): "
+                  f"writing them again", flush=True)
     if world > 1:
         dist.barrier()
 

@@ -75,3 +75,62 @@ def test_image_folder_ignores_hidden_and_empty_folders(tmp_path, capsys):
     err = capsys.readouterr().err
     assert ': warning: ' in err and 'without images are not classes: empty' in err
     assert ds.classes == ['a', 'b'] and len(ds) == 2
+
+def test_16_bit_images_are_scaled_and_float_images_refused(tmp_path, capsys):
+    """PIL's convert('RGB') clips 16-bit grey at 255 (almost white) and floats to 0 or 1: 16-bit values v load as
+    round(v / 257), an 8-bit image stored as 16 bits exactly; images of unknown scale are unreadable."""
+    g = np.random.default_rng(0).integers(0, 256, (40, 30), dtype=np.uint8)
+    (tmp_path / 'c').mkdir()
+    Image.fromarray(g).save(tmp_path / 'c' / 'a_8bit.png')
+    Image.fromarray(g.astype(np.uint16) * 257).save(tmp_path / 'c' / 'b_16bit.png')                  # mode I;16
+    Image.frombytes('I;16B', (30, 40), (g.astype('>u2') * 257).tobytes()).save(tmp_path / 'c' / 'c_16bitbe.tif')
+    Image.fromarray(g.astype(np.int32) * 257).save(tmp_path / 'c' / 'd_16bit_in_I.tif')               # mode I
+    Image.fromarray(g.astype(np.float32) / 255).save(tmp_path / 'c' / 'e_float.tif')                   # mode F
+    Image.fromarray(np.full((40, 30), 70000, np.int32)).save(tmp_path / 'c' / 'f_32bit.tif')
+    ds = data.ImageFolder(str(tmp_path), 16)
+    assert [Image.open(p).mode for p, _ in ds.samples] == ['L', 'I;16', 'I;16B', 'I', 'F', 'I']
+    ref = ds.load(ds.samples[0][0])
+    assert 40 < ref.float().mean() < 215                                   # a mid-grey image, as are the next three
+    for path, _ in ds.samples[1:4]:
+        assert torch.equal(ds.load(path), ref), path
+    # round(v / 257): 128 -> 0, 129 -> 1, 385 -> 1, 386 -> 2, 65535 -> 255
+    v = Image.fromarray(np.array([[0, 128, 129, 385, 386, 65535]], np.uint16))
+    assert np.array(data.to_rgb(v))[0, :, 0].tolist() == [0, 0, 1, 1, 2, 255]
+    for path, msg in ((ds.samples[4][0], 'a float image (mode F): save it as 8- or 16-bit'),
+                      (ds.samples[5][0], 'mode I) with values outside 0..65535')):
+        with pytest.raises(ValueError, match=msg.replace('(', r'\(').replace(')', r'\)')):
+            ds.load(path)
+    img, _ = ds[4]                                                         # training: a warning naming it, skipped
+    assert torch.equal(img, ref) and 'e_float.tif (ValueError: a float image (mode F)' in capsys.readouterr().err
+
+def test_8_bit_images_load_as_before(tmp_path):
+    """Every 8-bit mode still loads as center_crop_arr(im.convert('RGB')), bit for bit."""
+    rng = np.random.default_rng(1)
+    (tmp_path / 'c').mkdir()
+    rgba = Image.fromarray(rng.integers(0, 256, (50, 70, 4), dtype=np.uint8))
+    for mode in ('RGB', 'RGBA', 'L', 'LA', 'P', '1', 'CMYK'):
+        (rgba.convert('RGB').quantize(64) if mode == 'P' else rgba.convert(mode)).save(
+            tmp_path / 'c' / f'{mode}.{"jpg" if mode == "CMYK" else "png"}')
+    ds = data.ImageFolder(str(tmp_path), 16)
+    for path, _ in ds.samples:
+        with Image.open(path) as im:
+            want = data.center_crop_arr(im.convert('RGB'), 16)
+        assert torch.equal(ds.load(path), torch.from_numpy(want).permute(2, 0, 1)), path
+
+@pytest.mark.parametrize('link, msg', [('.', r'self is a link to .* or a folder above it'),
+                                       ('..', r'self is a link to .* or a folder above it'),
+                                       ('a', r'class self is the same folder as class a'),
+                                       ('b/sub', r'class self is a folder inside class b'),
+                                       ('../elsewhere', None)])
+def test_image_folder_refuses_a_class_linked_to_the_root_or_another_class(tmp_path, link, msg):
+    """`ln -s . root/self` would list every image again under a wrong label; two links to one folder, its images
+    twice. A link to a folder of its own is a class like any other."""
+    for c in ('root/a', 'root/b/sub', 'elsewhere'):
+        os.makedirs(tmp_path / c)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / c / 'x.png')
+    os.symlink(link, tmp_path / 'root' / 'self')
+    if msg is None:
+        assert data.ImageFolder(str(tmp_path / 'root'), 8).classes == ['a', 'b', 'self']
+    else:
+        with pytest.raises(FileNotFoundError, match=msg):
+            data.ImageFolder(str(tmp_path / 'root'), 8)

@@ -235,3 +235,53 @@ def test_two_ranks_from_prepared_moments_equal_one_process(raw, tmp_path, vae_ho
     assert ddp['args']['world_size'] == 2
     for k in one['model']:
         torch.testing.assert_close(ddp['model'][k], one['model'][k], atol=1e-5, rtol=1e-4)
+
+
+def test_prepare_refuses_a_folder_with_files_but_no_manifest(raw, tmp_path):
+    """Nothing says what such files are: shards of another dataset would be kept as this one's."""
+    black = tmp_path / 'black'                                                 # raw's names, all black
+    for cls in ('cat', 'dog'):
+        os.makedirs(black / cls)
+        for name in os.listdir(os.path.join(raw, cls)):
+            Image.new('RGB', (50, 50)).save(black / cls / name)
+    out = str(tmp_path / 'p')
+    argv = ['--out', out, '--image-size', '16', '--vae', 'none', '--shard-size', '4', '--num-workers', '0']
+    prepare.main(['--data-path', raw] + argv)
+    os.remove(os.path.join(out, 'manifest.json'))
+    with pytest.raises(SystemExit) as e:
+        prepare.main(['--data-path', str(black)] + argv)
+    msg = str(e.value.code)
+    assert 'holds files but no manifest.json' in msg and 'choose an empty folder' in msg and '\n' not in msg
+    other = str(tmp_path / 'q')                                                # a kill's leftover is no reason
+    os.makedirs(other)
+    open(os.path.join(other, 'manifest.json.tmp'), 'wb').write(b'{"form')
+    prepare.main(['--data-path', str(black), '--out', other] + argv[2:])
+    assert data.PreparedFolder(other, 16, None)[0][0].max() == 0
+
+
+def test_an_image_edited_in_place_gets_its_shard_written_again(raw, tmp_path, capsys):
+    """Same names, new pixels: the manifest stamps each shard with its files' sizes and dates, so a rerun writes the
+    shard of an edited image again (and that shard only); a manifest without stamps (an older prepare.py's) keeps its
+    shards with a warning and gets the stamps."""
+    out = str(tmp_path / 'p')
+    argv = ['--data-path', raw, '--out', out, '--image-size', '16', '--vae', 'none', '--shard-size', '4',
+            '--num-workers', '0']
+    prepare.main(argv)
+    Image.new('RGB', (60, 50), (9, 99, 199)).save(os.path.join(raw, 'cat', '05.png'))     # image 5: shard 1
+    capsys.readouterr()
+    prepare.main(argv)
+    said = capsys.readouterr().out
+    assert '1 shard(s) were written from images edited since (first: 1)' in said
+    assert 'rank 0: 1 of 3 shards to write (4 images)' in said
+    ds, ref = data.PreparedFolder(out, 16, None), data.ImageFolder(raw, 16)
+    assert ds[5][0][:, 0, 0].tolist() == [9, 99, 199]
+    assert all(torch.equal(ds[i][0], ref[i][0]) for i in range(11))
+    m = json.load(open(os.path.join(out, 'manifest.json')))
+    del m['shard_stamps']                                                      # as an older prepare.py wrote it
+    json.dump(m, open(os.path.join(out, 'manifest.json'), 'w'))
+    capsys.readouterr()
+    prepare.main(argv)
+    out_, err = capsys.readouterr()
+    assert "no stamps of its images' sizes and dates, so shards written before are kept" in err
+    assert 'rank 0: 0 of 3 shards to write' in out_
+    assert json.load(open(os.path.join(out, 'manifest.json')))['shard_stamps'] == data.shard_stamps(ref, 4)
