@@ -347,8 +347,10 @@ def open_dataset(args, ckpt):
     if len(dataset) < args.global_batch_size:
         runs.fail(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
     if ckpt is not None and list(dataset.classes) != ckpt['args']['class_names']:
-        runs.fail(f"the classes in {args.data_path} differ from the run's ({len(dataset.classes)} "
-                  f"vs {len(ckpt['args']['class_names'])}); --data-path may move the data, not change it")
+        new, old = set(dataset.classes), set(ckpt['args']['class_names'])
+        runs.fail(f"the classes in {args.data_path} differ from the run's (not in the run: "
+                  f"{sorted(new - old)[:3]}, missing: {sorted(old - new)[:3]}); --data-path may move "
+                  f"the data, not change it")
     # Another number of images would give another epoch order.
     if ckpt is not None and len(dataset) != ckpt['args']['num_images']:
         runs.fail(f"{args.data_path} has {len(dataset)} images, the run had "

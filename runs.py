@@ -367,13 +367,17 @@ def run_name(args):
     return f"{args.setting}-{args.model.replace('/', '-')}-{target}{method_name(args)}{objective}"
 
 def new_run_dir(args, master, world):
-    """results_dir/<run name>, with -1, -2, ... if taken; chosen by rank 0."""
-    run_dir = os.path.join(args.results_dir, run_name(args))
-    if master and os.path.exists(run_dir):
-        i = 1
-        while os.path.exists(f"{run_dir}-{i}"):
+    """results_dir/<run name>, with -1, -2, ... if taken; made by rank 0 (os.makedirs fails on a
+    folder that exists, so two runs started at once never share one)."""
+    run_dir = name = os.path.join(args.results_dir, run_name(args))
+    i = 0
+    while master:
+        try:
+            os.makedirs(run_dir)
+            break
+        except FileExistsError:
             i += 1
-        run_dir = f"{run_dir}-{i}"
+            run_dir = f"{name}-{i}"
     if world > 1:
         obj = [run_dir]
         dist.broadcast_object_list(obj, src=0)
@@ -611,6 +615,9 @@ RESUME_FLAGS = ('max_steps', 'ckpt_every', 'log_every', 'num_workers', 'compile'
 def resume(args, argv, parser):
     """--resume RUN -> (the run's own settings with the RESUME_FLAGS given on the command line,
     the run's newest readable checkpoint)."""
+    if os.path.isfile(args.resume):
+        fail(f"--resume takes the run's folder, not a checkpoint: --resume "
+             f"{os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))}")
     ckpt = load_latest_checkpoint(args.resume)
     return resume_args(args, given_keys(argv, parser), ckpt['args'], parser), ckpt
 

@@ -474,3 +474,28 @@ def test_no_checkpoint_of_non_finite_weights(tmp_path):
     runs.save_run(print, str(tmp_path), 8, model, ema, opt, args, master=True)
     runs.wait_for_save()
     assert [os.path.basename(p) for p in runs.checkpoints(str(tmp_path))] == ['0000008.pt']
+
+def test_resume_names_what_it_cannot_take(tmp_path):
+    """--resume of a checkpoint file names the run folder to give; a --data-path whose classes differ names them;
+    one with another image count says so (another epoch order)."""
+    data_a = make_folder(tmp_path / 'a', classes=('cat', 'dog'), n=4)
+    run = run_train(tmp_path / 'r', '--encoder', 'none', '--max-steps', '1', '--data-path', data_a,
+                    '--global-batch-size', '4')
+    ckpt = runs.latest_checkpoint(run)
+    with pytest.raises(SystemExit, match=f"--resume takes the run's folder, not a checkpoint: --resume {re.escape(run)}"):
+        irepa.main(['--resume', ckpt, '--max-steps', '2'])
+    data_b = make_folder(tmp_path / 'b', classes=('cat', 'cow'), n=4)
+    with pytest.raises(SystemExit, match=re.escape("differ from the run's (not in the run: ['cow'], missing: ['dog'])")):
+        irepa.main(['--resume', run, '--max-steps', '2', '--data-path', data_b])
+    data_c = make_folder(tmp_path / 'c', classes=('cat', 'dog'), n=5)
+    with pytest.raises(SystemExit, match='has 10 images, the run had 8'):
+        irepa.main(['--resume', run, '--max-steps', '2', '--data-path', data_c])
+
+def test_two_runs_started_at_once_never_share_a_folder(tmp_path, monkeypatch):
+    """Rank 0 makes the run's folder with os.makedirs, which fails on one that exists: a folder another run made
+    after any check of ours is never taken (os.path.exists lies here to open that window)."""
+    args = irepa.get_args(['--setting', 'demo', '--encoder', 'none', '--results-dir', str(tmp_path)])
+    first = runs.new_run_dir(args, master=True, world=1)
+    monkeypatch.setattr(os.path, 'exists', lambda p: False)
+    second, third = runs.new_run_dir(args, True, 1), runs.new_run_dir(args, True, 1)
+    assert (second, third) == (first + '-1', first + '-2') and all(map(os.path.isdir, (first, second, third)))
