@@ -35,17 +35,17 @@ def center_crop_arr(pil_image, image_size):
 
 def to_rgb(im):
     """A PIL image as 8-bit RGB. PIL's convert('RGB') clips 16-bit grey (a 16-bit PNG or TIFF opens as
-    mode I;16, I;16B or I) at 255, almost all white, and floats (mode F) to 0 or 1: 16-bit values
-    are scaled here, round(v / 257) (65535 -> 255, and 257 v -> v: an 8-bit image stored as 16
-    bits comes back exact); a float image or 32-bit integers, whose scale is unknown, raise."""
-    if im.mode == 'F':
-        raise ValueError("a float image (mode F): save it as 8- or 16-bit")
-    if im.mode == 'I' or im.mode.startswith('I;16'):
-        v = np.asarray(im).astype(np.int32)                              # (H, W)
-        if v.size and (v.min() < 0 or v.max() > 65535):
-            raise ValueError(f"a 32-bit integer image (mode {im.mode}) with values outside "
-                             f"0..65535: save it as 8- or 16-bit")
-        im = Image.fromarray(((v + 128) // 257).astype(np.uint8))   # = round(v / 257), no ties
+    mode I;16, I;16B or I) at 255, almost all white, and truncates floats (mode F): grey values
+    above 255 are 16-bit, scaled round(v / 257) (65535 -> 255); floats in [0, 1] are scaled by
+    255; values up to 255 are kept (8-bit data stored wider); negative ones, or over 65535, raise."""
+    if im.mode in ('I', 'F') or im.mode.startswith('I;16'):
+        v = np.asarray(im, dtype=np.float64)                                # (H, W)
+        lo, hi = (v.min(), v.max()) if v.size else (0, 0)
+        if not (0 <= lo and hi <= 65535):
+            raise ValueError(f"a grey image of mode {im.mode} with values in [{lo:g}, {hi:g}]: "
+                             f"save it as 8- or 16-bit")
+        scale = 255 if im.mode == 'F' and hi <= 1 else 1 / 257 if hi > 255 else 1
+        im = Image.fromarray(np.round(v * scale).astype(np.uint8))
     return im.convert('RGB')
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.ppm')
@@ -72,8 +72,9 @@ class ImageFolder(torch.utils.data.Dataset):
         # (`ln -s . root/self`: every image again, under a wrong label) nor into another class's
         # folder (its images twice). Sorted as lists of path parts, whatever lies inside a folder
         # comes right after it, so comparing neighbours finds every nesting.
-        top = os.path.realpath(root).split(os.sep)
-        real = sorted((os.path.realpath(os.path.join(root, c)).split(os.sep), c) for c in self.classes)
+        parts = lambda path: [p for p in os.path.realpath(path).split(os.sep) if p]     # '/' -> []
+        top = parts(root)
+        real = sorted((parts(os.path.join(root, c)), c) for c in self.classes)
         for r, c in real:
             if top[:len(r)] == r:
                 raise FileNotFoundError(f"{os.path.join(root, c)} is a link to {root} or a folder "
@@ -82,7 +83,7 @@ class ImageFolder(torch.utils.data.Dataset):
             if b[:len(a)] == a:
                 how = 'the same folder as' if a == b else 'a folder inside'
                 raise FileNotFoundError(f"{root}: class {cb} is {how} class {ca} "
-                                        f"({os.sep.join(b)}): its images would be read twice")
+                                        f"({os.sep + os.sep.join(b)}): its images would be read twice")
         self.samples = [(path, label) for label, c in enumerate(self.classes) for path in images[c]]
         if not self.samples:
             raise FileNotFoundError(f"no images in {root}: "

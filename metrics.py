@@ -421,7 +421,7 @@ def visualise(args, device):
     (paper Fig. 6b / 16)."""
     try:
         with Image.open(args.viz) as im:
-            img = data.center_crop_arr(im.convert('RGB'), args.image_size)       # (S, S, 3) uint8
+            img = data.center_crop_arr(data.to_rgb(im), args.image_size)          # (S, S, 3) uint8
     except OSError as e:
         fail(f"--viz {args.viz}: cannot read the image ({e})")
     H = args.grid_size

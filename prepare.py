@@ -134,7 +134,7 @@ def main(argv=None):
                         latents_scale=sd_vae.scale.flatten().tolist(),
                         latents_bias=sd_vae.bias.flatten().tolist())
     folder = dataset.folder if official else dataset            # a class folder's images, if any
-    if folder is not None:
+    if folder is not None and master:           # (one os.stat per image: on rank 0 alone)
         manifest['shard_stamps'] = data.shard_stamps(folder, args.shard_size)
     # every rank checks (so all stop alike) before rank 0 writes the manifest: of a new folder, or of
     # one whose images changed since some of its shards were written (those shards removed first)
@@ -156,6 +156,10 @@ def main(argv=None):
             stamps = old.get('shard_stamps')
             if isinstance(stamps, list) and len(stamps) == num_shards:
                 stale = [k for k in range(num_shards) if stamps[k] != manifest['shard_stamps'][k]]
+                if stale and args.hf_latents:
+                    fail(f"{len(stale)} shard(s) of --out {args.out} hold images edited since (first: "
+                         f"{stale[0]}), and --hf-latents has the moments of the old ones: restore "
+                         f"the images, or prepare with the VAE into an empty folder")
             elif master:                                    # (written by an older prepare.py)
                 runs.warn(f"--out {args.out}: its manifest has no stamps of its images' sizes and "
                           f"dates, so shards written before are kept as they are; from now on an "

@@ -156,8 +156,8 @@ def check_settings(args):
     if args.projector not in ('mlp', 'conv') or args.pred not in ('v', 'x'):
         fail(f"projector must be mlp or conv and pred v or x, got {args.projector} and {args.pred}")
     check_ranges(args, dict(proj_kernel=1, warmup_epochs=0), recipe=('proj_kernel', 'warmup_epochs'))
-    if args.clip_grad is not None and not 0 < args.clip_grad < math.inf:
-        fail(f"the recipe's clip_grad must be > 0 (None: no clipping), got {args.clip_grad}")
+    if args.clip_grad is not None and not 0 <= args.clip_grad < math.inf:
+        fail(f"the recipe's clip_grad must be >= 0 (0 or None: no clipping), got {args.clip_grad}")
     if not (numbers(args.betas, 2) and all(0 <= b < 1 for b in args.betas)):
         fail(f"the recipe's betas must be two numbers in [0, 1) (AdamW's), got {args.betas}")
     if args.time_dist is not None and not (numbers(args.time_dist, 2) and math.isfinite(args.time_dist[0])

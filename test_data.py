@@ -1,5 +1,6 @@
 """data.py: class folders with ADM's crop, the demo's shapes (the prepared format: test_prepare.py)."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -76,9 +77,10 @@ def test_image_folder_ignores_hidden_and_empty_folders(tmp_path, capsys):
     assert ': warning: ' in err and 'without images are not classes: empty' in err
     assert ds.classes == ['a', 'b'] and len(ds) == 2
 
-def test_16_bit_images_are_scaled_and_float_images_refused(tmp_path, capsys):
-    """PIL's convert('RGB') clips 16-bit grey at 255 (almost white) and floats to 0 or 1: 16-bit values v load as
-    round(v / 257), an 8-bit image stored as 16 bits exactly; images of unknown scale are unreadable."""
+def test_16_bit_and_float_images_are_scaled(tmp_path, capsys):
+    """PIL's convert('RGB') clips 16-bit grey at 255 (almost white) and truncates floats: grey values above 255 load
+    as round(v / 257), floats in [0, 1] times 255, values up to 255 (8-bit data stored wider) as they are; values
+    below 0 or above 65535 are unreadable, named in training's warning."""
     g = np.random.default_rng(0).integers(0, 256, (40, 30), dtype=np.uint8)
     (tmp_path / 'c').mkdir()
     Image.fromarray(g).save(tmp_path / 'c' / 'a_8bit.png')
@@ -86,22 +88,24 @@ def test_16_bit_images_are_scaled_and_float_images_refused(tmp_path, capsys):
     Image.frombytes('I;16B', (30, 40), (g.astype('>u2') * 257).tobytes()).save(tmp_path / 'c' / 'c_16bitbe.tif')
     Image.fromarray(g.astype(np.int32) * 257).save(tmp_path / 'c' / 'd_16bit_in_I.tif')               # mode I
     Image.fromarray(g.astype(np.float32) / 255).save(tmp_path / 'c' / 'e_float.tif')                   # mode F
-    Image.fromarray(np.full((40, 30), 70000, np.int32)).save(tmp_path / 'c' / 'f_32bit.tif')
+    Image.fromarray(g.astype(np.uint16)).save(tmp_path / 'c' / 'f_8bit_in_16.png')                    # I;16, <= 255
+    Image.fromarray(np.full((40, 30), 70000, np.int32)).save(tmp_path / 'c' / 'g_32bit.tif')
+    Image.fromarray(np.full((40, 30), -1, np.float32)).save(tmp_path / 'c' / 'h_negative.tif')
     ds = data.ImageFolder(str(tmp_path), 16)
-    assert [Image.open(p).mode for p, _ in ds.samples] == ['L', 'I;16', 'I;16B', 'I', 'F', 'I']
+    assert [Image.open(p).mode for p, _ in ds.samples] == ['L', 'I;16', 'I;16B', 'I', 'F', 'I;16', 'I', 'F']
     ref = ds.load(ds.samples[0][0])
-    assert 40 < ref.float().mean() < 215                                   # a mid-grey image, as are the next three
-    for path, _ in ds.samples[1:4]:
+    assert 40 < ref.float().mean() < 215                                   # a mid-grey image, as are the next five
+    for path, _ in ds.samples[1:6]:
         assert torch.equal(ds.load(path), ref), path
     # round(v / 257): 128 -> 0, 129 -> 1, 385 -> 1, 386 -> 2, 65535 -> 255
     v = Image.fromarray(np.array([[0, 128, 129, 385, 386, 65535]], np.uint16))
     assert np.array(data.to_rgb(v))[0, :, 0].tolist() == [0, 0, 1, 1, 2, 255]
-    for path, msg in ((ds.samples[4][0], 'a float image (mode F): save it as 8- or 16-bit'),
-                      (ds.samples[5][0], 'mode I) with values outside 0..65535')):
-        with pytest.raises(ValueError, match=msg.replace('(', r'\(').replace(')', r'\)')):
+    for path, msg in ((ds.samples[6][0], 'a grey image of mode I with values in [70000, 70000]: save it as 8- or'),
+                      (ds.samples[7][0], 'a grey image of mode F with values in [-1, -1]')):
+        with pytest.raises(ValueError, match=re.escape(msg)):
             ds.load(path)
-    img, _ = ds[4]                                                         # training: a warning naming it, skipped
-    assert torch.equal(img, ref) and 'e_float.tif (ValueError: a float image (mode F)' in capsys.readouterr().err
+    img, _ = ds[6]                                                         # training: a warning naming it, skipped
+    assert 'g_32bit.tif (ValueError: a grey image of mode I' in capsys.readouterr().err
 
 def test_8_bit_images_load_as_before(tmp_path):
     """Every 8-bit mode still loads as center_crop_arr(im.convert('RGB')), bit for bit."""
@@ -121,16 +125,17 @@ def test_8_bit_images_load_as_before(tmp_path):
                                        ('..', r'self is a link to .* or a folder above it'),
                                        ('a', r'class self is the same folder as class a'),
                                        ('b/sub', r'class self is a folder inside class b'),
+                                       ('/', r'self is a link to .* or a folder above it'),
                                        ('../elsewhere', None)])
 def test_image_folder_refuses_a_class_linked_to_the_root_or_another_class(tmp_path, link, msg):
     """`ln -s . root/self` would list every image again under a wrong label; two links to one folder, its images
-    twice. A link to a folder of its own is a class like any other."""
-    for c in ('root/a', 'root/b/sub', 'elsewhere'):
+    twice. A link to a folder of its own is a class like any other, even one whose name starts with another's."""
+    for c in ('root/a', 'root/a2', 'root/b/sub', 'elsewhere'):
         os.makedirs(tmp_path / c)
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / c / 'x.png')
     os.symlink(link, tmp_path / 'root' / 'self')
     if msg is None:
-        assert data.ImageFolder(str(tmp_path / 'root'), 8).classes == ['a', 'b', 'self']
+        assert data.ImageFolder(str(tmp_path / 'root'), 8).classes == ['a', 'a2', 'b', 'self']
     else:
         with pytest.raises(FileNotFoundError, match=msg):
             data.ImageFolder(str(tmp_path / 'root'), 8)

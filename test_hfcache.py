@@ -185,6 +185,10 @@ def test_option_b_own_imagenet_with_official_latents(official, tmp_path, vae_hom
     for i in range(7):
         assert torch.equal(ds[i][0], ref[i][0]) and ds[i][1] == ref[i][1]
         assert torch.equal(ds[i][2][:4], torch.from_numpy(moments[i, :4]))
+    os.utime(os.path.join(folder, 'n00', '001.JPEG'), ns=(1, 10 ** 18))      # edited since: the moments are old
+    with pytest.raises(SystemExit, match=r"1 shard\(s\) of --out .* hold images edited since \(first: 0\), and "
+                                         r"--hf-latents has the moments of the old ones"):
+        convert(tmp_path, '--data-path', folder, '--hf-latents', os.path.join(root, LATENTS))
     os.remove(os.path.join(folder, 'n01', '002.JPEG'))
     with pytest.raises(SystemExit) as e:
         convert(tmp_path, '--data-path', folder, '--hf-latents', os.path.join(root, LATENTS), out='q')

@@ -275,6 +275,11 @@ def test_an_image_edited_in_place_gets_its_shard_written_again(raw, tmp_path, ca
     assert 'rank 0: 1 of 3 shards to write (4 images)' in said
     ds, ref = data.PreparedFolder(out, 16, None), data.ImageFolder(raw, 16)
     assert ds[5][0][:, 0, 0].tolist() == [9, 99, 199]
+    st = os.stat(os.path.join(raw, 'dog', os.listdir(os.path.join(raw, 'dog'))[0]))         # the same bytes, a
+    os.utime(os.path.join(raw, 'dog', os.listdir(os.path.join(raw, 'dog'))[0]), ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    capsys.readouterr()                                                                      # new date: redone too
+    prepare.main(argv)
+    assert '1 shard(s) were written from images edited since' in capsys.readouterr().out
     assert all(torch.equal(ds[i][0], ref[i][0]) for i in range(11))
     m = json.load(open(os.path.join(out, 'manifest.json')))
     del m['shard_stamps']                                                      # as an older prepare.py wrote it
