@@ -220,7 +220,8 @@ def read_manifest(path):
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
     if not isinstance(m, dict) or m.get('format') != PREPARED_FORMAT:
-        raise ValueError(f"{path} is not a prepare.py manifest ({PREPARED_FORMAT})")
+        raise ValueError(f"{path} is not a prepare.py manifest ({PREPARED_FORMAT}); a folder with a "
+                         f"manifest.json is read as prepared, so move it out of a class folder")
     count = lambda v, lo=0: type(v) is int and v >= lo                      # (not a bool)
     bad = [k for k, t in MANIFEST_KEYS.items() if not isinstance(m.get(k, ...), t)
            or (t is int and not count(m[k], 0 if k == 'count' else 1))]

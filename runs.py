@@ -622,8 +622,8 @@ def resume(args, argv, parser):
     return resume_args(args, given_keys(argv, parser), ckpt['args'], parser), ckpt
 
 def given_keys(argv, parser):
-    """The settings named on the command line, by flag or as --key=value (abbreviations are off, so
-    every flag is spelled out)."""
+    """The settings named on the command line, by flag or as --key=value, a dict's entry as
+    key.entry (abbreviations are off, so every flag is spelled out)."""
     dest = {opt: a.dest for a in parser._actions for opt in a.option_strings}
     keys = set()
     for tok in argv:
@@ -632,7 +632,7 @@ def given_keys(argv, parser):
             keys.add(dest[opt])
         # A --key=value or --key.entry=value.
         elif tok.startswith('--') and '=' in tok:
-            keys.add(opt[2:].replace('-', '_').split('.')[0])
+            keys.add(opt[2:].replace('-', '_'))
     return keys
 
 def resume_args(args, given, run_args, parser):
@@ -644,9 +644,13 @@ def resume_args(args, given, run_args, parser):
         fail(f"--resume {args.resume}: its checkpoint has no {', '.join(missing)}: an older irepa.py "
              f"wrote it; resume it with the commit that wrote it")
     for k in sorted(given - set(RESUME_FLAGS)):
-        if k in run_args and run_args[k] != getattr(args, k):
-            fail(f"--resume continues the run as it began, but {shown(k)} {getattr(args, k)} differs "
-                 f"from the run's {run_args[k]}; only {', '.join(map(shown, RESUME_FLAGS[:-1]))} may "
+        name, _, entry = k.partition('.')                   # an entry: only it is compared
+        run, now = run_args.get(name), getattr(args, name)
+        if entry:
+            run, now = (run or {}).get(entry), now.get(entry)
+        if name in run_args and run != now:
+            fail(f"--resume continues the run as it began, but {shown(k)} {now} differs "
+                 f"from the run's {run}; only {', '.join(map(shown, RESUME_FLAGS[:-1]))} may "
                  f"change (start a new run to change the rest)")
     return argparse.Namespace(**{**run_args, **{k: getattr(args, k) for k in given & set(RESUME_FLAGS)}})
 

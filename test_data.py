@@ -139,3 +139,12 @@ def test_image_folder_refuses_a_class_linked_to_the_root_or_another_class(tmp_pa
     else:
         with pytest.raises(FileNotFoundError, match=msg):
             data.ImageFolder(str(tmp_path / 'root'), 8)
+
+def test_a_class_folder_with_its_own_manifest_says_what_to_do(tmp_path, monkeypatch):
+    """A folder with a manifest.json is read as prepared: one that is not prepare.py's says to move it away."""
+    root = make_folder(tmp_path / 'd')
+    (tmp_path / 'd' / 'manifest.json').write_text('{"name": "my dataset"}')
+    import irepa
+    args = irepa.get_args(['--setting', 'demo', '--data-path', root, '--global-batch-size', '2'])
+    with pytest.raises(SystemExit, match='is not a prepare.py manifest .*move it out of a class folder'):
+        data.open_dataset(args, None)

@@ -170,6 +170,11 @@ def test_resume_refuses_a_changed_recipe_key(tmp_path):
     irepa.main(['--resume', run, '--max-steps', '2', '--ema_decay=0.9'])            # the same value: fine
     ck = load_last(run)
     assert ck['step'] == 2 and ck['args']['ema_decay'] == 0.9
+    # A dict's entry is compared alone (the command line's dict starts from the default setting's, not the run's).
+    with pytest.raises(SystemExit, match=re.escape("but --sampler.cfg_scale 2.0 differs from the run's 4.0;")):
+        irepa.main(['--resume', run, '--max-steps', '3', '--sampler.cfg_scale=2.0'])
+    irepa.main(['--resume', run, '--max-steps', '3', '--sampler.cfg_scale=4.0'])
+    assert load_last(run)['args']['sampler'] == RECIPE_DEMO_SAMPLER
 
 @pytest.mark.parametrize('script', ['irepa.py', 'sample.py', 'metrics.py'])
 def test_errors_are_one_line_named_after_the_running_script(monkeypatch, script):
