@@ -309,7 +309,8 @@ def keep_masks(masks, min_tokens=None):
 
 def load_masks(args, dataset, indices, grid):
     """<masks>/<class>/<image stem>.png of each image, resized to it (nearest), on the token grid,
-    then the official filter. -> (the indices kept, their (N, T) bool masks)."""
+    then the official filter. -> (the indices kept, their (N, T) bool masks, [(path, why)] of the
+    images whose header is unreadable; one that only fails to decode, the loader skips)."""
     paths = [dataset.samples[i][0] for i in indices]
     # <class>/<image stem> of each image
     stems = [os.path.splitext(os.path.relpath(p, args.data_path))[0] for p in paths]
@@ -320,11 +321,10 @@ def load_masks(args, dataset, indices, grid):
     masks, read, unreadable = [], [], []
     for i, path, mpath in zip(indices, paths, mpaths):
         try:
-            with Image.open(path) as im:
-                im.load()                           # decoded, to know that it is readable
+            with Image.open(path) as im:            # the header: the size, nothing decoded
                 size = im.size
-        except Exception as e:                      # skipped, as measure() skips it
-            unreadable.append(f"{path} ({type(e).__name__}: {e})")
+        except Exception as e:
+            unreadable.append((path, f"{type(e).__name__}: {e}"))
             continue
         try:
             with Image.open(mpath) as m:
@@ -332,8 +332,6 @@ def load_masks(args, dataset, indices, grid):
         except OSError as e:
             fail(f"cannot read the mask {mpath} ({e})")
         read.append(i)
-    if unreadable:
-        warn(f"skipped {len(unreadable)} unreadable image(s), the first {unreadable[0]}")
     if not read:
         fail(f"none of the {len(indices)} images chosen from {args.data_path} is readable")
     masks = torch.stack(masks)
@@ -344,7 +342,7 @@ def load_masks(args, dataset, indices, grid):
     if not keep.any():
         fail(f"no image has >= {need} object and background tokens in its mask "
              f"(the official filter)")
-    return [i for i, k in zip(read, keep.tolist()) if k], masks[keep]
+    return [i for i, k in zip(read, keep.tolist()) if k], masks[keep], unreadable
 
 @torch.no_grad()
 def measure(args, encoder_name, device):
@@ -365,9 +363,9 @@ def measure(args, encoder_name, device):
     perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
     indices = perm[:args.num_images].tolist()
     if args.masks:
-        indices, masks = load_masks(args, dataset, indices, grid)
+        indices, masks, unreadable = load_masks(args, dataset, indices, grid)
     else:
-        masks = None
+        masks, unreadable = None, []
     encoder = None
     if encoder_name != 'none':
         encoder = call_or_fail(irepa.load_encoder, encoder_name, grid,
@@ -378,7 +376,7 @@ def measure(args, encoder_name, device):
     loader = torch.utils.data.DataLoader(data.Flagged(dataset, indices),
                                          batch_size=args.batch_size, num_workers=args.num_workers)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    vals, unreadable = {}, []
+    vals = {}
     # m: this batch's masks or None
     batch_masks = [None] * len(loader) if masks is None else masks.split(args.batch_size)
     for (img, y, bad, why), m in zip(loader, batch_masks):

@@ -421,10 +421,10 @@ def test_corrupt_mask_is_a_one_line_error(tmp_path):
     assert 'cannot read the mask' in str(e.value) and '1.png' in str(e.value) and '\n' not in str(e.value)
 
 
-@pytest.mark.parametrize('where', ['file', 'loader'])
+@pytest.mark.parametrize('where', ['header', 'file', 'loader'])
 def test_an_unreadable_image_with_masks_is_left_out_with_its_mask(tmp_path, capsys, monkeypatch, where):
-    """file: a truncated PNG (the header reads, decoding fails), named and left out when the masks are read;
-    loader: an image the masks' reading got but the loader cannot, left out with its own mask, not another's.
+    """header: not an image at all, left out when the masks are read; file: a truncated PNG (the header reads,
+    decoding fails) and loader: an image only the loader cannot read, left out with its own mask, not another's.
     Either way the table holds the other 5 images, with the values of the folder without it."""
     data = make_folder(tmp_path / 'data')
     masks = make_masks(data, tmp_path / 'masks')
@@ -436,8 +436,8 @@ def test_an_unreadable_image_with_masks_is_left_out_with_its_mask(tmp_path, caps
         Image.fromarray(m).save(p)
     bad = data / 'c1' / '1.png'
     args = ['--data-path', str(data), '--masks', str(masks)] + COMMON
-    if where == 'file':
-        bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])
+    if where != 'loader':
+        bad.write_bytes(b'not a png' if where == 'header' else bad.read_bytes()[:len(bad.read_bytes()) // 2])
         vals = metrics.main(args)
     else:
         load = metrics.data.ImageFolder.load
